@@ -1,0 +1,28 @@
+# `make demo` and `make test` are the README's two commands; both create the venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.farm-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# The CPU wheel first: otherwise pip resolves `torch` to the CUDA build (several GB).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/farm run jobs/quickstart.yaml
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
+		$(BIN)/python -m pytest -v --durations=15
+
+bench: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_stage_overhead.py
+
+clean:
+	rm -rf $(VENV) results/.store

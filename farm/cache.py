@@ -1,0 +1,170 @@
+"""Stage keys and the artifact store.
+
+A stage's key hashes its resolved config, its input stage's key and a code version, so two
+trials that would run the same stage share one artifact, and a rerun skips finished work.
+An artifact is written under a temporary name, marked complete, fsynced and renamed: a
+half-written one is never visible under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+# Bump a kind's version when its code changes what it produces: old artifacts stop matching.
+VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "eval": 1}
+MARKER = "farm-artifact.json"
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    kind: str
+    key: str
+    input_key: str | None  # None: the stage starts from the study's base model
+    input_kind: str | None
+    seed: int
+    users: tuple[str, ...] = ()  # ids of the trials of the study that need this artifact
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    stages: tuple[PlannedStage, ...]
+    eval_key: str
+
+
+def plan_trial(study) -> TrialPlan:
+    previous, previous_kind = None, None
+    base = digest({"model": study.model.model_dump(mode="json")})
+    stages = []
+    for name, stage in study.stages.items():
+        seed = study.seed if stage.seed is None else stage.seed
+        key = digest(
+            {
+                "kind": stage.kind,
+                "version": VERSIONS[stage.kind],
+                "config": stage.model_dump(mode="json", exclude={"data", "seed"}),
+                "data": (stage.data or study.data).model_dump(mode="json"),
+                "seed": seed,
+                "input": previous or base,
+            }
+        )
+        stages.append(PlannedStage(name, stage.kind, key, previous, previous_kind, seed))
+        previous, previous_kind = key, stage.kind
+    eval_key = digest(
+        {
+            "kind": "eval",
+            "version": VERSIONS["eval"],
+            "eval": study.eval.model_dump(mode="json"),
+            "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"}),
+            "model": previous,
+            "reference": stages[-1].input_key or base,
+        }
+    )
+    return TrialPlan(tuple(stages), eval_key)
+
+
+def plan_study(trials) -> dict[str, TrialPlan]:
+    """Every trial's plan, each stage knowing which trials share it."""
+    plans = {t.id: plan_trial(t.study) for t in trials}
+    users = defaultdict(list)
+    for tid, p in plans.items():
+        for s in p.stages:
+            users[s.key].append(tid)
+    return {
+        tid: TrialPlan(tuple(dataclasses.replace(s, users=tuple(users[s.key])) for s in p.stages), p.eval_key)
+        for tid, p in plans.items()
+    }
+
+
+class Store:
+    """Artifacts under `<root>/artifacts/<kind>-<key>/`, each with a completion marker."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / "artifacts" / f"{kind}-{key}"
+
+    def marker(self, kind: str, key: str) -> dict | None:
+        """The completed artifact's record, or None if it is absent or incomplete."""
+        try:
+            record = json.loads((self.path(kind, key) / MARKER).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return record if record.get("key") == key else None
+
+    def done(self, kind: str, key: str) -> bool:
+        return self.marker(kind, key) is not None
+
+    def lock(self, key: str) -> FileLock:
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+
+    @contextlib.contextmanager
+    def writing(self, kind: str, key: str, record: dict):
+        """Yield a temporary folder; on success mark it complete and move it into place.
+
+        `record` is filled by the caller inside the block and written as the marker."""
+        final = self.path(kind, key)
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            write_json(tmp / MARKER, {**record, "key": key, "kind": kind})
+            _fsync_tree(tmp)
+            if final.exists():  # an incomplete leftover, or a twin that finished first
+                if self.done(kind, key):
+                    shutil.rmtree(tmp)
+                    return
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,176 @@
+"""The `farm` command: run, plan and report studies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from farm.spec import DEFAULT_PROFILE, StudyError, load_study
+
+# Quiet, offline-friendly defaults for every process Ray starts from this driver.
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description=__doc__)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def study_args(q):
+        q.add_argument("study", help="the study file, e.g. jobs/quickstart.yaml")
+        q.add_argument("--profile", default=DEFAULT_PROFILE, help="profile of the study file to apply (default: embedded)")
+        q.add_argument("--results", default=os.environ.get("FARM_RESULTS", "results"), help="results folder (default: results/)")
+        q.add_argument("--storage", default=os.environ.get("FARM_STORAGE"), help="artifact store (default: <results>/.store); a shared path on a cluster")
+        q.add_argument("--max-trials", type=int, default=1000, help="refuse grids larger than this")
+
+    run = sub.add_parser("run", help="run every trial of a study and write its results and report")
+    study_args(run)
+    run.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="list the trials and their stages, marking cached ones")
+    study_args(plan)
+    plan.set_defaults(func=cmd_plan)
+
+    report = sub.add_parser("report", help="rebuild table and report.md of a study from its results")
+    study_args(report)
+    report.set_defaults(func=cmd_report)
+    return p
+
+
+def _storage(args) -> str:
+    return str(Path(args.storage or Path(args.results) / ".store").resolve())
+
+
+def cmd_plan(args) -> int:
+    from farm.cache import Store, plan_study
+
+    trials = load_study(args.study, args.profile, args.max_trials)
+    plans = plan_study(trials)
+    store = Store(_storage(args))
+    study = trials[0].study
+    print(f"study {study.name} (profile {args.profile}): {len(trials)} trials, stages {' -> '.join(study.stages)}")
+    unique: dict[str, bool] = {}
+    for t in trials:
+        print(f"\n{t.id}")
+        for s in plans[t.id].stages:
+            done = store.done(s.kind, s.key)
+            unique[s.key] = done
+            share = f", shared by {len(s.users)} trials" if len(s.users) > 1 else ""
+            print(f"  {s.name:<10} {s.kind:<9} {s.key}  {'cached' if done else 'to run'}{share}")
+        ev = plans[t.id].eval_key
+        print(f"  {'eval':<10} {'eval':<9} {ev}  {'cached' if store.done('eval', ev) else 'to run'}")
+    todo = sum(not d for d in unique.values())
+    print(f"\n{len(unique)} distinct training stages, {len(unique) - todo} cached, {todo} to run.")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from farm.cache import Store, plan_study
+    from farm.results import finished, study_dir, write_trial
+
+    trials = load_study(args.study, args.profile, args.max_trials)  # all validation before Ray
+    plans = plan_study(trials)
+    results, storage = Path(args.results).resolve(), _storage(args)
+    store = Store(storage)
+    study = trials[0].study
+    todo = [t for t in trials if not finished(results, t, plans[t.id])]
+    print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)")
+    by_id = {t.id: t for t in trials}
+
+    def stage_records(plan) -> dict:
+        return {s.name: store.marker(s.kind, s.key) for s in plan.stages}
+
+    def on_complete(trial_id: str, result: dict) -> None:
+        t = by_id[trial_id]
+        metrics = {k: v for k, v in result.items() if k in _eval_metric_names(store, plans[trial_id])}
+        write_trial(results, t, plans[trial_id], "ok", metrics, stage_records(plans[trial_id]))
+
+    def on_error(trial_id: str, trial) -> None:
+        t = by_id[trial_id]
+        error = _error_text(trial)
+        write_trial(results, t, plans[trial_id], "failed", {}, stage_records(plans[trial_id]), error)
+
+    if todo:
+        import ray
+
+        from farm.tune import run_grid
+
+        os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+        start = time.time()
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        logging.getLogger("ray.tune").setLevel(logging.INFO if args.verbose else logging.WARNING)
+        ray.init(address=address, log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING, include_dashboard=False if not address else None)
+        print(f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        try:
+            run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error)
+        except KeyboardInterrupt:
+            print(f"\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n  farm run {args.study} --profile {args.profile}", file=sys.stderr)
+            return 130
+        finally:
+            ray.shutdown()
+        print(f"farm: grid finished in {time.time() - start:.0f}s")
+    path = _write_outputs(results, trials)
+    failed = _count_failed(study_dir(results, study.name), trials)
+    print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)\nfarm: report at {path}")
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    trials = load_study(args.study, args.profile, args.max_trials)
+    path = _write_outputs(Path(args.results).resolve(), trials)
+    print(f"farm: report at {path}")
+    return 0
+
+
+def _write_outputs(results: Path, trials) -> Path:
+    from farm.report import write_report
+    from farm.results import study_dir, table, write_table
+
+    study = trials[0].study
+    df = table(results, trials)
+    write_table(results, study.name, df)
+    return write_report(study_dir(results, study.name), study, df, list(trials[0].axes))
+
+
+def _eval_metric_names(store, plan) -> set[str]:
+    return set(store.marker("eval", plan.eval_key)["metrics"])
+
+
+def _error_text(trial) -> str:
+    try:
+        return Path(trial.error_file).read_text().strip().splitlines()[-1]
+    except (OSError, TypeError, IndexError):
+        return "failed (see Ray logs)"
+
+
+def _count_failed(d: Path, trials) -> int:
+    n = 0
+    for t in trials:
+        p = d / t.id / "metrics.json"
+        n += not p.exists() or json.loads(p.read_text())["status"] != "ok"
+    return n
+
+
+if __name__ == "__main__":
+    sys.exit(main())

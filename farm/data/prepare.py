@@ -1,0 +1,49 @@
+"""From a data spec to the records a stage trains on or an eval scores: load the sources,
+split off the held-out rows, perturb the training rows (seeded), convert the shape."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import numpy as np
+
+from farm.data.records import convert
+from farm.data.sources import load_source
+from farm.registry import transforms
+
+
+def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
+    digest = hashlib.sha256(f"{split_seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < holdout
+
+
+def load_split(data, part: str) -> list:
+    """Rows of every source in `data` that fall in `part` ("train" or "eval")."""
+    rows = [r for s in data.sources for r in load_source(s)]
+    want_eval = part == "eval"
+    return [r for r in rows if is_heldout(r.id, data.holdout, data.split_seed) == want_eval]
+
+
+def transform_rng(seed: int, name: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
+
+
+def training_records(data, seed: int, shape: str) -> tuple[list, dict]:
+    """The perturbed training rows read as `shape`, and an audit of what each transform changed."""
+    records = load_split(data, "train")
+    audit = {"train_rows": len(records)}
+    for i, spec in enumerate(data.transforms):
+        records = transforms.get(spec.name).fn(records, spec, transform_rng(seed, spec.name, i))
+    changed = sorted(r.id for r in records if r.meta.get("perturbed"))
+    audit.update(perturbed_rows=len(changed), perturbed_ids=changed)
+    return convert(records, shape), audit
+
+
+def eval_records(study, shape: str) -> list:
+    """Clean rows to evaluate on: all of `eval.data` if given, else the study data's held-out rows."""
+    ev = study.eval
+    records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, "eval")
+    if ev.limit:
+        records = records[: ev.limit]
+    return convert(records, shape)

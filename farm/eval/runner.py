@@ -1,0 +1,27 @@
+"""Evaluate a trial's final artifact: load it (and the model its last stage started from,
+the reference) from the store — never from a trainer's in-memory model — and run the
+study's metrics on clean held-out records."""
+
+from __future__ import annotations
+
+import time
+
+from farm.data.prepare import eval_records
+from farm.models import base_model, load_artifact
+from farm.registry import metrics
+
+
+def evaluate(study, model_path, reference_path, seed: int) -> dict:
+    import torch
+
+    torch.manual_seed(seed)
+    start = time.time()
+    model, tok = load_artifact(model_path)
+    # The reference of a first stage is the base model, rebuilt exactly as the stage built it.
+    ref = load_artifact(reference_path)[0] if reference_path else base_model(study.model, seed)[0]
+    out: dict = {}
+    for name in study.eval.metrics:
+        metric = metrics.get(name)
+        out.update(metric.fn(model, ref, tok, eval_records(study, metric.shape), study.eval))
+    out["eval_seconds"] = round(time.time() - start, 2)
+    return out

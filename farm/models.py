@@ -1,0 +1,112 @@
+"""Models and tokenizers: a hub id or local path (clusters), or a tiny GPT-2 built from a config
+(the embedded default) with the farm's own small byte-level BPE tokenizer; LoRA via peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from farm.data.sources import asset_path
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+TINY_GPT2 = dict(n_layer=2, n_embd=128, n_head=4, n_positions=256)
+FARM_BPE_VOCAB = 4096
+# LoRA targets for architectures whose module names peft cannot guess well.
+LORA_TARGETS = {"gpt2": (["c_attn", "c_proj"], True), "llama": (["q_proj", "k_proj", "v_proj", "o_proj"], False)}
+
+
+def train_bpe(texts, vocab_size: int = FARM_BPE_VOCAB):
+    """A byte-level BPE trained on `texts`; the same texts in the same order give the same vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+
+
+def bundled_corpus() -> list[str]:
+    """The text the farm-bpe tokenizer is trained on: every bundled HH transcript and LIMA answer."""
+    from farm.spec import SourceSpec
+    from farm.data.records import convert
+    from farm.data.sources import load_source
+
+    texts = []
+    for spec in (SourceSpec(name="hh_rlhf"), SourceSpec(name="lima")):
+        records = load_source(spec)
+        texts += [t.text for t in convert(records, "text")]
+        texts += [r.rejected for r in records if hasattr(r, "rejected")]
+    return texts
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if name == "farm-bpe":
+        tok = AutoTokenizer.from_pretrained(str(asset_path("farm_bpe")))
+    elif name == "gpt2":
+        # Built with `tokenizers` directly: GPT2TokenizerFast(vocab_file=, merges_file=)
+        # silently yields an empty tokenizer in transformers 5.
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        files = asset_path("gpt2_tokenizer")
+        bpe = models.BPE.from_file(str(files / "vocab.json"), str(files / "merges.txt"))
+        raw = Tokenizer(bpe)
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, bos_token=EOS)
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def base_model(spec, seed: int):
+    """(model, tokenizer) for a study's `model` section, before any stage has trained it."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(spec.tokenizer or spec.base)
+    if spec.base == "tiny-gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **{**TINY_GPT2, **spec.config},
+        )
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(cfg), tok
+    model = AutoModelForCausalLM.from_pretrained(spec.base)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    return model, tok
+
+
+def load_artifact(path: str | Path):
+    """(model, tokenizer) saved by a stage: always a plain HF model folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+
+
+def lora_config(lora, model):
+    from peft import LoraConfig
+
+    targets, fan_in_fan_out = LORA_TARGETS.get(model.config.model_type, (None, False))
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or targets,
+        fan_in_fan_out=fan_in_fan_out,
+        task_type="CAUSAL_LM",
+    )

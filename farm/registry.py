@@ -1,0 +1,67 @@
+"""Small typed registries: the names a study file may use, mapped to the code behind them.
+
+Every registry is filled by decorators in the module that defines the entries, so a
+name exists exactly where its implementation is written (lm-eval's pattern).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownName(KeyError):
+    """A study file named something no registry holds."""
+
+    def __init__(self, kind: str, name: str, allowed: list[str]):
+        self.kind, self.name, self.allowed = kind, name, allowed
+        super().__init__(f"unknown {kind} {name!r}; allowed: {', '.join(allowed)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return add
+
+    def get(self, name: str) -> T:
+        _load_builtins()
+        if name not in self._entries:
+            raise UnknownName(self.kind, name, self.names())
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        _load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        _load_builtins()
+        return name in self._entries
+
+
+sources: Registry = Registry("dataset source")
+transforms: Registry = Registry("transform")
+stages: Registry = Registry("stage kind")
+metrics: Registry = Registry("metric")
+
+
+def _load_builtins() -> None:
+    # Importing these modules runs their @register decorators. They import only light
+    # modules at top level (torch/trl are imported inside the functions that need them),
+    # so validating a study file stays fast and starts nothing.
+    import farm.data.sources  # noqa: F401
+    import farm.data.transforms  # noqa: F401
+    import farm.eval.metrics  # noqa: F401
+    import farm.train  # noqa: F401

@@ -1,0 +1,63 @@
+"""The results layout and the study table.
+
+results/<study>/<trial-id>/config.yaml   the trial's resolved study and axis values
+results/<study>/<trial-id>/metrics.json  eval metrics, each stage's record, status
+results/<study>/table.csv, table.parquet one row per trial: axes + metrics
+Every file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from farm.cache import atomic_write, write_json
+
+
+def study_dir(results: str | Path, study: str) -> Path:
+    return Path(results) / study
+
+
+def write_trial(results: Path, trial, plan, status: str, metrics: dict, stages: dict, error: str | None = None) -> None:
+    d = study_dir(results, trial.study.name) / trial.id
+    config = {"id": trial.id, "profile": trial.profile, "axes": trial.axes, "study": trial.study.model_dump(mode="json")}
+    atomic_write(d / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_json(
+        d / "metrics.json",
+        {"trial": trial.id, "status": status, "eval_key": plan.eval_key, "metrics": metrics, "stages": stages, "error": error},
+    )
+
+
+def finished(results: Path, trial, plan) -> dict | None:
+    """The trial's saved metrics if it already finished with this exact plan."""
+    try:
+        saved = json.loads((study_dir(results, trial.study.name) / trial.id / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return saved if saved.get("status") == "ok" and saved.get("eval_key") == plan.eval_key else None
+
+
+def table(results: Path, trials) -> pd.DataFrame:
+    """One row per trial of the study: id, status, every axis, every numeric metric."""
+    rows = []
+    for t in trials:
+        path = study_dir(results, t.study.name) / t.id / "metrics.json"
+        saved = json.loads(path.read_text()) if path.exists() else {"status": "missing", "metrics": {}}
+        row = {"trial": t.id, "status": saved["status"], **t.axes}
+        row.update({k: v for k, v in saved["metrics"].items() if isinstance(v, (int, float))})
+        if saved.get("error"):
+            row["error"] = saved["error"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_table(results: Path, study: str, df: pd.DataFrame) -> None:
+    d = study_dir(results, study)
+    atomic_write(d / "table.csv", df.to_csv(index=False).encode())
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write(d / "table.parquet", buf.getvalue())

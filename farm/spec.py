@@ -1,0 +1,417 @@
+"""The study file: pydantic models of every field, profile merging, and grid expansion.
+
+A study file is validated completely here, before any Ray work starts. Every mistake
+becomes one `StudyError` naming the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm import registry
+from farm.data.records import CONVERTIBLE
+
+BUILT_MODELS = ("tiny-gpt2",)  # models built from a config instead of loaded
+BUNDLED_TOKENIZERS = ("farm-bpe", "gpt2")
+DEFAULT_PROFILE = "embedded"
+
+
+class StudyError(Exception):
+    """A study file the farm cannot run. The message names file, field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # pydantic's own "extra inputs are not permitted" does not say what *is* allowed.
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(f"unknown key {unknown[0]!r}; allowed keys: {', '.join(cls.model_fields)}")
+        return data
+
+
+# ---------------------------------------------------------------- data
+
+
+class SourceSpec(Strict):
+    name: str
+    origin: Literal["bundled", "hub"] = "bundled"
+    subset: str | None = None  # default: the source's first subset
+    split: str | None = None  # default: the bundled split, or "train" on the hub
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "SourceSpec":
+        source = _lookup(registry.sources, self.name)
+        subset = self.subset or source.subsets[0]
+        if subset not in source.subsets:
+            raise ValueError(f"subset {subset!r} of {self.name}: allowed: {', '.join(source.subsets)}")
+        split = self.split
+        if self.origin == "bundled":
+            bundled = [sp for (su, sp) in source.bundled if su == subset]
+            if not bundled:
+                raise ValueError(f"{self.name}/{subset} has no bundled copy; set origin: hub")
+            split = split or bundled[0]
+            if split not in bundled:
+                raise ValueError(f"split {split!r} of bundled {self.name}/{subset}: allowed: {', '.join(bundled)}")
+        object.__setattr__(self, "subset", subset)
+        object.__setattr__(self, "split", split or "train")
+        return self
+
+
+class LabelFlip(Strict):
+    name: Literal["label_flip"]
+    rate: float = Field(ge=0, le=1)
+
+
+TransformSpec = Annotated[Union[LabelFlip], Field(discriminator="name")]
+
+
+class DataSpec(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    # Held-out rows are picked per row by a hash of (split_seed, row id), so a row is
+    # held out or not whatever other sources a stage mixes in: no stage trains on eval rows.
+    holdout: float = Field(0.15, ge=0, lt=1)
+    split_seed: int = 0
+    transforms: list[TransformSpec] = []
+
+    def shapes(self) -> set[str]:
+        return {registry.sources.get(s.name).shape for s in self.sources}
+
+
+# ---------------------------------------------------------------- model and stages
+
+
+class ModelSpec(Strict):
+    base: str = "tiny-gpt2"  # a built model name, a hub id, or a local path
+    config: dict[str, Any] = {}  # architecture overrides for a built model
+    tokenizer: str | None = None  # farm-bpe | gpt2 | hub id | path; default: the base's own
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        built = self.base in BUILT_MODELS
+        if self.config and not built:
+            raise ValueError(f"config applies only to built models ({', '.join(BUILT_MODELS)})")
+        if built and self.tokenizer is None:
+            object.__setattr__(self, "tokenizer", "farm-bpe")
+        for field in ("base", "tokenizer"):
+            value = getattr(self, field)
+            if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"{field}: path {value!r} does not exist")
+        return self
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~"))
+
+
+class Resources(Strict):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+
+
+class LoRA(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # default: chosen for the architecture
+
+
+class StageSpec(Strict):
+    kind: str
+    data: DataSpec | None = None  # default: the study's data
+    seed: int | None = None  # default: the trial seed (fix it to share the stage across seeds)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(128, ge=8)
+    lora: LoRA | None = None
+    deepspeed: str | dict | None = None  # a DeepSpeed config (path or dict) for the HF trainer
+    resources: Resources = Resources()
+
+    shape: ClassVar[str] = "text"  # the record shape the stage trains on
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_file(cls, v):
+        if isinstance(v, str) and not Path(v).expanduser().exists():
+            raise ValueError(f"deepspeed config file {v!r} does not exist")
+        return v
+
+
+class Pretrain(StageSpec):
+    kind: Literal["pretrain"]
+    shape: ClassVar[str] = "text"
+
+
+class SFT(StageSpec):
+    kind: Literal["sft"]
+    max_prompt_length: int = Field(96, ge=1)
+    shape: ClassVar[str] = "demonstration"
+
+
+class DPO(StageSpec):
+    kind: Literal["dpo"]
+    max_prompt_length: int = Field(96, ge=1)
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    shape: ClassVar[str] = "comparison"
+
+
+Stage = Annotated[Union[Pretrain, SFT, DPO], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- eval, report, study
+
+
+class EvalResources(Strict):
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class EvalSpec(Strict):
+    metrics: list[str] = Field(["preference_accuracy", "perplexity"], min_length=1)
+    data: DataSpec | None = None  # default: the held-out rows of the study's data
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=8)
+    max_prompt_length: int = Field(96, ge=1)
+    resources: EvalResources = EvalResources()
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v):
+        for name in v:
+            _lookup(registry.metrics, name)
+        return v
+
+
+class ReportSpec(Strict):
+    main_metric: str | None = None  # default: the first eval metric
+    main_axis: str | None = None  # default: the first grid axis that is not the seed
+
+
+class Study(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    stages: dict[str, Stage] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+    report: ReportSpec = ReportSpec()
+    max_failures: int = Field(1, ge=0)  # Ray Tune retries of a failed trial
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_kind_from_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stages"), dict):
+            data = {**data, "stages": {n: _with_kind(n, s) for n, s in data["stages"].items()}}
+        return data
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "Study":
+        for name, stage in self.stages.items():
+            _lookup(registry.stages, stage.kind)
+            data = stage.data or self.data
+            for source in data.sources:
+                have = registry.sources.get(source.name).shape
+                if stage.shape not in CONVERTIBLE[have]:
+                    raise ValueError(
+                        f"stages.{name}: a {stage.kind} stage trains on {stage.shape} records, "
+                        f"but source {source.name} gives {have} records"
+                    )
+            for t in data.transforms:
+                need = registry.transforms.get(t.name).shape
+                if any(need not in CONVERTIBLE[registry.sources.get(s.name).shape] for s in data.sources):
+                    raise ValueError(f"stages.{name}: transform {t.name} needs {need} records from every source")
+        eval_data = self.eval.data or self.data
+        for metric in self.eval.metrics:
+            need = registry.metrics.get(metric).shape
+            if any(need not in CONVERTIBLE[s] for s in eval_data.shapes()):
+                raise ValueError(f"eval.metrics: {metric} needs {need} records in the eval data")
+        return self
+
+
+def _with_kind(name: str, stage: Any) -> Any:
+    if isinstance(stage, dict) and "kind" not in stage:
+        return {"kind": name, **stage}
+    return stage
+
+
+def _lookup(reg: registry.Registry, name: str):
+    try:
+        return reg.get(name)
+    except registry.UnknownName as e:
+        raise ValueError(str(e)) from None
+
+
+# ---------------------------------------------------------------- trials
+
+
+class Trial(BaseModel):
+    """One grid point: the fully resolved study plus the axis values that made it."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    axes: dict[str, Any]
+    profile: str
+    study: Study
+
+
+def load_study(path: str | os.PathLike, profile: str = DEFAULT_PROFILE, max_trials: int = 1000) -> list[Trial]:
+    """Read, merge the profile, expand the grid and validate every trial of a study file."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"{path}: no such study file") from None
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise StudyError(f"{path}: a study file is a mapping of keys (name, model, data, stages, eval, grid, ...)")
+    return expand(doc, str(path), profile, max_trials)
+
+
+def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: int = 1000) -> list[Trial]:
+    doc = copy.deepcopy(doc)
+    profiles = doc.pop("profiles", None) or {}
+    grid = doc.pop("grid", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) for p in profiles.values()):
+        raise StudyError(f"{where}: profiles: a mapping of profile name -> overrides")
+    if profile != DEFAULT_PROFILE and profile not in profiles:
+        raise StudyError(f"{where}: profile {profile!r} is not defined; allowed: {', '.join([DEFAULT_PROFILE, *profiles])}")
+    doc = deep_merge(doc, profiles.get(profile, {}))
+    grid = {**grid, **doc.pop("grid", {})}  # a profile may override the grid too
+    axes = _check_grid(grid, where)
+    points = list(itertools.product(*axes.values()))
+    if len(points) > max_trials:
+        raise StudyError(f"{where}: grid: expands to {len(points)} trials, more than the maximum {max_trials} (raise --max-trials)")
+    labels = _axis_labels(list(axes))
+    trials, seen = [], set()
+    for values in points:
+        point = dict(zip(axes, values))
+        trial_doc = copy.deepcopy(doc)
+        for axis, value in point.items():
+            _set_path(trial_doc, axis, value, where)
+        try:
+            study = Study.model_validate(trial_doc)
+        except ValidationError as e:
+            raise StudyError(_format_errors(e, where, point, trial_doc)) from None
+        trial_id = "_".join(f"{labels[a]}={_value_label(v)}" for a, v in point.items()) or "base"
+        if trial_id in seen:
+            raise StudyError(f"{where}: grid: two trials would share the id {trial_id!r}; give each axis distinct values")
+        seen.add(trial_id)
+        trials.append(Trial(id=trial_id, axes=point, profile=profile, study=study))
+    return trials
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Override mappings key by key; lists and values are replaced; `key: null` removes a key
+    (a profile drops a stage with `stages: {pretrain: null}`)."""
+    out = dict(base)
+    for k, v in override.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_grid(grid: Any, where: str) -> dict[str, list]:
+    if not isinstance(grid, dict):
+        raise StudyError(f"{where}: grid: a mapping of dotted field path -> list of values, e.g. 'seed: [42, 43]'")
+    for axis, values in grid.items():
+        if not isinstance(values, list):
+            raise StudyError(f"{where}: grid.{axis}: a list of values, e.g. [{values!r}]")
+        if not values:
+            raise StudyError(f"{where}: grid.{axis}: an empty list expands to zero trials; give at least one value")
+    return grid
+
+
+def _set_path(doc: dict, path: str, value: Any, where: str) -> None:
+    keys = str(path).split(".")
+    node = doc
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise StudyError(f"{where}: grid.{path}: {'.'.join(keys[:i]) or 'root'} has {len(node)} items; {key!r} is not an index of it")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise StudyError(f"{where}: grid.{path}: {'.'.join(keys[:i])} is a value, not a mapping or list")
+        if last:
+            node[key] = copy.deepcopy(value)
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+
+
+def _axis_labels(axes: list[str]) -> dict[str, str]:
+    last = [a.split(".")[-1] for a in axes]
+    return {a: (l if last.count(l) == 1 else a.replace(".", "-")) for a, l in zip(axes, last)}
+
+
+def _value_label(v: Any) -> str:
+    if isinstance(v, dict) and "name" in v:
+        v = v["name"]
+    if isinstance(v, (dict, list)):
+        return hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))
+
+
+def _doc_path(doc: Any, loc: tuple) -> list[str]:
+    """The error location as the user wrote it: discriminated unions add their tag to pydantic's
+    location ("stages.sft.sft.lr"), which is not a key of the document."""
+    path, node = [], doc
+    for part in loc:
+        if isinstance(node, dict) and part not in node and part in (node.get("kind"), node.get("name"), path[-1] if path else None):
+            continue
+        path.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return path
+
+
+def _format_errors(e: ValidationError, where: str, point: dict, doc: dict) -> str:
+    lines = []
+    for err in e.errors():
+        loc = _doc_path(doc, err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "union_tag_invalid":
+            what = {"'kind'": "stage kind", "'name'": "transform"}.get(err["ctx"]["discriminator"], err["ctx"]["discriminator"])
+            msg = f"unknown {what} {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}"
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{where}: {'.'.join(loc) or 'study'}: {msg}")
+    if point:
+        lines.append(f"  (in the trial with {', '.join(f'{k}={v!r}' for k, v in point.items())})")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""What every training stage shares: its context, its TrainingArguments, and how it saves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm.eval.metrics import encode_pair
+from farm.models import base_model, load_artifact, lora_config
+
+
+@dataclass
+class StageContext:
+    name: str
+    stage: Any  # the validated stage spec (farm.spec.StageSpec subclass)
+    model_spec: Any  # the study's model section, for a stage that starts from the base model
+    seed: int
+    input_path: Path | None  # the previous stage's artifact; None: start from the base model
+    records: list  # training records, already perturbed and in the stage's shape
+    output_dir: Path  # where the artifact is saved (a temporary folder, renamed when complete)
+    work_dir: Path  # the trainer's scratch output_dir
+    callbacks: list
+
+
+def load_input(ctx: StageContext):
+    if ctx.input_path is None:
+        return base_model(ctx.model_spec, ctx.seed)
+    return load_artifact(ctx.input_path)
+
+
+def training_args(ctx: StageContext, config_cls, **extra):
+    import torch
+
+    s = ctx.stage
+    cpu = not torch.cuda.is_available() or s.resources.gpus_per_worker == 0
+    return config_cls(
+        output_dir=str(ctx.work_dir),
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=s.weight_decay,
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        logging_steps=_logging_steps(ctx),
+        save_strategy="no",  # the farm saves the final model itself, atomically
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=cpu,  # TRL configs default to bf16, which fails on CPU; also makes DDP over gloo work
+        bf16=not cpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=False,
+        deepspeed=s.deepspeed,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _logging_steps(ctx: StageContext) -> int:
+    s = ctx.stage
+    per_step = s.batch_size * s.grad_accum * s.resources.num_workers
+    steps = s.max_steps if s.max_steps > 0 else int(s.epochs * len(ctx.records) / per_step)
+    return max(1, steps // 10)
+
+
+def fit_pair(tok, prompt: str, response: str, stage) -> tuple[str, str]:
+    """Cut a pair as eval does (the prompt keeps its end), leaving room for EOS; TRL re-tokenizes the text."""
+    p, r = encode_pair(tok, prompt, response, stage.max_length - 1, stage.max_prompt_length)
+    return tok.decode(p), tok.decode(r)
+
+
+def peft_config(ctx: StageContext, model):
+    return lora_config(ctx.stage.lora, model) if ctx.stage.lora else None
+
+
+def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
+    """Train under Ray Train, then save (rank 0) a plain HF model folder: LoRA adapters are
+    saved under adapter/ and merged into the saved weights, so every artifact loads alike."""
+    from ray.train.huggingface.transformers import prepare_trainer
+
+    trainer = prepare_trainer(trainer)
+    for cb in ctx.callbacks:
+        trainer.add_callback(cb)
+    result = trainer.train()
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(str(ctx.output_dir / "adapter"))
+            model = model.merge_and_unload()
+        model.save_pretrained(str(ctx.output_dir))
+        tokenizer.save_pretrained(str(ctx.output_dir))
+    return {
+        "train_loss": result.training_loss,
+        "train_steps": result.global_step,
+        "train_seconds": result.metrics.get("train_runtime"),
+        "train_rows": len(ctx.records),
+    }

@@ -1,0 +1,108 @@
+"""Run a group of consecutive stages of one trial under one Ray Train `TorchTrainer`.
+
+A `TorchTrainer.fit()` costs ~16 s before its first step and ~4.5 s after its last on a
+small machine, so the stages of a trial that no other trial shares run inside one fit
+rather than one fit each (bench/bench_stage_overhead.py measures the difference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from farm.cache import PlannedStage, Store
+
+
+def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storage: str, in_tune: bool) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from farm.spec import Study
+
+    study = Study.model_validate(study_json)
+    res = study.stages[group[0].name].resources
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"study": study_json, "trial": trial_id, "stages": [asdict(s) for s in group], "storage": storage},
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{study.name}-{trial_id}-{group[0].name}-{uuid.uuid4().hex[:6]}",
+            storage_path=str(Path(storage) / "ray_train"),
+            callbacks=callbacks,
+        ),
+    )
+    trainer.fit()
+
+
+def _train_loop(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from farm.data.prepare import training_records
+    from farm.registry import stages
+    from farm.spec import Study
+    from farm.train.base import StageContext
+
+    study = Study.model_validate(config["study"])
+    store = Store(config["storage"])
+    rank = ray.train.get_context().get_world_rank()
+    for planned in (PlannedStage(**s) for s in config["stages"]):
+        stage = study.stages[planned.name]
+        torch.set_num_threads(max(1, int(stage.resources.cpus_per_worker)))
+        if store.done(planned.kind, planned.key):
+            continue
+        records, audit = training_records(stage.data or study.data, planned.seed, stage.shape)
+        input_path = store.path(planned.input_kind, planned.input_key) if planned.input_key else None
+        record = {
+            "stage": planned.name,
+            "trial": config["trial"],
+            "seed": planned.seed,
+            "input_key": planned.input_key,
+            "config": stage.model_dump(mode="json"),
+            "audit": audit,
+        }
+        writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
+        with writing as out, tempfile.TemporaryDirectory() as work:
+            ctx = StageContext(
+                name=planned.name,
+                stage=stage,
+                model_spec=study.model,
+                seed=planned.seed,
+                input_path=input_path,
+                records=records,
+                output_dir=out,
+                work_dir=Path(work),
+                callbacks=[ProgressReport(planned.name)],
+            )
+            record["metrics"] = stages.get(planned.kind)(ctx)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the next stage on every rank loads what rank 0 just saved
+
+
+class ProgressReport(TrainerCallback):
+    """Stream a stage's training logs to Ray (and so to Tune and the farm's progress lines)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import ray.train
+
+        if logs and "loss" in logs:
+            ray.train.report({"stage": self.stage, "step": state.global_step, "max_steps": state.max_steps, "loss": float(logs["loss"])})
+

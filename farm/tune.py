@@ -1,0 +1,157 @@
+"""The grid under Ray Tune: one Tune trial per grid point, each running its stage chain
+(through the artifact cache) and its evaluation, with Tune's failure policy."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+
+import ray
+from ray import tune
+
+from farm.cache import PlannedStage, Store, TrialPlan
+
+# The trial function only waits on its TorchTrainer and eval task. Tune refuses an empty
+# request, and any CPU share it takes would leave a 1-CPU worker without a whole CPU on a
+# small machine, so a trial asks for a little memory and no CPU.
+TRIAL_RESOURCES = [{"memory": 128 * 2**20}]
+
+
+def stage_groups(plan: TrialPlan, study) -> list[list[PlannedStage]]:
+    """Consecutive stages that the same trials need, with the same resources, run in one fit."""
+    groups: list[list[PlannedStage]] = []
+    for s in plan.stages:
+        prev = groups[-1][-1] if groups else None
+        if prev and prev.users == s.users and study.stages[prev.name].resources == study.stages[s.name].resources:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def run_trial(config: dict, payloads: dict) -> None:
+    from farm.spec import Study
+    from farm.train.runner import run_group
+
+    payload = payloads[config["trial_id"]]
+    study = Study.model_validate(payload["study"])
+    plan = plan_from_json(payload["plan"])
+    store = Store(payload["storage"])
+    for group in stage_groups(plan, study):
+        if all(store.done(s.kind, s.key) for s in group):
+            continue
+        # A stage other trials need is trained once: they wait on its lock, then reuse it.
+        lock = store.lock(group[0].key) if len(group[0].users) > 1 else contextlib.nullcontext()
+        with lock:
+            pending = [s for s in group if not store.done(s.kind, s.key)]
+            if pending:
+                run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
+    if not store.done("eval", plan.eval_key):
+        res = study.eval.resources
+        # "DEFAULT" keeps the task out of the trial's placement group, which holds no CPU.
+        task = evaluate_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy="DEFAULT")
+        ray.get(task.remote(payload))
+    tune.report({"done": 1, **store.marker("eval", plan.eval_key)["metrics"]})
+
+
+@ray.remote
+def evaluate_task(payload: dict) -> None:
+    import torch
+
+    from farm.eval.runner import evaluate
+    from farm.spec import Study
+
+    quiet()
+    study = Study.model_validate(payload["study"])
+    plan = plan_from_json(payload["plan"])
+    store = Store(payload["storage"])
+    torch.set_num_threads(max(1, int(study.eval.resources.num_cpus)))
+    last = plan.stages[-1]
+    ref = store.path(last.input_kind, last.input_key) if last.input_key else None
+    record = {"trial": payload["trial_id"], "model_key": last.key}
+    with store.writing("eval", plan.eval_key, record):
+        record["metrics"] = evaluate(study, store.path(last.kind, last.key), ref, last.seed)
+
+
+def plan_from_json(obj: dict) -> TrialPlan:
+    return TrialPlan(tuple(PlannedStage(**{**s, "users": tuple(s["users"])}) for s in obj["stages"]), obj["eval_key"])
+
+
+def plan_to_json(plan: TrialPlan) -> dict:
+    return {"stages": [dataclasses.asdict(s) for s in plan.stages], "eval_key": plan.eval_key}
+
+
+def quiet() -> None:
+    """Keep worker output to the farm's own progress lines."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def max_concurrent(trials) -> int:
+    """As many trials at once as the cluster can give their largest stage."""
+    total = ray.cluster_resources()
+    fits = []
+    for t in trials:
+        for stage in t.study.stages.values():
+            r = stage.resources
+            fits.append(total.get("CPU", 0) / (r.num_workers * r.cpus_per_worker))
+            if r.gpus_per_worker:
+                fits.append(total.get("GPU", 0) / (r.num_workers * r.gpus_per_worker))
+    return max(1, math.floor(min(fits)))
+
+
+class Progress(tune.Callback):
+    """One line per training log, trial end and trial error, on the driver."""
+
+    def __init__(self, on_complete, on_error, out=sys.stdout):
+        self.on_complete, self.on_error, self.out = on_complete, on_error, out
+        self.start = time.time()
+
+    def _say(self, trial, text: str) -> None:
+        print(f"[{time.time() - self.start:6.0f}s] {trial.config['trial_id']}: {text}", file=self.out, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "stage" in result:
+            self._say(trial, f"{result['stage']} step {result['step']}/{result['max_steps']} loss {result['loss']:.3f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        shown = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith(("time", "eval_seconds"))}
+        self._say(trial, "done " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()) if k != "loss"))
+        self.on_complete(trial.config["trial_id"], result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trial, f"FAILED: {trial.error_file or 'see Ray logs'}")
+        self.on_error(trial.config["trial_id"], trial)
+
+
+def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error):
+    from ray.tune import FailureConfig, RunConfig
+
+    payloads = {
+        t.id: {"trial_id": t.id, "study": t.study.model_dump(mode="json"), "plan": plan_to_json(plans[t.id]), "storage": storage}
+        for t in trials
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), tune.PlacementGroupFactory(TRIAL_RESOURCES))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial_id": tune.grid_search([t.id for t in trials])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent(trials),
+            trial_dirname_creator=lambda trial: trial.config["trial_id"],
+        ),
+        run_config=RunConfig(
+            name=experiment,
+            storage_path=str(storage) + "/tune",
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=[Progress(on_complete, on_error)],
+            verbose=0,
+        ),
+    )
+    return tuner.fit()

@@ -1,0 +1,138 @@
+import copy
+
+import pytest
+
+from farm.cli import main
+from farm.spec import DPO, StudyError, expand, load_study
+
+from conftest import QUICKSTART, TINY
+
+
+def errors_of(doc, **kw) -> str:
+    with pytest.raises(StudyError) as e:
+        expand(doc, "s.yaml", **kw)
+    return str(e.value)
+
+
+def test_quickstart_expands_to_four_readable_trials():
+    trials = load_study(QUICKSTART)
+    assert [t.id for t in trials] == ["rate=0.0_seed=42", "rate=0.0_seed=43", "rate=0.5_seed=42", "rate=0.5_seed=43"]
+    t = trials[3]
+    assert t.study.seed == 43 and t.study.data.transforms[0].rate == 0.5
+    assert list(t.study.stages) == ["pretrain", "sft", "dpo"]
+    assert isinstance(t.study.stages["dpo"], DPO) and t.study.stages["dpo"].beta == 0.1
+    assert t.profile == "embedded"
+
+
+def test_same_file_gives_same_trials():
+    a, b = load_study(QUICKSTART), load_study(QUICKSTART)
+    assert [(t.id, t.study) for t in a] == [(t.id, t.study) for t in b]
+
+
+def test_paper_profile_overrides_values_and_drops_a_stage():
+    trials = load_study(QUICKSTART, profile="paper")
+    s = trials[0].study
+    assert s.model.base == "gpt2" and s.model.tokenizer is None
+    assert list(s.stages) == ["sft", "dpo"]
+    assert s.stages["sft"].lora.r == 8 and s.stages["sft"].resources.gpus_per_worker == 1
+    assert s.data.sources[0].origin == "hub" and s.data.sources[0].split == "train"
+    assert len(trials) == 6  # its grid adds a third seed
+
+
+def test_unknown_profile_names_the_allowed_ones(tiny_doc):
+    msg = errors_of(tiny_doc, profile="papr")
+    assert "profile 'papr'" in msg and "embedded" in msg
+
+
+def test_unknown_key_lists_allowed_keys(tiny_doc):
+    tiny_doc["stages"]["sft"]["learning_rate"] = 1e-3
+    msg = errors_of(tiny_doc)
+    assert "s.yaml: stages.sft: unknown key 'learning_rate'" in msg
+    assert "lr" in msg and "batch_size" in msg
+
+
+def test_wrong_type_names_the_field(tiny_doc):
+    tiny_doc["stages"]["dpo"]["beta"] = "high"
+    assert "stages.dpo.beta" in errors_of(tiny_doc)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda d: d["data"]["sources"][0].update(name="hh_rlfh"), "unknown dataset source 'hh_rlfh'; allowed: hh_rlhf, lima"),
+        (lambda d: d["data"]["transforms"][0].update(name="flip"), "data.transforms.0: unknown transform 'flip'; allowed: 'label_flip'"),
+        (lambda d: d["stages"].update(ppo={"max_steps": 1}), "stages.ppo: unknown stage kind 'ppo'; allowed: 'pretrain', 'sft', 'dpo'"),
+        (lambda d: d["eval"].update(metrics=["rouge"]), "unknown metric 'rouge'"),
+        (lambda d: d["data"]["transforms"][0].update(rate=1.5), "data.transforms.0.rate: Input should be less than or equal to 1"),
+        (lambda d: d["data"]["sources"][0].update(subset="red-team"), "subset 'red-team' of hh_rlhf: allowed: harmless-base"),
+        (lambda d: d["data"]["sources"][0].update(subset="helpful-base"), "no bundled copy; set origin: hub"),
+        (lambda d: d["model"].update(base="./no/such/model", config={}), "model: base: path './no/such/model' does not exist"),
+        (lambda d: d["stages"]["dpo"].update(data={"sources": [{"name": "lima"}]}), "a dpo stage trains on comparison records, but source lima gives demonstration"),
+        (lambda d: d.pop("data"), "data: required field is missing"),
+    ],
+)
+def test_bad_values_name_field_and_allowed_values(tiny_doc, edit, expected):
+    tiny_doc.pop("grid")
+    edit(tiny_doc)
+    assert expected in errors_of(tiny_doc)
+
+
+def test_grid_errors(tiny_doc):
+    doc = copy.deepcopy(tiny_doc)
+    doc["grid"] = {"seed": []}
+    assert "grid.seed: an empty list expands to zero trials" in errors_of(doc)
+    doc["grid"] = {"data.transforms.3.rate": [0.1]}
+    assert "data.transforms has 1 items; '3' is not an index" in errors_of(doc)
+    doc["grid"] = {"stages.sft.lrr": [0.1]}
+    assert "stages.sft: unknown key 'lrr'" in errors_of(doc)
+    doc["grid"] = {"seed": list(range(30)), "data.transforms.0.rate": [0.0, 0.5]}
+    assert "expands to 60 trials, more than the maximum 50" in errors_of(doc, max_trials=50)
+    doc["grid"] = {"seed": 42}
+    assert "grid.seed: a list of values" in errors_of(doc)
+
+
+def test_grid_error_names_the_trial(tiny_doc):
+    tiny_doc["grid"] = {"data.transforms.0.rate": [0.5, 2.0]}
+    msg = errors_of(tiny_doc)
+    assert "data.transforms.0.rate" in msg and "data.transforms.0.rate=2.0" in msg
+
+
+def test_axis_labels_disambiguate_same_leaf_names(tiny_doc):
+    tiny_doc["grid"] = {"stages.sft.lr": [0.1], "stages.dpo.lr": [0.2], "seed": [1, 2]}
+    ids = [t.id for t in expand(tiny_doc, "s.yaml")]
+    assert ids == ["stages-sft-lr=0.1_stages-dpo-lr=0.2_seed=1", "stages-sft-lr=0.1_stages-dpo-lr=0.2_seed=2"]
+
+
+def test_no_grid_is_one_trial(tiny_doc):
+    tiny_doc.pop("grid")
+    assert [t.id for t in expand(tiny_doc, "s.yaml")] == ["base"]
+
+
+def test_stage_kind_defaults_to_its_name_and_can_be_explicit(tiny_doc):
+    tiny_doc["stages"] = {"first": {"kind": "sft", "max_steps": 1}, "dpo": {"max_steps": 1}}
+    s = expand(tiny_doc, "s.yaml")[0].study
+    assert [st.kind for st in s.stages.values()] == ["sft", "dpo"]
+
+
+def test_cli_bad_study_exits_2_and_writes_nothing(tmp_path, write_study, tiny_doc, capsys):
+    tiny_doc["stages"]["sft"]["lrr"] = 1
+    path = write_study(tiny_doc)
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "study.yaml: stages.sft: unknown key 'lrr'" in err
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("name: [unclosed", "not valid YAML"), ("- a list", "a study file is a mapping"), (None, "no such study file")],
+)
+def test_cli_unreadable_study_files(tmp_path, write_study, text, expected, capsys):
+    path = write_study(text) if text else tmp_path / "missing.yaml"
+    assert main(["plan", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_tiny_fixture_is_valid():
+    assert [t.id for t in load_study(TINY)] == ["rate=0.0", "rate=1.0"]
