@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from tests.e2e.conftest import metrics_table
+from e2e.conftest import metrics_table
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
