@@ -303,8 +303,8 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
     if profile != DEFAULT_PROFILE and profile not in profiles:
         raise StudyError(f"{where}: profile {profile!r} is not defined; allowed: {', '.join([DEFAULT_PROFILE, *profiles])}")
     doc = deep_merge(doc, profiles.get(profile, {}))
-    grid = {**grid, **doc.pop("grid", {})}  # a profile may override the grid too
-    axes = _check_grid(grid, where)
+    # A profile may override the grid, axis by axis.
+    axes = {**_check_grid(grid, where), **_check_grid(doc.pop("grid", None) or {}, where)}
     points = list(itertools.product(*axes.values()))
     if len(points) > max_trials:
         raise StudyError(f"{where}: grid: expands to {len(points)} trials, more than the maximum {max_trials} (raise --max-trials)")

@@ -136,3 +136,8 @@ def test_cli_unreadable_study_files(tmp_path, write_study, text, expected, capsy
 
 def test_tiny_fixture_is_valid():
     assert [t.id for t in load_study(TINY)] == ["rate=0.0", "rate=1.0"]
+
+
+def test_grid_must_be_a_mapping(tiny_doc):
+    tiny_doc["grid"] = ["seed"]
+    assert "grid: a mapping of dotted field path -> list of values" in errors_of(tiny_doc)

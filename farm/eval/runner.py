@@ -12,9 +12,7 @@ from farm.registry import metrics
 
 
 def evaluate(study, model_path, reference_path, seed: int) -> dict:
-    import torch
-
-    torch.manual_seed(seed)
+    """`seed` is the one the first stage built the base model with, when that is the reference."""
     start = time.time()
     model, tok = load_artifact(model_path)
     # The reference of a first stage is the base model, rebuilt exactly as the stage built it.
