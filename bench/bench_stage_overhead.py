@@ -50,8 +50,8 @@ def main() -> int:
         ray.shutdown()
     n = len(study.stages) - 1
     print(f"stages timed: {n} (sft, dpo of the tiny study)")
-    print(f"one fit per stage (baseline): {per_stage:6.1f} s  ({(per_stage - inside_a) / n:.1f} s fixed cost per fit)")
-    print(f"one fit for the group (farm): {grouped:6.1f} s  ({grouped - inside_b:.1f} s fixed cost in all)")
+    print(f"one fit per stage (baseline): {per_stage:6.1f} s wall, {per_stage - inside_a:5.1f} s outside training ({n} fits)")
+    print(f"one fit for the group (farm): {grouped:6.1f} s wall, {grouped - inside_b:5.1f} s outside training (1 fit)")
     print(f"ratio baseline / farm: {per_stage / grouped:.2f}x")
     return 0
 

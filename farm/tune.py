@@ -63,6 +63,7 @@ def evaluate_task(payload: dict) -> None:
 
     from farm.eval.runner import evaluate
     from farm.spec import Study
+    from farm.train.runner import quiet
 
     quiet()
     study = Study.model_validate(payload["study"])
@@ -82,15 +83,6 @@ def plan_from_json(obj: dict) -> TrialPlan:
 
 def plan_to_json(plan: TrialPlan) -> dict:
     return {"stages": [dataclasses.asdict(s) for s in plan.stages], "eval_key": plan.eval_key}
-
-
-def quiet() -> None:
-    """Keep worker output to the farm's own progress lines."""
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
 
 
 def max_concurrent(trials) -> int:

@@ -80,8 +80,10 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
     """Train under Ray Train, then save (rank 0) a plain HF model folder: LoRA adapters are
     saved under adapter/ and merged into the saved weights, so every artifact loads alike."""
     from ray.train.huggingface.transformers import prepare_trainer
+    from transformers import PrinterCallback
 
     trainer = prepare_trainer(trainer)
+    trainer.remove_callback(PrinterCallback)  # progress goes through ctx.callbacks instead
     for cb in ctx.callbacks:
         trainer.add_callback(cb)
     result = trainer.train()

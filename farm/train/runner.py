@@ -58,6 +58,7 @@ def _train_loop(config: dict) -> None:
     from farm.spec import Study
     from farm.train.base import StageContext
 
+    quiet()
     study = Study.model_validate(config["study"])
     store = Store(config["storage"])
     rank = ray.train.get_context().get_world_rank()
@@ -92,6 +93,16 @@ def _train_loop(config: dict) -> None:
             record["metrics"] = stages.get(planned.kind)(ctx)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the next stage on every rank loads what rank 0 just saved
+
+
+def quiet() -> None:
+    """Keep worker output to the farm's own progress lines (on a cluster the driver's
+    environment does not reach the workers, so this is set in each worker)."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 class ProgressReport(TrainerCallback):
