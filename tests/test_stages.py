@@ -23,7 +23,7 @@ def chain(tmp_path_factory, request):
     doc = yaml.safe_load(TINY.read_text())
     doc.pop("grid")
     doc["stages"]["sft"]["lora"] = {"r": 4, "alpha": 8}
-    doc["stages"]["dpo"]["lr"] = 5e-3
+    doc["stages"]["dpo"].update(lr=5e-3, lora={"r": 4, "alpha": 8})  # reference: the adapter-disabled model
     study = expand(doc, "s.yaml")[0].study
     root = tmp_path_factory.mktemp("chain")
     paths, previous = {}, None
@@ -43,7 +43,9 @@ def test_every_stage_saves_a_loadable_model_with_its_tokenizer(chain):
     for name, path in paths.items():
         model, tok = load_artifact(path)
         assert model.config.n_embd == 32 and len(tok) == model.config.vocab_size
-    assert (paths["sft"] / "adapter" / "adapter_config.json").exists()  # LoRA adapter kept beside the merged weights
+    for name in ("sft", "dpo"):  # LoRA adapters are kept beside the merged weights
+        assert (paths[name] / "adapter" / "adapter_config.json").exists()
+    assert not (paths["pretrain"] / "adapter").exists()
 
 
 def test_trained_model_is_not_its_reference(chain):
