@@ -52,9 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     study_args(plan)
     plan.set_defaults(func=cmd_plan)
 
-    report = sub.add_parser("report", help="rebuild table and report.md of a study from its results")
+    report = sub.add_parser("report", help="rebuild the table and report of a study from its results")
     study_args(report)
     report.set_defaults(func=cmd_report)
+    report.epilog = "STUDY may also be a results folder, e.g. results/quickstart"
+
+    compare = sub.add_parser("compare", help="two runs of the same study side by side, with the differences")
+    compare.add_argument("a", help="a results folder, e.g. results/quickstart")
+    compare.add_argument("b", help="another results folder of the same study")
+    compare.set_defaults(func=cmd_compare)
     return p
 
 
@@ -132,14 +138,34 @@ def cmd_run(args) -> int:
         print(f"farm: grid finished in {time.time() - start:.0f}s")
     path = _write_outputs(results, trials)
     failed = _count_failed(study_dir(results, study.name), trials)
-    print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)\nfarm: report at {path}")
+    print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
+    print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 1 if failed else 0
 
 
 def cmd_report(args) -> int:
-    trials = load_study(args.study, args.profile, args.max_trials)
-    path = _write_outputs(Path(args.results).resolve(), trials)
-    print(f"farm: report at {path}")
+    from farm.results import saved_trials
+
+    target = Path(args.study)
+    if target.is_dir():
+        try:
+            trials, results = saved_trials(target), target.resolve().parent
+        except FileNotFoundError as e:
+            raise StudyError(str(e)) from None
+    else:
+        trials, results = load_study(target, args.profile, args.max_trials), Path(args.results).resolve()
+    path = _write_outputs(results, trials)
+    print(f"farm: report at {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from farm.results import compare
+
+    try:
+        print(compare(Path(args.a), Path(args.b)))
+    except (FileNotFoundError, ValueError) as e:
+        raise StudyError(str(e)) from None
     return 0
 
 
@@ -150,7 +176,21 @@ def _write_outputs(results: Path, trials) -> Path:
     study = trials[0].study
     df = table(results, trials)
     write_table(results, study.name, df)
-    return write_report(study_dir(results, study.name), study, df, list(trials[0].axes))
+    axes = list(trials[0].axes)
+    config = {
+        "profile": trials[0].profile,
+        "grid": {a: _distinct(t.axes[a] for t in trials) for a in axes},
+        "study (first trial)": trials[0].study.model_dump(mode="json", exclude_defaults=True, exclude={"description", "reference"}),
+    }
+    return write_report(study_dir(results, study.name), study, df, axes, config)
+
+
+def _distinct(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
 
 
 def _eval_metric_names(store, plan) -> set[str]:

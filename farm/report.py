@@ -1,84 +1,274 @@
-"""report.md: the study table aggregated across seeds (mean ± std, n) and a plot of the main
-metric against the main axis."""
+"""The study report: the table aggregated across seeds (mean, std, n, 95% t-interval), paired
+tests across seeds, published numbers beside ours, plots, the config and the environment —
+as `report.md` (terminals, git) and a self-contained `report.html` (images inlined)."""
 
 from __future__ import annotations
 
+import base64
+import html
+import importlib.metadata
 import io
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import yaml
+from scipy import stats
 
 from farm.cache import atomic_write
 
 SEED_AXIS = "seed"
 BOOKKEEPING = {"done", "eval_pairs", "eval_seconds"}
+PACKAGES = ("farm", "ray", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "scipy")
 
 
-def aggregate(df: pd.DataFrame, axes: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean, std and n of each metric over the seeds of every other axis combination."""
+@dataclass
+class Report:
+    title: str
+    description: str
+    summary: str
+    failed: list[tuple[str, str]]
+    tables: list[tuple[str, pd.DataFrame, str]] = field(default_factory=list)  # (heading, table, note)
+    plots: list[tuple[str, str, bytes]] = field(default_factory=list)  # (caption, file name, png)
+    config: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def metric_columns(df: pd.DataFrame, axes: list[str]) -> list[str]:
+    skip = {"trial", "status", "error", *axes, *BOOKKEEPING}
+    return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def group_axes(axes: list[str]) -> list[str]:
+    return [a for a in axes if a != SEED_AXIS]
+
+
+def summarize(df: pd.DataFrame, axes: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per grid point other than the seed: mean, std, n and 95% t-interval of each metric."""
     ok = df[df["status"] == "ok"]
-    by = [a for a in axes if a != SEED_AXIS]
-    if not by:
-        ok = ok.assign(_all="all")
-        by = ["_all"]
-    agg = ok.groupby(by, sort=True)[metrics].agg(["mean", "std", "count"])
-    return agg
+    by = group_axes(axes)
+    groups = ok.groupby(by, sort=True) if by else [((), ok)]
+    rows = []
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        for m in metrics:
+            values = g[m].dropna().to_numpy(dtype=float)
+            mean, std, n = mean_std_n(values)
+            half = ci_half_width(std, n)
+            row.update({f"{m}.mean": mean, f"{m}.std": std, f"{m}.n": n, f"{m}.ci95": half})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def main_choice(study, axes: list[str], metrics: list[str]) -> tuple[str | None, str]:
-    axis = study.report.main_axis or next((a for a in axes if a != SEED_AXIS), None)
-    metric = study.report.main_metric or (metrics[0] if metrics else "")
-    return axis, metric
+def mean_std_n(values: np.ndarray) -> tuple[float, float, int]:
+    n = len(values)
+    return (float(values.mean()) if n else float("nan")), (float(values.std(ddof=1)) if n > 1 else float("nan")), n
 
 
-def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str]) -> Path:
-    metrics = [c for c in df.columns if c not in {"trial", "status", "error", *axes} and pd.api.types.is_numeric_dtype(df[c])]
-    metrics = [m for m in metrics if m not in BOOKKEEPING]
-    axis, metric = main_choice(study, axes, metrics)
-    lines = [f"# {study.name}", "", study.description.strip(), ""]
+def ci_half_width(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean, Student's t with n-1 degrees of freedom."""
+    return float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+
+
+def paired_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis: str | None) -> pd.DataFrame:
+    """Each value of the main axis against its first value, paired by seed (scipy's ttest_rel),
+    within every combination of the other axes."""
+    if not main_axis or SEED_AXIS not in axes or main_axis == SEED_AXIS:
+        return pd.DataFrame()
+    ok = df[df["status"] == "ok"]
+    others = [a for a in group_axes(axes) if a != main_axis]
+    values = sorted(ok[main_axis].unique(), key=_sort_key)
+    rows = []
+    for key, g in ok.groupby(others, sort=True) if others else [((), ok)]:
+        key = key if isinstance(key, tuple) else (key,)
+        base = g[g[main_axis] == values[0]].set_index(SEED_AXIS)
+        for v in values[1:]:
+            cmp = g[g[main_axis] == v].set_index(SEED_AXIS)
+            seeds = base.index.intersection(cmp.index)
+            for m in metrics:
+                a, b = base.loc[seeds, m].to_numpy(float), cmp.loc[seeds, m].to_numpy(float)
+                # No test for fewer than two seeds, or differences without spread (t undefined).
+                p = float(stats.ttest_rel(b, a).pvalue) if len(seeds) > 1 and np.std(b - a) > 1e-12 else float("nan")
+                rows.append({**dict(zip(others, key)), main_axis: f"{v} vs {values[0]}", "metric": m,
+                             "seeds": len(seeds), "mean difference": float(np.mean(b - a)) if len(seeds) else float("nan"), "p (paired t)": p})
+    return pd.DataFrame(rows)
+
+
+def reference_table(reference, summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Published numbers and ours, row by row, for the grid points the study file names."""
+    rows = []
+    for ref in reference.rows:
+        match = summary
+        for axis, value in ref.axes.items():
+            match = match[match[axis] == value] if axis in match else match.iloc[0:0]
+        for metric, published in ref.metrics.items():
+            row = {"published condition": ref.label, "ours at": _point(ref.axes), "metric": metric, "published": published}
+            if len(match) == 1 and f"{metric}.mean" in match:
+                r = match.iloc[0]
+                row["ours"] = _mean_ci(r[f"{metric}.mean"], r[f"{metric}.ci95"], r[f"{metric}.n"])
+            else:
+                row["ours"] = "—"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
+    metrics = metric_columns(df, axes)
+    main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
+    main_metric = study.report.main_metric or (metrics[0] if metrics else None)
     n_ok = int((df["status"] == "ok").sum())
-    lines.append(f"{n_ok} of {len(df)} trials finished. Axes: {', '.join(axes) or 'none'}.")
-    failed = df[df["status"] != "ok"]
-    for _, row in failed.iterrows():
-        lines.append(f"- trial `{row['trial']}` {row['status']}: {row.get('error', '')}")
-    lines += ["", "## Across seeds (mean ± std, n)", ""]
-    if n_ok and metrics:
-        agg = aggregate(df, axes, metrics)
-        shown = metrics
-        lines.append("| " + " | ".join(list(agg.index.names) + shown) + " |")
-        lines.append("|" + "---|" * (len(agg.index.names) + len(shown)))
-        for key, row in agg.iterrows():
-            key = key if isinstance(key, tuple) else (key,)
-            cells = [f"{row[(m, 'mean')]:.4g} ± {0 if pd.isna(row[(m, 'std')]) else row[(m, 'std')]:.2g} (n={int(row[(m, 'count')])})" for m in shown]
-            lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
-        if axis and metric in metrics:
-            atomic_write(out_dir / "plot.png", _plot(df, axis, metric))
-            lines += ["", f"## {metric} by {axis}", "", f"![{metric} by {axis}](plot.png)"]
-    lines += ["", f"Per-trial rows: `table.csv` / `table.parquet`; per-trial configs and metrics: `<trial-id>/`."]
+    report = Report(
+        title=study.name,
+        description=study.description.strip(),
+        summary=f"{n_ok} of {len(df)} trials finished. Axes: {', '.join(axes) or 'none'}. "
+        f"Intervals are 95% Student-t intervals of the mean across seeds.",
+        failed=[(r["trial"], str(r.get("error", r["status"]))) for _, r in df[df["status"] != "ok"].iterrows()],
+        config=yaml.safe_dump(config_doc, sort_keys=False),
+        environment=environment(),
+    )
+    if not (n_ok and metrics):
+        return report
+    summary = summarize(df, axes, metrics)
+    shown = summary[group_axes(axes)].copy() if group_axes(axes) else pd.DataFrame(index=summary.index)
+    for m in metrics:
+        shown[m] = [_mean_ci(r[f"{m}.mean"], r[f"{m}.ci95"], r[f"{m}.n"], r[f"{m}.std"]) for _, r in summary.iterrows()]
+    report.tables.append(("Across seeds", shown, "mean ± 95% CI half-width (std, n)"))
+    tests = paired_tests(df, axes, metrics, main_axis)
+    if len(tests):
+        report.tables.append((f"Paired tests across seeds: {main_axis}", tests, "two-sided paired t-test over the seeds both conditions share"))
+    if study.reference:
+        note = f"Published: {study.reference.source}. {study.reference.note}".strip()
+        report.tables.append(("Published numbers beside ours", reference_table(study.reference, summary, axes), note))
+    if main_axis and main_metric in metrics:
+        report.plots.append((f"{main_metric} by {main_axis}", "plot.png", plot_metric(df, summary, axes, main_axis, main_metric)))
+    return report
+
+
+def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
+    report = build(study, df, axes, config_doc)
+    for _, name, png in report.plots:
+        atomic_write(out_dir / name, png)
+    atomic_write(out_dir / "report.html", render_html(report).encode())
     path = out_dir / "report.md"
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, render_md(report).encode())
     return path
 
 
-def _plot(df: pd.DataFrame, axis: str, metric: str) -> bytes:
+# ---------------------------------------------------------------- rendering
+
+
+def render_md(r: Report) -> str:
+    out = [f"# {r.title}", "", r.description, "", r.summary, ""]
+    out += [f"- trial `{t}` failed: {e}" for t, e in r.failed]
+    for heading, table, note in r.tables:
+        out += ["", f"## {heading}", "", f"_{note}_", "", _md_table(table)]
+    for caption, name, _ in r.plots:
+        out += ["", f"## {caption}", "", f"![{caption}]({name})"]
+    out += ["", "## Config", "", "```yaml", r.config.rstrip(), "```", "", "## Environment", ""]
+    out += [f"- {k}: {v}" for k, v in r.environment.items()]
+    out += ["", "Per-trial rows: `table.csv` / `table.parquet`; per-trial configs and metrics: `<trial-id>/`.", ""]
+    return "\n".join(out)
+
+
+def render_html(r: Report) -> str:
+    e = html.escape
+    parts = [f"<h1>{e(r.title)}</h1>", f"<p>{e(r.description)}</p>", f"<p>{e(r.summary)}</p>"]
+    if r.failed:
+        parts.append("<h2>Failed trials</h2><ul>" + "".join(f"<li><code>{e(t)}</code>: {e(err)}</li>" for t, err in r.failed) + "</ul>")
+    for heading, table, note in r.tables:
+        parts.append(f"<h2>{e(heading)}</h2><p><em>{e(note)}</em></p>" + table.to_html(index=False, na_rep="—", float_format=_fmt, escape=True))
+    for caption, _, png in r.plots:
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h2>{e(caption)}</h2><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">")
+    parts.append(f"<h2>Config</h2><pre>{e(r.config)}</pre>")
+    parts.append("<h2>Environment</h2><ul>" + "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in r.environment.items()) + "</ul>")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:.25em .6em;text-align:right}"
+        "th{background:#eee}pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
+    )
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{e(r.title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cells = [[_fmt(v) if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+
+
+def _fmt(v: float) -> str:
+    return "—" if pd.isna(v) else f"{v:.4g}"
+
+
+def _mean_ci(mean: float, ci: float, n: int, std: float | None = None) -> str:
+    spread = f" ± {_fmt(ci)}" if not pd.isna(ci) else ""
+    extra = f"std {_fmt(std)}, " if std is not None and not pd.isna(std) else ""
+    return f"{_fmt(mean)}{spread} ({extra}n={int(n)})"
+
+
+def _point(axes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in axes.items()) or "all trials"
+
+
+def _sort_key(v):
+    return (0, v, "") if isinstance(v, (int, float, np.number)) else (1, 0, str(v))
+
+
+# ---------------------------------------------------------------- plot and environment
+
+
+def plot_metric(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], axis: str, metric: str) -> bytes:
+    """Mean and 95% interval of `metric` against `axis` (a band), one line per combination of the
+    other axes, with every trial as a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = df[df["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    xs = sorted(ok[axis].unique(), key=str)
-    pos = {x: i for i, x in enumerate(xs)}
-    ax.scatter([pos[x] for x in ok[axis]], ok[metric], alpha=0.5, label="trials")
-    stats = ok.groupby(axis)[metric].agg(["mean", "std"]).reindex(xs)
-    ax.errorbar(range(len(xs)), stats["mean"], yerr=stats["std"].fillna(0), fmt="o-", color="black", capsize=4, label="mean ± std")
-    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    numeric = pd.api.types.is_numeric_dtype(ok[axis])
+    xs = sorted(ok[axis].unique(), key=_sort_key)
+    pos = (lambda x: x) if numeric else {x: i for i, x in enumerate(xs)}.get
+    others = [a for a in group_axes(axes) if a != axis]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key, s in summary.groupby(others, sort=True) if others else [((), summary)]:
+        key = key if isinstance(key, tuple) else (key,)
+        s = s.sort_values(axis, key=lambda col: col.map(_sort_key))
+        x = [pos(v) for v in s[axis]]
+        mean, half = s[f"{metric}.mean"].to_numpy(float), np.nan_to_num(s[f"{metric}.ci95"].to_numpy(float))
+        label = _point(dict(zip(others, key))) if others else "mean (95% CI)"
+        line = ax.plot(x, mean, "o-", label=label)[0]
+        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+    ax.scatter([pos(v) for v in ok[axis]], ok[metric], s=12, color="gray", alpha=0.6, label="trials", zorder=3)
+    if not numeric:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_xlabel(axis)
     ax.set_ylabel(metric)
-    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def environment() -> dict[str, str]:
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": str(os.cpu_count())}
+    for pkg in PACKAGES:
+        try:
+            env[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if shutil.which("nvidia-smi"):
+        gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
+        env["gpus"] = "; ".join(gpus.splitlines()) or "none"
+    else:
+        env["gpus"] = "none"
+    return env

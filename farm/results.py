@@ -41,6 +41,16 @@ def finished(results: Path, trial, plan) -> dict | None:
     return saved if saved.get("status") == "ok" and saved.get("eval_key") == plan.eval_key else None
 
 
+def saved_trials(d: Path) -> list:
+    """The trials of a finished (or partly finished) run, read back from their config.yaml."""
+    from farm.spec import Trial
+
+    configs = sorted(Path(d).glob("*/config.yaml"))
+    if not configs:
+        raise FileNotFoundError(f"{d}: no trial folders with a config.yaml; is this a results/<study> folder?")
+    return [Trial.model_validate(yaml.safe_load(p.read_text())) for p in configs]
+
+
 def table(results: Path, trials) -> pd.DataFrame:
     """One row per trial of the study: id, status, every axis, every numeric metric."""
     rows = []
@@ -61,3 +71,26 @@ def write_table(results: Path, study: str, df: pd.DataFrame) -> None:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write(d / "table.parquet", buf.getvalue())
+
+
+def compare(a: Path, b: Path) -> str:
+    """Two runs of one study, trial by trial: each metric in both and b - a, as a markdown table."""
+    from farm.report import BOOKKEEPING, _md_table
+
+    trials_a, trials_b = saved_trials(a), saved_trials(b)
+    if trials_a[0].study.name != trials_b[0].study.name:
+        raise ValueError(f"{a} holds study {trials_a[0].study.name!r} but {b} holds {trials_b[0].study.name!r}")
+    ta, tb = pd.read_csv(Path(a) / "table.csv"), pd.read_csv(Path(b) / "table.csv")
+    axes = set(trials_a[0].axes)
+    metrics = [c for c in ta.columns if c in tb.columns and c not in {"trial", "status", "error", *axes, *BOOKKEEPING}
+               and pd.api.types.is_numeric_dtype(ta[c])]
+    both = ta.merge(tb, on="trial", suffixes=(" (a)", " (b)"))
+    rows = pd.DataFrame({"trial": both["trial"]})
+    for m in metrics:
+        rows[f"{m} (a)"], rows[f"{m} (b)"] = both[f"{m} (a)"], both[f"{m} (b)"]
+        rows[f"{m} b-a"] = both[f"{m} (b)"] - both[f"{m} (a)"]
+    lines = [f"a: {a}", f"b: {b}", "", _md_table(rows)]
+    only = sorted(set(ta["trial"]) ^ set(tb["trial"]))
+    if only:
+        lines += ["", f"in one run only: {', '.join(only)}"]
+    return "\n".join(lines)

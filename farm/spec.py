@@ -212,6 +212,20 @@ class ReportSpec(Strict):
     main_axis: str | None = None  # default: the first grid axis that is not the seed
 
 
+class ReferenceRow(Strict):
+    label: str  # the published condition, e.g. "Llama-2-7B SFT-SHP"
+    axes: dict[str, Any] = {}  # the grid point of ours it corresponds to (a subset of the axes)
+    metrics: dict[str, float] = Field(min_length=1)
+
+
+class Reference(Strict):
+    """Published numbers to put beside ours in the report."""
+
+    source: str  # where they come from: paper table, repository README, ...
+    note: str = ""
+    rows: list[ReferenceRow] = Field(min_length=1)
+
+
 class Study(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -221,6 +235,7 @@ class Study(Strict):
     stages: dict[str, Stage] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
     report: ReportSpec = ReportSpec()
+    reference: Reference | None = None
     max_failures: int = Field(1, ge=0)  # Ray Tune retries of a failed trial
 
     @model_validator(mode="before")
