@@ -21,6 +21,7 @@ import yaml
 from scipy import stats
 
 from farm.cache import atomic_write
+from farm.spec import PlotSpec
 
 SEED_AXIS = "seed"
 BOOKKEEPING = {"done", "eval_pairs", "eval_seconds"}
@@ -35,6 +36,7 @@ class Report:
     failed: list[tuple[str, str]]
     tables: list[tuple[str, pd.DataFrame, str]] = field(default_factory=list)  # (heading, table, note)
     plots: list[tuple[str, str, bytes]] = field(default_factory=list)  # (caption, file name, png)
+    notes: list[str] = field(default_factory=list)
     config: str = ""
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -145,8 +147,17 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     if study.reference:
         note = f"Published: {study.reference.source}. {study.reference.note}".strip()
         report.tables.append(("Published numbers beside ours", reference_table(study.reference, summary, axes), note))
-    if main_axis and main_metric in metrics:
-        report.plots.append((f"{main_metric} by {main_axis}", "plot.png", plot_metric(df, summary, axes, main_axis, main_metric)))
+    specs = list(study.report.plots)
+    if not specs and main_axis and main_metric in metrics:
+        specs = [PlotSpec(kind="line", x=main_axis, y=main_metric)]
+    for i, spec in enumerate(specs):
+        caption = spec.title or f"{spec.y} by {spec.x}"
+        try:
+            png = plot(spec, df, summary, axes)
+        except KeyError as e:
+            report.notes.append(f"plot '{caption}' skipped: the table has no column {e.args[0]!r}")
+            continue
+        report.plots.append((caption, "plot.png" if i == 0 else f"plot-{i + 1}.png", png))
     return report
 
 
@@ -170,6 +181,7 @@ def render_md(r: Report) -> str:
         out += ["", f"## {heading}", "", f"_{note}_", "", _md_table(table)]
     for caption, name, _ in r.plots:
         out += ["", f"## {caption}", "", f"![{caption}]({name})"]
+    out += [f"\n_{note}_" for note in r.notes]
     out += ["", "## Config", "", "```yaml", r.config.rstrip(), "```", "", "## Environment", ""]
     out += [f"- {k}: {v}" for k, v in r.environment.items()]
     out += ["", "Per-trial rows: `table.csv` / `table.parquet`; per-trial configs and metrics: `<trial-id>/`.", ""]
@@ -186,6 +198,7 @@ def render_html(r: Report) -> str:
     for caption, _, png in r.plots:
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{e(caption)}</h2><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">")
+    parts += [f"<p><em>{e(note)}</em></p>" for note in r.notes]
     parts.append(f"<h2>Config</h2><pre>{e(r.config)}</pre>")
     parts.append("<h2>Environment</h2><ul>" + "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in r.environment.items()) + "</ul>")
     style = (
@@ -223,40 +236,97 @@ def _sort_key(v):
 # ---------------------------------------------------------------- plot and environment
 
 
-def plot_metric(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], axis: str, metric: str) -> bytes:
-    """Mean and 95% interval of `metric` against `axis` (a band), one line per combination of the
-    other axes, with every trial as a point."""
+def plot(spec, df: pd.DataFrame, summary: pd.DataFrame, axes: list[str]) -> bytes:
+    """Render one PlotSpec; raises KeyError naming a column the table lacks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = df[df["status"] == "ok"]
-    numeric = pd.api.types.is_numeric_dtype(ok[axis])
-    xs = sorted(ok[axis].unique(), key=_sort_key)
-    pos = (lambda x: x) if numeric else {x: i for i, x in enumerate(xs)}.get
-    others = [a for a in group_axes(axes) if a != axis]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for key, s in summary.groupby(others, sort=True) if others else [((), summary)]:
-        key = key if isinstance(key, tuple) else (key,)
-        s = s.sort_values(axis, key=lambda col: col.map(_sort_key))
-        x = [pos(v) for v in s[axis]]
-        mean, half = s[f"{metric}.mean"].to_numpy(float), np.nan_to_num(s[f"{metric}.ci95"].to_numpy(float))
-        label = _point(dict(zip(others, key))) if others else "mean (95% CI)"
-        line = ax.plot(x, mean, "o-", label=label)[0]
-        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2)
-    ax.scatter([pos(v) for v in ok[axis]], ok[metric], s=12, color="gray", alpha=0.6, label="trials", zorder=3)
-    if not numeric:
-        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-    ax.set_xlabel(axis)
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ys = [c for c in ok.columns if c.startswith(spec.y)] if spec.y.endswith("/") else [spec.y]
+    for col in [spec.x, *ys]:
+        if col not in ok.columns:
+            raise KeyError(col)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, summary, axes, spec.x, ys)
+    ax.set_title(spec.title or f"{spec.y} by {spec.x}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _positions(ok: pd.DataFrame, axis: str):
+    xs = sorted(ok[axis].unique(), key=_sort_key)
+    if pd.api.types.is_numeric_dtype(ok[axis]):
+        return xs, (lambda v: v)
+    return xs, {x: i for i, x in enumerate(xs)}.get
+
+
+def _line(ax, ok, summary, axes, axis, ys):
+    """Mean and 95% interval (a band) against a grid axis, a line per combination of the other
+    axes, every trial as a point."""
+    metric = ys[0]
+    xs, pos = _positions(ok, axis)
+    others = [a for a in group_axes(axes) if a != axis]
+    for key, s in summary.groupby(others, sort=True) if others else [((), summary)]:
+        key = key if isinstance(key, tuple) else (key,)
+        s = s.sort_values(axis, key=lambda col: col.map(_sort_key))
+        x = [pos(v) for v in s[axis]]
+        mean, half = s[f"{metric}.mean"].to_numpy(float), np.nan_to_num(s[f"{metric}.ci95"].to_numpy(float))
+        line = ax.plot(x, mean, "o-", label=_point(dict(zip(others, key))) if others else "mean (95% CI)")[0]
+        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+    ax.scatter([pos(v) for v in ok[axis]], ok[metric], s=12, color="gray", alpha=0.6, label="trials", zorder=3)
+    if not pd.api.types.is_numeric_dtype(ok[axis]):
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set(xlabel=axis, ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _fit(ax, ok, summary, axes, x, ys):
+    """Every trial as a point, with the least-squares line and its mean squared error."""
+    xv, yv = ok[x].to_numpy(float), ok[ys[0]].to_numpy(float)
+    ax.scatter(xv, yv, s=16, label="trials")
+    if len(np.unique(xv)) > 1:
+        slope, intercept = np.polyfit(xv, yv, 1)
+        mse = float(np.mean((slope * xv + intercept - yv) ** 2))
+        grid = np.linspace(xv.min(), xv.max(), 50)
+        ax.plot(grid, slope * grid + intercept, "k--", label=f"fit: {slope:.3g}x + {intercept:.3g} (MSE {mse:.2g})")
+    ax.set(xlabel=x, ylabel=ys[0])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _heatmap(ax, ok, summary, axes, axis, ys):
+    """Mean over seeds (and other axes) of each metric (columns) at each value of an axis (rows)."""
+    means = ok.groupby(axis)[ys].mean().reindex(sorted(ok[axis].unique(), key=_sort_key))
+    image = ax.imshow(means.to_numpy(float), aspect="auto", cmap="viridis")
+    ax.figure.colorbar(image, ax=ax)
+    labels = [c.split("/", 1)[-1] for c in ys]
+    ax.set_xticks(range(len(ys)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(means)), [str(v) for v in means.index], fontsize=8)
+    for (i, j), v in np.ndenumerate(means.to_numpy(float)):
+        ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=7, color="white")
+    ax.set(xlabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0], ylabel=axis)
+
+
+def _bars(ax, ok, summary, axes, axis, ys):
+    """Grouped bars: one group per value of an axis, one bar per metric, 95% interval whiskers."""
+    xs = sorted(ok[axis].unique(), key=_sort_key)
+    width = 0.8 / len(ys)
+    for k, metric in enumerate(ys):
+        stats_ = [mean_std_n(ok.loc[ok[axis] == x, metric].dropna().to_numpy(float)) for x in xs]
+        means = [m for m, _, _ in stats_]
+        halves = [np.nan_to_num(ci_half_width(sd, n)) for _, sd, n in stats_]
+        ax.bar(np.arange(len(xs)) + (k - (len(ys) - 1) / 2) * width, means, width, yerr=halves, capsize=3,
+               label=metric.split("/", 1)[-1] if len(ys) > 1 else metric)
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set(xlabel=axis, ylabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0])
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
 
 
 def environment() -> dict[str, str]:

@@ -207,9 +207,20 @@ class EvalSpec(Strict):
         return v
 
 
+class PlotSpec(Strict):
+    """A report plot. `x`/`y` name table columns (grid axes or metrics); a `y` ending in "/"
+    takes every metric with that prefix (e.g. "safety/" for one score per demographic group)."""
+
+    kind: Literal["line", "fit", "heatmap", "bars"]
+    x: str  # line, heatmap, bars: a grid axis; fit: any column
+    y: str  # line, fit: a metric; heatmap, bars: a metric or a metric prefix
+    title: str | None = None
+
+
 class ReportSpec(Strict):
     main_metric: str | None = None  # default: the first eval metric
     main_axis: str | None = None  # default: the first grid axis that is not the seed
+    plots: list[PlotSpec] = []  # default: a line plot of the main metric against the main axis
 
 
 class ReferenceRow(Strict):

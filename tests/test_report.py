@@ -122,3 +122,28 @@ def test_html_report_renders_in_headless_chromium(finished_study, tmp_path):
     subprocess.run([*flags, "--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # not blank: text, tables and the plot drew
+
+
+def test_every_plot_kind_renders_and_a_missing_column_is_noted(tmp_path, tiny_doc):
+    tiny_doc["grid"] = {RATE: [0.0, 0.25, 0.5], "seed": [1, 2]}
+    tiny_doc["report"] = {"plots": [
+        {"kind": "line", "x": RATE, "y": "acc"},
+        {"kind": "fit", "x": "diversity", "y": "acc", "title": "acc vs diversity"},
+        {"kind": "heatmap", "x": RATE, "y": "safety/"},
+        {"kind": "bars", "x": RATE, "y": "safety/"},
+        {"kind": "line", "x": RATE, "y": "no_such_metric"},
+    ]}
+    trials = expand(tiny_doc, "s.yaml")
+    plans = plan_study(trials)
+    for t in trials:
+        r, s = t.axes[RATE], t.axes["seed"]
+        write_trial(tmp_path, t, plans[t.id], "ok", {"acc": 0.6 - r / 5 + s / 100, "diversity": 10 + 20 * r + s,
+                                                     "safety/asian": 0.3 + r / 10, "safety/women": 0.25 - r / 10}, {})
+    df = table(tmp_path, trials)
+    md = write_report(tmp_path / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
+    pngs = sorted(p.name for p in (tmp_path / "tiny").glob("plot*.png"))
+    assert pngs == ["plot-2.png", "plot-3.png", "plot-4.png", "plot.png"]
+    for name in pngs:
+        Image.open(tmp_path / "tiny" / name).verify()
+    assert "## acc vs diversity" in md and "## safety/ by data.transforms.0.rate" in md
+    assert "plot 'no_such_metric by data.transforms.0.rate' skipped: the table has no column 'no_such_metric'" in md
