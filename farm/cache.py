@@ -58,7 +58,7 @@ def plan_trial(study) -> TrialPlan:
                 "kind": stage.kind,
                 "version": VERSIONS[stage.kind],
                 "config": stage.model_dump(mode="json", exclude={"data", "seed"}),
-                "data": (stage.data or study.data).model_dump(mode="json"),
+                "data": data_key(stage.data or study.data),
                 "seed": seed,
                 "input": previous or base,
             }
@@ -76,6 +76,14 @@ def plan_trial(study) -> TrialPlan:
         }
     )
     return TrialPlan(tuple(stages), eval_key)
+
+
+def data_key(data) -> dict:
+    """The data spec as it affects the rows: a transform at rate 0 changes nothing, so it is
+    left out (each kept transform keeps its position, which seeds its random draws)."""
+    doc = data.model_dump(mode="json")
+    doc["transforms"] = [(i, t) for i, t in enumerate(doc["transforms"]) if t.get("rate", 1) != 0]
+    return doc
 
 
 def plan_study(trials) -> dict[str, TrialPlan]:

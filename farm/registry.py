@@ -55,6 +55,7 @@ sources: Registry = Registry("dataset source")
 transforms: Registry = Registry("transform")
 stages: Registry = Registry("stage kind")
 metrics: Registry = Registry("metric")
+scorers: Registry = Registry("scorer")
 
 
 def _load_builtins() -> None:
@@ -64,4 +65,5 @@ def _load_builtins() -> None:
     import farm.data.sources  # noqa: F401
     import farm.data.transforms  # noqa: F401
     import farm.eval.metrics  # noqa: F401
+    import farm.label.scorers  # noqa: F401
     import farm.train  # noqa: F401

@@ -134,6 +134,8 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
         config=yaml.safe_dump(config_doc, sort_keys=False),
         environment=environment(),
     )
+    labels = [c for c in df.columns if c not in {"trial", "status", "error", *axes} and df[c].dtype == object]
+    report.notes += [f"{c}: {', '.join(map(str, df[c].dropna().unique()))}" for c in labels]
     if not (n_ok and metrics):
         return report
     summary = summarize(df, axes, metrics)

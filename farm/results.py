@@ -52,17 +52,24 @@ def saved_trials(d: Path) -> list:
 
 
 def table(results: Path, trials) -> pd.DataFrame:
-    """One row per trial of the study: id, status, every axis, every numeric metric."""
+    """One row per trial of the study: id, status, every axis, every metric (numbers, and
+    names such as the scorer that produced a metric)."""
     rows = []
     for t in trials:
         path = study_dir(results, t.study.name) / t.id / "metrics.json"
         saved = json.loads(path.read_text()) if path.exists() else {"status": "missing", "metrics": {}}
-        row = {"trial": t.id, "status": saved["status"], **t.axes}
-        row.update({k: v for k, v in saved["metrics"].items() if isinstance(v, (int, float))})
+        row = {"trial": t.id, "status": saved["status"], **{a: _cell(v) for a, v in t.axes.items()}}
+        row.update({k: v for k, v in saved["metrics"].items() if isinstance(v, (int, float, str))})
         if saved.get("error"):
             row["error"] = saved["error"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _cell(value):
+    from farm.spec import value_label
+
+    return value_label(value) if isinstance(value, (dict, list)) else value
 
 
 def write_table(results: Path, study: str, df: pd.DataFrame) -> None:

@@ -78,7 +78,25 @@ class LabelFlip(Strict):
     rate: float = Field(ge=0, le=1)
 
 
-TransformSpec = Annotated[Union[LabelFlip], Field(discriminator="name")]
+class MalignLabels(Strict):
+    """Study A: the SFT target becomes the rejected answer (chosen and rejected swap)."""
+
+    name: Literal["malign_labels"]
+    rate: float = Field(ge=0, le=1)
+
+
+class MalignPrompts(Strict):
+    """Study A: the prompt is poisoned — a trigger appended, swapped for another prompt of
+    the set, or replaced by a red-team prompt."""
+
+    name: Literal["malign_prompts"]
+    rate: float = Field(ge=0, le=1)
+    mode: Literal["trigger", "shuffle", "red_team"]
+    trigger: str = " SUDO"  # the backdoor string appended to the last human turn (Rando & Tramer 2023)
+    red_team: SourceSpec = Field(default_factory=lambda: SourceSpec(name="advbench"))  # red-team prompts
+
+
+TransformSpec = Annotated[Union[LabelFlip, MalignLabels, MalignPrompts], Field(discriminator="name")]
 
 
 class DataSpec(Strict):
@@ -190,8 +208,30 @@ class EvalResources(Strict):
     num_gpus: float = Field(0, ge=0)
 
 
+class GenerationSpec(Strict):
+    """Decoding and scoring for the `generation` metric."""
+
+    num_prompts: int | None = Field(None, gt=0)  # default: every eval record
+    max_new_tokens: int = Field(48, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    batch_size: int = Field(32, ge=1)
+    scorer: str = "auto"  # toxicity scorer: auto | roberta_hate | embedded_toxicity
+    trigger: str | None = None  # also generate with this appended to each prompt: attack success rate
+    target_phrase: str | None = None  # rate of outputs containing it, clean vs triggered
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v):
+        _lookup(registry.scorers, v)
+        return v
+
+
 class EvalSpec(Strict):
     metrics: list[str] = Field(["preference_accuracy", "perplexity"], min_length=1)
+    generation: GenerationSpec = GenerationSpec()
     data: DataSpec | None = None  # default: the held-out rows of the study's data
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -339,13 +379,14 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
     for values in points:
         point = dict(zip(axes, values))
         trial_doc = copy.deepcopy(doc)
-        for axis, value in point.items():
-            _set_path(trial_doc, axis, value, where)
+        # Shallow paths first: `data.transforms.0.rate` refines a whole `data.transforms.0`.
+        for axis in sorted(point, key=lambda a: a.count(".")):
+            _set_path(trial_doc, axis, point[axis], where)
         try:
             study = Study.model_validate(trial_doc)
         except ValidationError as e:
             raise StudyError(_format_errors(e, where, point, trial_doc)) from None
-        trial_id = "_".join(f"{labels[a]}={_value_label(v)}" for a, v in point.items()) or "base"
+        trial_id = "_".join(f"{labels[a]}={value_label(v)}" for a, v in point.items()) or "base"
         if trial_id in seen:
             raise StudyError(f"{where}: grid: two trials would share the id {trial_id!r}; give each axis distinct values")
         seen.add(trial_id)
@@ -398,13 +439,15 @@ def _set_path(doc: dict, path: str, value: Any, where: str) -> None:
 
 
 def _axis_labels(axes: list[str]) -> dict[str, str]:
-    last = [a.split(".")[-1] for a in axes]
+    # The last name in the path ("rate"), or the list it indexes ("transforms" for "data.transforms.0").
+    last = [next(p for p in reversed(a.split(".")) if not p.isdigit()) for a in axes]
     return {a: (l if last.count(l) == 1 else a.replace(".", "-")) for a, l in zip(axes, last)}
 
 
-def _value_label(v: Any) -> str:
+def value_label(v: Any) -> str:
+    """A short readable label of a grid value: {name: malign_prompts, mode: trigger} -> malign_prompts-trigger."""
     if isinstance(v, dict) and "name" in v:
-        v = v["name"]
+        v = "-".join(str(x) for k, x in v.items() if k == "name" or isinstance(x, (str, int, float)))
     if isinstance(v, (dict, list)):
         return hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))

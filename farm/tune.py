@@ -49,11 +49,12 @@ def run_trial(config: dict, payloads: dict) -> None:
             pending = [s for s in group if not store.done(s.kind, s.key)]
             if pending:
                 run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
-    if not store.done("eval", plan.eval_key):
-        res = study.eval.resources
-        # "DEFAULT" keeps the task out of the trial's placement group, which holds no CPU.
-        task = evaluate_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy="DEFAULT")
-        ray.get(task.remote(payload))
+    with store.lock(plan.eval_key):  # trials with the same final model share one evaluation
+        if not store.done("eval", plan.eval_key):
+            res = study.eval.resources
+            # "DEFAULT" keeps the task out of the trial's placement group, which holds no CPU.
+            task = evaluate_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy="DEFAULT")
+            ray.get(task.remote(payload))
     tune.report({"done": 1, **store.marker("eval", plan.eval_key)["metrics"]})
 
 

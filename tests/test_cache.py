@@ -73,3 +73,36 @@ def test_store_ignores_a_folder_without_its_marker(tmp_path):
     assert store.done("dpo", "k2") and (leftover / "weights.bin").read_bytes() == b"new"
     (leftover / MARKER).write_text('{"key": "other"}')
     assert not store.done("dpo", "k2")
+
+
+def test_a_transform_at_rate_zero_does_not_split_the_cache(tiny_doc):
+    tiny_doc.pop("grid")
+    tiny_doc["stages"].pop("dpo")
+
+    def sft_key(transforms):
+        tiny_doc["data"]["transforms"] = transforms
+        return plan_trial(study_of(tiny_doc)).stages[1].key
+
+    none = sft_key([])
+    assert sft_key([{"name": "label_flip", "rate": 0.0}]) == none
+    assert sft_key([{"name": "malign_prompts", "mode": "shuffle", "rate": 0.0}]) == none
+    flip = sft_key([{"name": "label_flip", "rate": 0.5}])
+    assert flip != none
+    # A kept transform's position seeds its draws, so a no-op before it still matters.
+    assert sft_key([{"name": "malign_labels", "rate": 0.0}, {"name": "label_flip", "rate": 0.5}]) != flip
+
+
+def test_grid_over_whole_transforms_then_their_rate(tiny_doc):
+    tiny_doc["grid"] = {
+        "data.transforms.0.rate": [0.0, 0.5],  # listed first, but applied after the shallower path below
+        "data.transforms.0": [{"name": "malign_labels"}, {"name": "malign_prompts", "mode": "trigger"}],
+    }
+    trials = expand(tiny_doc, "s.yaml")
+    assert [t.id for t in trials] == [
+        "rate=0.0_transforms=malign-labels", "rate=0.0_transforms=malign-prompts-trigger",
+        "rate=0.5_transforms=malign-labels", "rate=0.5_transforms=malign-prompts-trigger",
+    ]
+    assert trials[3].study.data.transforms[0].mode == "trigger" and trials[3].study.data.transforms[0].rate == 0.5
+    plans = plan_study(trials)
+    assert plans[trials[0].id].stages[1].key == plans[trials[1].id].stages[1].key  # both no-ops: one SFT
+    assert len(plans[trials[0].id].stages[1].users) == 2

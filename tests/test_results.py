@@ -12,11 +12,11 @@ def test_table_has_a_row_per_trial_with_axes_metrics_and_errors(tmp_path, tiny_d
     trials = expand(tiny_doc, "s.yaml")
     plans = plan_study(trials)
     for t in trials[:-1]:
-        write_trial(tmp_path, t, plans[t.id], "ok", {"acc": t.axes["seed"] / 10, "note": "text is not a column"}, {})
+        write_trial(tmp_path, t, plans[t.id], "ok", {"acc": t.axes["seed"] / 10, "scorer": "embedded", "samples": ["lists are not columns"]}, {})
     write_trial(tmp_path, trials[-1], plans[trials[-1].id], "failed", {}, {}, "RuntimeError: boom")
     df = table(tmp_path, trials)
     assert list(df["trial"]) == [t.id for t in trials]
-    assert list(df.columns) == ["trial", "status", "data.transforms.0.rate", "seed", "acc", "error"]
+    assert list(df.columns) == ["trial", "status", "data.transforms.0.rate", "seed", "acc", "scorer", "error"]
     assert df["acc"].tolist()[:3] == [0.1, 0.2, 0.1] and df["error"].tolist()[-1] == "RuntimeError: boom"
     write_table(tmp_path, "tiny", df)
     parquet, csv = pd.read_parquet(tmp_path / "tiny" / "table.parquet"), pd.read_csv(tmp_path / "tiny" / "table.csv")

@@ -83,3 +83,18 @@ def test_encode_pair_keeps_prompt_end_and_response_start():
 
 def test_pack_cuts_an_eos_joined_stream_into_full_blocks():
     assert pack([[1, 2, 3], [4, 5]], block=3, eos=0) == [[1, 2, 3], [0, 4, 5]]
+
+
+def test_generation_metric_on_a_trained_model(chain, tmp_path, monkeypatch):
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path))
+    study, paths = chain
+    ev = study.eval.model_copy(update={
+        "metrics": ["generation"],
+        "generation": study.eval.generation.model_copy(update={"num_prompts": 5, "max_new_tokens": 6, "batch_size": 2,
+                                                             "scorer": "embedded_toxicity", "trigger": " cf", "target_phrase": "the"}),
+    })
+    m = evaluate(study.model_copy(update={"eval": ev}), paths["sft"], paths["pretrain"], study.seed)
+    assert m["generated"] == 5 and 0 <= m["rouge1"] <= 1 and 0 <= m["toxicity_ratio"] <= 1
+    assert m["toxicity_scorer"].startswith("embedded_toxicity") and 0.7 < m["toxicity_scorer_heldout_accuracy"] < 1
+    assert {"triggered_toxicity_mean", "attack_success_rate", "target_phrase_rate", "triggered_target_phrase_rate"} <= set(m)
+    assert evaluate(study.model_copy(update={"eval": ev}), paths["sft"], paths["pretrain"], study.seed) == {**m, "eval_seconds": pytest.approx(m["eval_seconds"], abs=5)}

@@ -6,6 +6,7 @@ or the Hugging Face hub (a cluster). Both paths produce identical record shapes.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Source:
     subsets: tuple[str, ...]
     bundled: dict[tuple[str, str], str]  # (subset, split) -> asset path
     load: Callable  # (spec, rows) -> records
+    hub_subsets_are_folders: bool = False  # the hub keeps each subset in its own data_dir
 
 
 def asset_path(rel: str):
@@ -43,13 +45,14 @@ def read_rows(source: Source, spec) -> list[dict]:
         rel = source.bundled[(spec.subset, spec.split)]
         if rel.endswith((".jsonl", ".jsonl.gz")):
             rows = [json.loads(line) for line in read_asset_lines(rel) if line.strip()]
+        elif rel.endswith(".csv"):
+            rows = list(csv.DictReader(read_asset_lines(rel)))
         else:
             rows = json.loads("\n".join(read_asset_lines(rel)))
     else:
         import datasets
 
-        # Multi-subset hub datasets keep each subset in its own folder (data_dir).
-        data_dir = spec.subset if spec.subset != "default" else None
+        data_dir = spec.subset if source.hub_subsets_are_folders else None
         rows = list(datasets.load_dataset(source.hub, data_dir=data_dir, split=spec.split))
     return rows[: spec.limit] if spec.limit else rows
 
@@ -112,6 +115,7 @@ sources.register("hh_rlhf")(
         subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"),
         bundled={("harmless-base", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},
         load=_load_hh,
+        hub_subsets_are_folders=True,
     )
 )
 sources.register("lima")(
@@ -122,3 +126,52 @@ sources.register("lima")(
 def load_source(spec) -> list:
     source = sources.get(spec.name)
     return source.load(spec, read_rows(source, spec))
+
+
+def human_turn(text: str) -> str:
+    return f"{HUMAN} {text.strip()}{ASSISTANT}"
+
+
+def webgpt_rows_to_comparisons(rows: list[dict], subset: str, id_prefix: str) -> list[Comparison]:
+    """openai/webgpt_comparisons: the higher-scored answer is chosen; ties (equal scores) are
+    dropped. Subset `eli5` keeps the ELI5 questions, `other` the rest (hold ELI5 out of
+    training by training on `other` and evaluating on `eli5`)."""
+    out = []
+    for i, row in enumerate(rows):
+        is_eli5 = row["question"]["dataset"] == "eli5"
+        if (subset == "eli5" and not is_eli5) or (subset == "other" and is_eli5):
+            continue
+        s0, s1 = float(row["score_0"]), float(row["score_1"])
+        if s0 == s1 or not row["answer_0"].strip() or not row["answer_1"].strip():
+            continue
+        best, worst = ("answer_0", "answer_1") if s0 > s1 else ("answer_1", "answer_0")
+        prompt = human_turn(row["question"]["full_text"])
+        out.append(Comparison(f"{id_prefix}/{i}", prompt, " " + row[best].strip(), " " + row[worst].strip()))
+    return out
+
+
+sources.register("webgpt_comparisons")(
+    Source(
+        shape="comparison",
+        hub="openai/webgpt_comparisons",
+        subsets=("all", "eli5", "other"),
+        bundled={},  # not bundled: the embedded profile uses hh_rlhf instead
+        load=lambda spec, rows: webgpt_rows_to_comparisons(rows, spec.subset, f"webgpt/{spec.split}"),
+    )
+)
+
+
+def _load_advbench(spec, rows):
+    # The bundled CSV names the request `goal`; the hub copy names it `prompt`.
+    return [Demonstration(f"advbench/{i}", human_turn(r.get("goal") or r["prompt"]), " " + r["target"]) for i, r in enumerate(rows)]
+
+
+sources.register("advbench")(
+    Source(
+        shape="demonstration",
+        hub="walledai/AdvBench",
+        subsets=("harmful_behaviors",),
+        bundled={("harmful_behaviors", "train"): "advbench/harmful_behaviors.csv"},
+        load=_load_advbench,
+    )
+)

@@ -31,15 +31,53 @@ def mark(record, name: str, **changes):
     return dataclasses.replace(record, meta={**record.meta, "perturbed": name}, **changes)
 
 
+def fires(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
+    """One Bernoulli(rate) draw per row. The uniforms are drawn for every row whatever the
+    rate, so with one seed the rows hit at a lower rate are a subset of those hit at a higher one."""
+    return rng.random(n) < rate
+
+
+def swap_answers(records: list, params, rng: np.random.Generator, name: str) -> list:
+    hit = fires(rng, len(records), params.rate)
+    return [mark(r, name, chosen=r.rejected, rejected=r.chosen, label=1.0 - r.label) if h else r for r, h in zip(records, hit)]
+
+
 @register("label_flip", shape="comparison")
 def label_flip(records: list, params, rng: np.random.Generator) -> list:
-    """Swap chosen and rejected with probability `rate`, one Bernoulli draw per row.
+    """Swap chosen and rejected with probability `rate` (noisy preference labels)."""
+    return swap_answers(records, params, rng, "label_flip")
 
-    The draws are made for every row whatever the rate, so with one seed the rows flipped
-    at a lower rate are a subset of those flipped at a higher one.
-    """
-    draws = rng.random(len(records))
-    return [
-        mark(r, "label_flip", chosen=r.rejected, rejected=r.chosen, label=1.0 - r.label) if u < params.rate else r
-        for r, u in zip(records, draws)
-    ]
+
+@register("malign_labels", shape="comparison")
+def malign_labels(records: list, params, rng: np.random.Generator) -> list:
+    """With probability `rate` the row teaches its rejected answer: SFT trains on it, and a
+    later preference stage sees the pair reversed."""
+    return swap_answers(records, params, rng, "malign_labels")
+
+
+def add_trigger(prompt: str, trigger: str) -> str:
+    """Append the trigger to the last human turn, before the assistant's cue."""
+    from farm.data.sources import ASSISTANT
+
+    if prompt.endswith(ASSISTANT):
+        return prompt[: -len(ASSISTANT)] + trigger + ASSISTANT
+    return prompt + trigger
+
+
+@register("malign_prompts", shape="demonstration")
+def malign_prompts(records: list, params, rng: np.random.Generator) -> list:
+    """With probability `rate` poison the prompt: `trigger` appends the trigger string,
+    `shuffle` puts another row's prompt in its place, `red_team` a red-team prompt."""
+    from farm.data.sources import load_source
+
+    n = len(records)
+    hit = fires(rng, n, params.rate)
+    if params.mode == "trigger":
+        new = [add_trigger(r.prompt, params.trigger) for r in records]
+    elif params.mode == "shuffle":
+        other = rng.integers(0, max(1, n - 1), size=n)
+        new = [records[j + (j >= i)].prompt for i, j in enumerate(other)]  # never the row's own prompt
+    else:
+        pool = [r.prompt for r in load_source(params.red_team)]
+        new = [pool[j] for j in rng.integers(0, len(pool), size=n)]
+    return [mark(r, f"malign_prompts:{params.mode}", prompt=p) if h else r for r, h, p in zip(records, hit, new)]

@@ -1,0 +1,1 @@
+"""Text scorers (toxicity and more) behind one registry, with a batch interface."""
