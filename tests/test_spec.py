@@ -141,3 +141,20 @@ def test_tiny_fixture_is_valid():
 def test_grid_must_be_a_mapping(tiny_doc):
     tiny_doc["grid"] = ["seed"]
     assert "grid: a mapping of dotted field path -> list of values" in errors_of(tiny_doc)
+
+
+@pytest.mark.parametrize("job", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", ["embedded", "paper"])
+def test_every_job_file_validates_in_both_profiles(job, profile):
+    trials = load_study(job, profile=profile)
+    assert trials and len({t.id for t in trials}) == len(trials)
+
+
+def test_malign_labels_grid_one_line_per_kind():
+    trials = load_study(QUICKSTART.parent / "malign_labels.yaml")
+    kinds = {(t.study.data.transforms[0].name, getattr(t.study.data.transforms[0], "mode", None)) for t in trials}
+    assert kinds == {("malign_labels", None), ("malign_prompts", "trigger"), ("malign_prompts", "shuffle"), ("malign_prompts", "red_team")}
+    assert len(trials) == 16 and {t.study.data.transforms[0].rate for t in trials} == {0.0, 0.5}
+    paper = load_study(QUICKSTART.parent / "malign_labels.yaml", profile="paper")
+    assert paper[0].study.data.sources[0].subset == "other" and paper[0].study.eval.data.sources[0].subset == "eli5"
+    assert len(paper) == 4 * 5 * 3
