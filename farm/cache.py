@@ -57,7 +57,7 @@ def plan_trial(study) -> TrialPlan:
             {
                 "kind": stage.kind,
                 "version": VERSIONS[stage.kind],
-                "config": stage.model_dump(mode="json", exclude={"data", "seed"}),
+                "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault"}),
                 "data": data_key(stage.data or study.data),
                 "seed": seed,
                 "input": previous or base,

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ WORKER_ENV = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["farm", *argv])  # to tell how to resume
     try:
         return args.func(args)
     except StudyError as e:
@@ -56,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     study_args(report)
     report.set_defaults(func=cmd_report)
     report.epilog = "STUDY may also be a results folder, e.g. results/quickstart"
+
+    doctor = sub.add_parser("doctor", help="check this environment and what the given studies need")
+    doctor.add_argument("studies", nargs="*", help="study files to check, e.g. jobs/quickstart.yaml")
+    doctor.add_argument("--profile", default=DEFAULT_PROFILE)
+    doctor.add_argument("--storage", default=os.environ.get("FARM_STORAGE", "results/.store"))
+    doctor.set_defaults(func=cmd_doctor)
 
     compare = sub.add_parser("compare", help="two runs of the same study side by side, with the differences")
     compare.add_argument("a", help="a results folder, e.g. results/quickstart")
@@ -123,6 +132,8 @@ def cmd_run(args) -> int:
         from farm.tune import run_grid
 
         os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+        # Ctrl-C reaches the farm (not Tune's own handler): it stops Ray and says how to resume.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         start = time.time()
         address = args.address or os.environ.get("RAY_ADDRESS")
         logging.getLogger("ray.tune").setLevel(logging.INFO if args.verbose else logging.WARNING)
@@ -131,7 +142,11 @@ def cmd_run(args) -> int:
         try:
             run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error)
         except KeyboardInterrupt:
-            print(f"\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n  farm run {args.study} --profile {args.profile}", file=sys.stderr)
+            print(
+                "\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n"
+                f"  {args.command_line}",
+                file=sys.stderr,
+            )
             return 130
         finally:
             ray.shutdown()
@@ -157,6 +172,22 @@ def cmd_report(args) -> int:
     path = _write_outputs(results, trials)
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from farm.doctor import environment, study_needs
+
+    lines, facts = environment(args.storage)
+    for name, finding in lines:
+        print(f"{name:<24} {finding}")
+    missing = 0
+    for path in args.studies:
+        needs = study_needs(load_study(path, args.profile), facts)
+        print(f"\n{path} (profile {args.profile}): " + ("ready" if not needs else "missing:"))
+        for need in needs:
+            print(f"  - {need}")
+        missing += len(needs)
+    return 1 if missing else 0
 
 
 def cmd_compare(args) -> int:

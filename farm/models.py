@@ -46,7 +46,7 @@ def bundled_corpus() -> list[str]:
     return texts
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if name == "farm-bpe":
@@ -63,7 +63,7 @@ def load_tokenizer(name: str):
         raw.decoder = decoders.ByteLevel()
         tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, bos_token=EOS)
     else:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -74,7 +74,7 @@ def base_model(spec, seed: int):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    tok = load_tokenizer(spec.tokenizer or spec.base)
+    tok = load_tokenizer(spec.tokenizer or spec.base, spec.trust_remote_code)
     if spec.base == "tiny-gpt2":
         cfg = GPT2Config(
             vocab_size=len(tok),
@@ -85,7 +85,7 @@ def base_model(spec, seed: int):
         )
         torch.manual_seed(seed)
         return GPT2LMHeadModel(cfg), tok
-    model = AutoModelForCausalLM.from_pretrained(spec.base)
+    model = AutoModelForCausalLM.from_pretrained(spec.base, trust_remote_code=spec.trust_remote_code)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     return model, tok

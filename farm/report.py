@@ -24,7 +24,9 @@ from farm.cache import atomic_write
 from farm.spec import PlotSpec
 
 SEED_AXIS = "seed"
-BOOKKEEPING = {"done", "eval_pairs", "eval_seconds"}
+BOOKKEEPING = {"done", "eval_pairs", "eval_seconds", "generated"}
+# Properties of an instrument rather than results of a trial: shown once, as notes.
+INSTRUMENT_SUFFIX = "_heldout_accuracy"
 PACKAGES = ("farm", "ray", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "scipy")
 
 
@@ -43,7 +45,7 @@ class Report:
 
 def metric_columns(df: pd.DataFrame, axes: list[str]) -> list[str]:
     skip = {"trial", "status", "error", *axes, *BOOKKEEPING}
-    return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
+    return [c for c in df.columns if c not in skip and not c.endswith(INSTRUMENT_SUFFIX) and pd.api.types.is_numeric_dtype(df[c])]
 
 
 def group_axes(axes: list[str]) -> list[str]:
@@ -136,6 +138,7 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     )
     labels = [c for c in df.columns if c not in {"trial", "status", "error", *axes} and df[c].dtype == object]
     report.notes += [f"{c}: {', '.join(map(str, df[c].dropna().unique()))}" for c in labels]
+    report.notes += [f"{c}: {', '.join(_fmt(float(v)) for v in df[c].dropna().unique())}" for c in df.columns if c.endswith(INSTRUMENT_SUFFIX)]
     if not (n_ok and metrics):
         return report
     summary = summarize(df, axes, metrics)

@@ -22,6 +22,8 @@ from farm import registry
 from farm.data.records import CONVERTIBLE
 
 BUILT_MODELS = ("tiny-gpt2",)  # models built from a config instead of loaded
+# Hub ids without an owner that the hub still serves; any other hub id is "owner/name".
+LEGACY_HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 BUNDLED_TOKENIZERS = ("farm-bpe", "gpt2")
 DEFAULT_PROFILE = "embedded"
 
@@ -47,15 +49,30 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- data
 
 
+FILE_FIELDS = {"text": ("text",), "demonstration": ("prompt", "response"), "comparison": ("prompt", "chosen", "rejected")}
+
+
 class SourceSpec(Strict):
     name: str
     origin: Literal["bundled", "hub"] = "bundled"
     subset: str | None = None  # default: the source's first subset
     split: str | None = None  # default: the bundled split, or "train" on the hub
     limit: int | None = Field(None, gt=0)
+    # name: file — a local .jsonl/.json/.csv/.parquet file read as `records` records, its
+    # `columns` mapping each record field to a column of the file (default: the same name).
+    path: str | None = None
+    records: Literal["text", "demonstration", "comparison"] | None = None
+    columns: dict[str, str] = {}
+
+    def shape(self) -> str:
+        return self.records if self.name == "file" else registry.sources.get(self.name).shape
 
     @model_validator(mode="after")
     def _resolve(self) -> "SourceSpec":
+        if self.name == "file":
+            return self._check_file()
+        if self.path or self.records or self.columns:
+            raise ValueError("path, records and columns belong to a source with name: file")
         source = _lookup(registry.sources, self.name)
         subset = self.subset or source.subsets[0]
         if subset not in source.subsets:
@@ -70,6 +87,29 @@ class SourceSpec(Strict):
                 raise ValueError(f"split {split!r} of bundled {self.name}/{subset}: allowed: {', '.join(bundled)}")
         object.__setattr__(self, "subset", subset)
         object.__setattr__(self, "split", split or "train")
+        return self
+
+    def _check_file(self) -> "SourceSpec":
+        from farm.data.sources import read_file_rows
+
+        if not self.path or not self.records:
+            raise ValueError("a file source needs path (a .jsonl, .json, .csv or .parquet file) and records (text, demonstration or comparison)")
+        unknown = set(self.columns) - set(FILE_FIELDS[self.records])
+        if unknown:
+            raise ValueError(f"columns: {sorted(unknown)[0]!r} is not a field of {self.records} records ({', '.join(FILE_FIELDS[self.records])})")
+        path = Path(self.path).expanduser()
+        if not path.is_file():
+            raise ValueError(f"file {self.path!r} does not exist")
+        try:
+            rows = read_file_rows(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise ValueError(f"file {self.path!r} cannot be read: {type(e).__name__}: {e}") from None
+        for field in FILE_FIELDS[self.records]:
+            column = self.columns.get(field, field)
+            if rows and column not in rows[0]:
+                raise ValueError(f"file {self.path!r} has no column {column!r} (for the {field} of {self.records} records); its columns: {', '.join(rows[0])}")
+        if not any(all(str(r.get(self.columns.get(f, f)) or "").strip() for f in FILE_FIELDS[self.records]) for r in rows):
+            raise ValueError(f"file {self.path!r} has no row with every column of {self.records} records filled: nothing to train or evaluate on")
         return self
 
 
@@ -108,7 +148,7 @@ class DataSpec(Strict):
     transforms: list[TransformSpec] = []
 
     def shapes(self) -> set[str]:
-        return {registry.sources.get(s.name).shape for s in self.sources}
+        return {s.shape() for s in self.sources}
 
 
 # ---------------------------------------------------------------- model and stages
@@ -118,10 +158,16 @@ class ModelSpec(Strict):
     base: str = "tiny-gpt2"  # a built model name, a hub id, or a local path
     config: dict[str, Any] = {}  # architecture overrides for a built model
     tokenizer: str | None = None  # farm-bpe | gpt2 | hub id | path; default: the base's own
+    trust_remote_code: bool = False  # run code shipped with a hub model: only when the study says so
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         built = self.base in BUILT_MODELS
+        if not (built or _looks_like_path(self.base) or "/" in self.base or self.base in LEGACY_HUB_MODELS):
+            raise ValueError(
+                f"base: unknown model {self.base!r}; give a built model ({', '.join(BUILT_MODELS)}), "
+                f"a hub id (owner/name, or {', '.join(LEGACY_HUB_MODELS)}) or a local path (./..., /...)"
+            )
         if self.config and not built:
             raise ValueError(f"config applies only to built models ({', '.join(BUILT_MODELS)})")
         if built and self.tokenizer is None:
@@ -150,6 +196,15 @@ class LoRA(Strict):
     target_modules: list[str] | None = None  # default: chosen for the architecture
 
 
+class Fault(Strict):
+    """Testing only: make a stage fail, to check that the farm survives it."""
+
+    at_step: int = Field(1, ge=1)
+    kind: Literal["raise", "kill"] = "raise"  # raise an error, or SIGKILL the Ray worker process
+    times: int | None = Field(None, ge=1)  # fail this many attempts, then train normally (default: every attempt)
+    trial: str | None = None  # only in this trial (default: every trial running the stage)
+
+
 class StageSpec(Strict):
     kind: str
     data: DataSpec | None = None  # default: the study's data
@@ -166,6 +221,7 @@ class StageSpec(Strict):
     lora: LoRA | None = None
     deepspeed: str | dict | None = None  # a DeepSpeed config (path or dict) for the HF trainer
     resources: Resources = Resources()
+    fault: Fault | None = None  # testing only; not part of the stage's cache key
 
     shape: ClassVar[str] = "text"  # the record shape the stage trains on
 
@@ -302,7 +358,7 @@ class Study(Strict):
             _lookup(registry.stages, stage.kind)
             data = stage.data or self.data
             for source in data.sources:
-                have = registry.sources.get(source.name).shape
+                have = source.shape()
                 if stage.shape not in CONVERTIBLE[have]:
                     raise ValueError(
                         f"stages.{name}: a {stage.kind} stage trains on {stage.shape} records, "
@@ -310,7 +366,7 @@ class Study(Strict):
                     )
             for t in data.transforms:
                 need = registry.transforms.get(t.name).shape
-                if any(need not in CONVERTIBLE[registry.sources.get(s.name).shape] for s in data.sources):
+                if any(need not in CONVERTIBLE[s.shape()] for s in data.sources):
                     raise ValueError(f"stages.{name}: transform {t.name} needs {need} records from every source")
         eval_data = self.eval.data or self.data
         for metric in self.eval.metrics:

@@ -123,7 +123,37 @@ sources.register("lima")(
 )
 
 
+def read_file_rows(path) -> list[dict]:
+    path = str(path)
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        if path.endswith(".csv"):
+            return list(csv.DictReader(f))
+        return json.load(f)
+
+
+def file_records(spec) -> list:
+    """A local file's rows as records: the fields mapped from columns, rows with an empty field dropped."""
+    from farm.data.records import SHAPES
+    from farm.spec import FILE_FIELDS
+
+    fields = FILE_FIELDS[spec.records]
+    out = []
+    for i, row in enumerate(read_file_rows(spec.path)):
+        values = [str(row.get(spec.columns.get(f, f)) or "") for f in fields]
+        if all(v.strip() for v in values):
+            out.append(SHAPES[spec.records](f"file:{spec.path}/{i}", *values))
+    return out[: spec.limit] if spec.limit else out
+
+
 def load_source(spec) -> list:
+    if spec.name == "file":
+        return file_records(spec)
     source = sources.get(spec.name)
     return source.load(spec, read_rows(source, spec))
 

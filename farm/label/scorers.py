@@ -38,12 +38,12 @@ def build(name: str, **kwargs):
 class HubClassifier:
     """A sequence classifier scored batched; the score is the probability of one label."""
 
-    def __init__(self, model: str, label: str, batch_size: int = 64, max_length: int = 256):
+    def __init__(self, model: str, label: str, batch_size: int = 64, max_length: int = 256, local_files_only: bool = False):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model).eval()
+        self.tok = AutoTokenizer.from_pretrained(model, local_files_only=local_files_only)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model, local_files_only=local_files_only).eval()
         labels = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
         if label not in labels:
             raise ValueError(f"{model} has no label {label!r}; its labels: {', '.join(labels)}")
@@ -109,10 +109,27 @@ def embedded_toxicity(**_) -> EmbeddedToxicity:
     return scorer
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all: an unreachable hub costs ~50 s of retries per model load."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 @scorers.register("auto")
 def auto(**kw):
-    try:
-        return roberta_hate(**kw)
+    try:  # a cached or local copy loads without the hub; otherwise only try the hub if it answers
+        return roberta_hate(local_files_only=not hub_reachable(), **kw)
     except (OSError, ValueError) as e:  # no hub and no local copy
         print(f"farm: warning: toxicity scorer {ROBERTA_HATE} unavailable ({type(e).__name__}); "
               "using embedded_toxicity (TF-IDF classifier trained on SafeNLP ToxiGen)", file=sys.stderr)

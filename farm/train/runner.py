@@ -8,6 +8,8 @@ rather than one fit each (bench/bench_stage_overhead.py measures the difference)
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import tempfile
 import uuid
 from dataclasses import asdict
@@ -88,11 +90,36 @@ def _train_loop(config: dict) -> None:
                 records=records,
                 output_dir=out,
                 work_dir=Path(work),
-                callbacks=[ProgressReport(planned.name)],
+                callbacks=[ProgressReport(planned.name)] + _fault(stage.fault, config["trial"], store, planned.key, rank),
             )
             record["metrics"] = stages.get(planned.kind)(ctx)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the next stage on every rank loads what rank 0 just saved
+
+
+def _fault(fault, trial: str, store: Store, key: str, rank: int) -> list:
+    """The fault-injection callback for this attempt, if the study asks for one here."""
+    if fault is None or (fault.trial and fault.trial != trial):
+        return []
+    counter = store.root / "faults" / f"{key}-{trial}"
+    attempt = int(counter.read_text()) + 1 if counter.exists() else 1
+    if fault.times is not None and attempt > fault.times:
+        return []
+    if rank == 0:
+        counter.parent.mkdir(parents=True, exist_ok=True)
+        counter.write_text(str(attempt))
+    return [InjectFault(fault)]
+
+
+class InjectFault(TrainerCallback):
+    def __init__(self, fault):
+        self.fault = fault
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.fault.at_step:
+            if self.fault.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at step {state.global_step} (stage setting `fault`)")
 
 
 def quiet() -> None:

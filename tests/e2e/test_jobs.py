@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from e2e.conftest import metrics_table
+from conftest import ROOT, metrics_table
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")

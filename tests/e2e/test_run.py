@@ -5,7 +5,7 @@ import shutil
 import pytest
 import yaml
 
-from e2e.conftest import artifacts, farm, metrics_table, read_json
+from conftest import artifacts, farm, metrics_table, read_json
 from conftest import TINY
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,167 @@
+"""Bad input gets one clear error (file, field, what is allowed) and exit code 2, before Ray."""
+
+import copy
+import json
+import os
+import stat
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from farm.cache import plan_study
+from farm.cli import main
+from farm.models import base_model
+from farm.results import write_trial
+from farm.spec import ModelSpec, StudyError, expand
+
+from conftest import TINY
+
+TINY_DOC = yaml.safe_load(TINY.read_text())
+scalars = st.none() | st.booleans() | st.integers(-3, 10**9) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+KEYS = ["name", "seed", "model", "data", "stages", "eval", "grid", "profiles", "report", "reference", "max_failures",
+        "sources", "transforms", "rate", "mode", "kind", "lr", "metrics", "generation", "holdout", "base", "config",
+        "sft", "dpo", "pretrain", "lora", "resources", "fault", "columns", "path", "records", "plots", "limit"]
+
+
+def paths(doc, prefix=()):
+    yield prefix
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from paths(v, (*prefix, i))
+
+
+@st.composite
+def mutated_studies(draw):
+    """The tiny study with a few random edits: values replaced, keys added or removed."""
+    doc = copy.deepcopy(TINY_DOC)
+    for _ in range(draw(st.integers(1, 4))):
+        where = draw(st.sampled_from(list(paths(doc))))
+        if not where:
+            continue
+        parent = doc
+        for k in where[:-1]:
+            parent = parent[k]
+        action = draw(st.sampled_from(["replace", "add", "remove"]))
+        if action == "replace":
+            parent[where[-1]] = draw(values)
+        elif action == "add" and isinstance(parent, dict):
+            parent[draw(st.sampled_from(KEYS) | st.text(max_size=6))] = draw(values)
+        elif isinstance(parent, dict):
+            parent.pop(where[-1], None)
+    return doc
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=mutated_studies() | st.dictionaries(st.sampled_from(KEYS), values, max_size=6))
+def test_validator_accepts_or_raises_its_own_error(doc):
+    try:
+        trials = expand(doc, "h.yaml", max_trials=64)
+    except StudyError as e:
+        assert str(e).startswith("h.yaml") and "Traceback" not in str(e)
+        return
+    assert trials and all(t.id for t in trials)
+    plan_study(trials)  # a valid study can always be planned
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def file_source_study(tmp_path, source: dict) -> dict:
+    doc = copy.deepcopy(TINY_DOC)
+    doc.pop("grid")
+    doc["data"]["sources"] = [source]
+    return doc
+
+
+def test_local_data_file_columns_and_rows_are_checked(tmp_path):
+    good = write(tmp_path, "pairs.jsonl", "\n".join(json.dumps({"q": f"q{i}", "good": "a", "bad": "b"}) for i in range(20)))
+    ok = file_source_study(tmp_path, {"name": "file", "path": str(good), "records": "comparison",
+                                      "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}})
+    study = expand(ok, "s.yaml")[0].study
+    from farm.data.sources import load_source
+
+    rows = load_source(study.data.sources[0])
+    assert len(rows) == 20 and rows[0].prompt == "q0" and rows[0].chosen == "a"
+
+    missing = copy.deepcopy(ok)
+    missing["data"]["sources"][0]["columns"]["chosen"] = "best"
+    with pytest.raises(StudyError, match=r"data.sources.0: file '.*pairs.jsonl' has no column 'best' \(for the chosen of comparison records\); its columns: q, good, bad"):
+        expand(missing, "s.yaml")
+    empty = write(tmp_path, "empty.csv", "prompt,chosen,rejected\n,,\nq,,b\n")
+    with pytest.raises(StudyError, match="has no row with every column of comparison records filled"):
+        expand(file_source_study(tmp_path, {"name": "file", "path": str(empty), "records": "comparison"}), "s.yaml")
+    with pytest.raises(StudyError, match="file 'nope.jsonl' does not exist"):
+        expand(file_source_study(tmp_path, {"name": "file", "path": "nope.jsonl", "records": "comparison"}), "s.yaml")
+    with pytest.raises(StudyError, match="path, records and columns belong to a source with name: file"):
+        expand(file_source_study(tmp_path, {"name": "hh_rlhf", "path": str(good)}), "s.yaml")
+
+
+@pytest.mark.parametrize("base, ok", [("tiny-gpt2", True), ("gpt2", True), ("meta-llama/Llama-2-7b-hf", True),
+                                      ("tiny-gpt3", False), ("llama", False), ("./missing-model", False)])
+def test_model_names(base, ok, tiny_doc):
+    tiny_doc["model"] = {"base": base}
+    if ok:
+        expand(tiny_doc, "s.yaml")
+    else:
+        with pytest.raises(StudyError, match="model: base: (unknown model|path)"):
+            expand(tiny_doc, "s.yaml")
+
+
+def test_remote_code_is_off_unless_the_study_sets_it(monkeypatch):
+    import transformers
+
+    seen = {}
+
+    def fake(name, **kw):
+        seen.update(kw)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr("farm.models.load_tokenizer", lambda name, trust=False: seen.setdefault("tokenizer_trust", trust))
+    for trust in (False, True):
+        seen.clear()
+        with pytest.raises(OSError):
+            base_model(ModelSpec(base="owner/model", trust_remote_code=trust), seed=0)
+        assert seen["trust_remote_code"] is trust and seen["tokenizer_trust"] is trust
+    assert ModelSpec(base="owner/model").trust_remote_code is False
+
+
+def test_results_follow_the_umask(tmp_path, tiny_doc):
+    trials = expand(tiny_doc, "s.yaml")
+    old = os.umask(0o077)
+    try:
+        write_trial(tmp_path, trials[0], plan_study(trials)[trials[0].id], "ok", {"x": 1.0}, {})
+    finally:
+        os.umask(old)
+    d = tmp_path / "tiny" / trials[0].id
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE((d / "metrics.json").stat().st_mode) == 0o600
+
+
+def test_cli_bad_input_exit_2_before_ray(tmp_path, capsys, tiny_doc):
+    tiny_doc["grid"] = {"seed": list(range(40))}
+    path = write(tmp_path, "big.yaml", yaml.safe_dump(tiny_doc))
+    assert main(["run", str(path), "--max-trials", "10", "--results", str(tmp_path / "r")]) == 2
+    assert "expands to 40 trials, more than the maximum 10 (raise --max-trials)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_doctor_reports_the_environment_and_what_a_study_lacks(capsys, monkeypatch):
+    from conftest import QUICKSTART
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["doctor", str(QUICKSTART)]) == 0
+    out = capsys.readouterr().out
+    assert "GPUs visible" in out and "Hugging Face hub         offline" in out and "quickstart.yaml (profile embedded): ready" in out
+    assert main(["doctor", str(QUICKSTART), "--profile", "paper"]) == 1
+    out = capsys.readouterr().out
+    assert "source hh_rlhf is read from the hub, which is not reachable" in out and "asks for 1 GPUs" in out
