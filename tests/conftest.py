@@ -27,7 +27,7 @@ def tiny_doc() -> dict:
 def write_study(tmp_path):
     def write(doc, name="study.yaml") -> Path:
         path = tmp_path / name
-        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
         return path
 
     return write
@@ -44,7 +44,7 @@ def farm(*args, check=True) -> subprocess.CompletedProcess:
 
 
 def metrics_table(results: Path) -> pd.DataFrame:
-    return pd.read_csv(results / "tiny" / "table.csv").drop(columns=["eval_seconds"]).set_index("trial").sort_index()
+    return pd.read_csv(results / "tiny" / "table.csv").drop(columns=["eval_seconds"], errors="ignore").set_index("trial").sort_index()
 
 
 def artifacts(results: Path) -> dict[str, float]:

@@ -3,6 +3,8 @@ adapter disabled; without, TRL keeps a frozen copy of the input model."""
 
 from __future__ import annotations
 
+import copy
+
 from farm.registry import stages
 from farm.train.base import StageContext, fit_pair, load_input, peft_config, train_and_save, training_args
 
@@ -28,12 +30,15 @@ def run(ctx: StageContext) -> dict:
         label_smoothing=s.label_smoothing,
         loss_type=[s.loss_type],
     )
+    lora = peft_config(ctx, model)
     trainer = DPOTrainer(
         model=model,
-        ref_model=None,
+        # Without LoRA the reference is a frozen copy of the input model (TRL would reload it
+        # from its hub name, which a built model does not have).
+        ref_model=None if lora else copy.deepcopy(model).eval(),
         args=args,
         train_dataset=Dataset.from_dict(cols),
         processing_class=tok,
-        peft_config=peft_config(ctx, model),
+        peft_config=lora,
     )
     return train_and_save(trainer, ctx, tok)

@@ -148,7 +148,7 @@ def test_results_follow_the_umask(tmp_path, tiny_doc):
 
 def test_cli_bad_input_exit_2_before_ray(tmp_path, capsys, tiny_doc):
     tiny_doc["grid"] = {"seed": list(range(40))}
-    path = write(tmp_path, "big.yaml", yaml.safe_dump(tiny_doc))
+    path = write(tmp_path, "big.yaml", yaml.safe_dump(tiny_doc, sort_keys=False))
     assert main(["run", str(path), "--max-trials", "10", "--results", str(tmp_path / "r")]) == 2
     assert "expands to 40 trials, more than the maximum 10 (raise --max-trials)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
