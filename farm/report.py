@@ -284,6 +284,10 @@ def _line(ax, ok, summary, axes, axis, ys):
         line = ax.plot(x, mean, "o-", label=_point(dict(zip(others, key))) if others else "mean (95% CI)")[0]
         ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2)
     ax.scatter([pos(v) for v in ok[axis]], ok[metric], s=12, color="gray", alpha=0.6, label="trials", zorder=3)
+    # With few seeds a t-interval is wide (n=2: ±12.7 std errors); keep the data in view.
+    lo, hi = float(ok[metric].min()), float(ok[metric].max())
+    pad = (hi - lo) * 0.5 or abs(hi) * 0.1 or 0.1
+    ax.set_ylim(lo - pad, hi + pad)
     if not pd.api.types.is_numeric_dtype(ok[axis]):
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set(xlabel=axis, ylabel=metric)
