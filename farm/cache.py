@@ -69,7 +69,7 @@ def plan_trial(study) -> TrialPlan:
         {
             "kind": "eval",
             "version": VERSIONS["eval"],
-            "eval": study.eval.model_dump(mode="json"),
+            "eval": study.eval.model_dump(mode="json", exclude={"resources"}),  # where it runs changes nothing
             "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"}),
             "model": previous,
             "reference": stages[-1].input_key or base,
