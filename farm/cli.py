@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -116,10 +115,10 @@ def cmd_run(args) -> int:
     def stage_records(plan) -> dict:
         return {s.name: store.marker(s.kind, s.key) for s in plan.stages}
 
-    def on_complete(trial_id: str, result: dict) -> None:
-        t = by_id[trial_id]
-        metrics = {k: v for k, v in result.items() if k in _eval_metric_names(store, plans[trial_id])}
-        write_trial(results, t, plans[trial_id], "ok", metrics, stage_records(plans[trial_id]))
+    def on_complete(trial_id: str) -> None:
+        plan = plans[trial_id]
+        metrics = store.marker("eval", plan.eval_key)["metrics"]
+        write_trial(results, by_id[trial_id], plan, "ok", metrics, stage_records(plan))
 
     def on_error(trial_id: str, trial) -> None:
         t = by_id[trial_id]
@@ -151,8 +150,8 @@ def cmd_run(args) -> int:
         finally:
             ray.shutdown()
         print(f"farm: grid finished in {time.time() - start:.0f}s")
-    path = _write_outputs(results, trials)
-    failed = _count_failed(study_dir(results, study.name), trials)
+    path, df = _write_outputs(results, trials)
+    failed = int((df["status"] != "ok").sum())
     print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 1 if failed else 0
@@ -169,7 +168,7 @@ def cmd_report(args) -> int:
             raise StudyError(str(e)) from None
     else:
         trials, results = load_study(target, args.profile, args.max_trials), Path(args.results).resolve()
-    path = _write_outputs(results, trials)
+    path, _ = _write_outputs(results, trials)
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 0
 
@@ -200,7 +199,8 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _write_outputs(results: Path, trials) -> Path:
+def _write_outputs(results: Path, trials) -> tuple:
+    """Write table and report; (report.md path, the table)."""
     from farm.report import write_report
     from farm.results import study_dir, table, write_table
 
@@ -213,7 +213,7 @@ def _write_outputs(results: Path, trials) -> Path:
         "grid": {a: _distinct(t.axes[a] for t in trials) for a in axes},
         "study (first trial)": trials[0].study.model_dump(mode="json", exclude_defaults=True, exclude={"description", "reference"}),
     }
-    return write_report(study_dir(results, study.name), study, df, axes, config)
+    return write_report(study_dir(results, study.name), study, df, axes, config), df
 
 
 def _distinct(values) -> list:
@@ -224,23 +224,11 @@ def _distinct(values) -> list:
     return out
 
 
-def _eval_metric_names(store, plan) -> set[str]:
-    return set(store.marker("eval", plan.eval_key)["metrics"])
-
-
 def _error_text(trial) -> str:
     try:
         return Path(trial.error_file).read_text().strip().splitlines()[-1]
     except (OSError, TypeError, IndexError):
         return "failed (see Ray logs)"
-
-
-def _count_failed(d: Path, trials) -> int:
-    n = 0
-    for t in trials:
-        p = d / t.id / "metrics.json"
-        n += not p.exists() or json.loads(p.read_text())["status"] != "ok"
-    return n
 
 
 if __name__ == "__main__":

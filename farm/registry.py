@@ -46,10 +46,6 @@ class Registry(Generic[T]):
         _load_builtins()
         return sorted(self._entries)
 
-    def __contains__(self, name: str) -> bool:
-        _load_builtins()
-        return name in self._entries
-
 
 sources: Registry = Registry("dataset source")
 transforms: Registry = Registry("transform")

@@ -183,7 +183,7 @@ def render_md(r: Report) -> str:
     out = [f"# {r.title}", "", r.description, "", r.summary, ""]
     out += [f"- trial `{t}` failed: {e}" for t, e in r.failed]
     for heading, table, note in r.tables:
-        out += ["", f"## {heading}", "", f"_{note}_", "", _md_table(table)]
+        out += ["", f"## {heading}", "", f"_{note}_", "", md_table(table)]
     for caption, name, _ in r.plots:
         out += ["", f"## {caption}", "", f"![{caption}]({name})"]
     out += [f"\n_{note}_" for note in r.notes]
@@ -214,7 +214,7 @@ def render_html(r: Report) -> str:
     return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{e(r.title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
 
 
-def _md_table(df: pd.DataFrame) -> str:
+def md_table(df: pd.DataFrame) -> str:
     cells = [[_fmt(v) if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])

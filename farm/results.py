@@ -82,7 +82,7 @@ def write_table(results: Path, study: str, df: pd.DataFrame) -> None:
 
 def compare(a: Path, b: Path) -> str:
     """Two runs of one study, trial by trial: each metric in both and b - a, as a markdown table."""
-    from farm.report import BOOKKEEPING, _md_table
+    from farm.report import BOOKKEEPING, md_table
 
     trials_a, trials_b = saved_trials(a), saved_trials(b)
     if trials_a[0].study.name != trials_b[0].study.name:
@@ -96,7 +96,7 @@ def compare(a: Path, b: Path) -> str:
     for m in metrics:
         rows[f"{m} (a)"], rows[f"{m} (b)"] = both[f"{m} (a)"], both[f"{m} (b)"]
         rows[f"{m} b-a"] = both[f"{m} (b)"] - both[f"{m} (a)"]
-    lines = [f"a: {a}", f"b: {b}", "", _md_table(rows)]
+    lines = [f"a: {a}", f"b: {b}", "", md_table(rows)]
     only = sorted(set(ta["trial"]) ^ set(tb["trial"]))
     if only:
         lines += ["", f"in one run only: {', '.join(only)}"]

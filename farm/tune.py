@@ -117,7 +117,7 @@ class Progress(tune.Callback):
         result = trial.last_result or {}
         shown = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith(("time", "eval_seconds"))}
         self._say(trial, "done " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()) if k != "loss"))
-        self.on_complete(trial.config["trial_id"], result)
+        self.on_complete(trial.config["trial_id"])
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._say(trial, f"FAILED: {trial.error_file or 'see Ray logs'}")

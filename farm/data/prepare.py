@@ -37,13 +37,14 @@ def training_records(data, seed: int, shape: str) -> tuple[list, dict]:
         records = transforms.get(spec.name).fn(records, spec, transform_rng(seed, spec.name, i))
     changed = sorted(r.id for r in records if r.meta.get("perturbed"))
     audit.update(perturbed_rows=len(changed), perturbed_ids=changed)
-    return convert(records, shape), audit
+    return convert(records, shape) if shape else records, audit
 
 
-def eval_records(study, shape: str) -> list:
-    """Clean rows to evaluate on: all of `eval.data` if given, else the study data's held-out rows."""
+def eval_records(study, shape: str | None = None) -> list:
+    """Clean rows to evaluate on: all of `eval.data` if given, else the study data's held-out
+    rows; read as `shape`, or as the sources give them."""
     ev = study.eval
     records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, "eval")
     if ev.limit:
         records = records[: ev.limit]
-    return convert(records, shape)
+    return convert(records, shape) if shape else records

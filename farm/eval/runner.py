@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from farm.data.prepare import eval_records
+from farm.data.records import convert
 from farm.models import base_model, load_artifact
 from farm.registry import metrics
 
@@ -17,9 +18,10 @@ def evaluate(study, model_path, reference_path, seed: int) -> dict:
     model, tok = load_artifact(model_path)
     # The reference of a first stage is the base model, rebuilt exactly as the stage built it.
     ref = load_artifact(reference_path)[0] if reference_path else base_model(study.model, seed)[0]
+    rows = eval_records(study)  # read once, then seen by each metric in the shape it needs
     out: dict = {}
     for name in study.eval.metrics:
         metric = metrics.get(name)
-        out.update(metric.fn(model, ref, tok, eval_records(study, metric.shape), study.eval))
+        out.update(metric.fn(model, ref, tok, convert(rows, metric.shape), study.eval))
     out["eval_seconds"] = round(time.time() - start, 2)
     return out
