@@ -285,9 +285,49 @@ class GenerationSpec(Strict):
         return v
 
 
+# lm-eval tasks the farm ships offline copies of (farm/eval/tasks), with the metric METHODS reports.
+BENCHMARK_METRICS = {
+    "arc_challenge": "acc_norm",
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "mmlu": "acc",
+    "truthfulqa_mc2": "acc",
+    "toxigen": "acc_norm",
+}
+
+
+class BenchmarkSpec(Strict):
+    """lm-eval tasks for the `benchmarks` metric."""
+
+    tasks: list[str] = Field(list(BENCHMARK_METRICS), min_length=1)
+    # bundled: the copies in farm/assets as local task YAMLs (offline); hub: the harness's own tasks.
+    suite: Literal["bundled", "hub"] = "bundled"
+    num_fewshot: int = Field(0, ge=0)  # one choice per study, recorded with its results
+    limit: int | None = Field(None, gt=0)  # documents per task (per MMLU subject); quick runs only
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> "BenchmarkSpec":
+        unknown = [t for t in self.tasks if t not in BENCHMARK_METRICS]
+        if self.suite == "bundled" and unknown:
+            raise ValueError(f"tasks: {unknown[0]!r} has no bundled copy; bundled tasks: {', '.join(BENCHMARK_METRICS)} (or set suite: hub)")
+        return self
+
+
+class SafetySpec(Strict):
+    """The SafeNLP safety score (`safety_score` metric) over bundled statement sets."""
+
+    sets: list[Literal["toxigen", "implicit_hate"]] = Field(["toxigen", "implicit_hate"], min_length=1)
+    limit: int | None = Field(None, gt=0)  # statements per set; the published score uses all
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)  # tokens per window; longer statements use a sliding window
+
+
 class EvalSpec(Strict):
     metrics: list[str] = Field(["preference_accuracy", "perplexity"], min_length=1)
     generation: GenerationSpec = GenerationSpec()
+    benchmarks: BenchmarkSpec = BenchmarkSpec()
+    safety: SafetySpec = SafetySpec()
     data: DataSpec | None = None  # default: the held-out rows of the study's data
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -371,7 +411,7 @@ class Study(Strict):
         eval_data = self.eval.data or self.data
         for metric in self.eval.metrics:
             need = registry.metrics.get(metric).shape
-            if any(need not in CONVERTIBLE[s] for s in eval_data.shapes()):
+            if need and any(need not in CONVERTIBLE[s] for s in eval_data.shapes()):
                 raise ValueError(f"eval.metrics: {metric} needs {need} records in the eval data")
         return self
 

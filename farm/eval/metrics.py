@@ -14,10 +14,10 @@ from farm.registry import metrics
 @dataclasses.dataclass(frozen=True)
 class Metric:
     fn: object
-    shape: str  # the record shape it reads
+    shape: str | None  # the record shape it reads; None: it reads no eval records (benchmarks)
 
 
-def register(name: str, shape: str):
+def register(name: str, shape: str | None):
     def add(fn):
         metrics.register(name)(Metric(fn, shape))
         return fn

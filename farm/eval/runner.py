@@ -22,6 +22,6 @@ def evaluate(study, model_path, reference_path, seed: int) -> dict:
     out: dict = {}
     for name in study.eval.metrics:
         metric = metrics.get(name)
-        out.update(metric.fn(model, ref, tok, convert(rows, metric.shape), study.eval))
+        out.update(metric.fn(model, ref, tok, convert(rows, metric.shape) if metric.shape else [], study.eval))
     out["eval_seconds"] = round(time.time() - start, 2)
     return out
