@@ -1,0 +1,1 @@
+"""lm-eval benchmarks on a trained model (filled in by the harness work)."""

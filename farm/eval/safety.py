@@ -1,0 +1,1 @@
+"""The SafeNLP safety score (filled in by the safety-score work)."""
