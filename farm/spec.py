@@ -57,7 +57,10 @@ class SourceSpec(Strict):
     origin: Literal["bundled", "hub"] = "bundled"
     subset: str | None = None  # default: the source's first subset
     split: str | None = None  # default: the bundled split, or "train" on the hub
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0)  # the first N rows
+    sample: int | None = Field(None, gt=0)  # a random N rows (drawn with `seed`), e.g. 100k of OpenOrca's 4.2M
+    seed: int = 0
+    weight: float | None = Field(None, gt=0)  # share of the data's `size` in a weighted mix
     # name: file — a local .jsonl/.json/.csv/.parquet file read as `records` records, its
     # `columns` mapping each record field to a column of the file (default: the same name).
     path: str | None = None
@@ -145,10 +148,19 @@ class DataSpec(Strict):
     # held out or not whatever other sources a stage mixes in: no stage trains on eval rows.
     holdout: float = Field(0.15, ge=0, lt=1)
     split_seed: int = 0
+    # A weighted mix: `size` training rows in all, each source giving a share proportional to its
+    # `weight` (default 1), drawn at random with `split_seed`. Without `size` every row is used.
+    size: int | None = Field(None, gt=0)
     transforms: list[TransformSpec] = []
 
     def shapes(self) -> set[str]:
         return {s.shape() for s in self.sources}
+
+    @model_validator(mode="after")
+    def _mix(self) -> "DataSpec":
+        if self.size is None and any(s.weight is not None for s in self.sources):
+            raise ValueError("sources: a weight needs the data's size (the number of training rows the weights share)")
+        return self
 
 
 # ---------------------------------------------------------------- model and stages
@@ -467,13 +479,13 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
     doc = deep_merge(doc, profiles.get(profile, {}))
     # A profile may override the grid, axis by axis.
     axes = {**_check_grid(grid, where), **_check_grid(doc.pop("grid", None) or {}, where)}
-    points = list(itertools.product(*axes.values()))
+    points = list(itertools.product(*(list(v.items()) for v in axes.values())))
     if len(points) > max_trials:
         raise StudyError(f"{where}: grid: expands to {len(points)} trials, more than the maximum {max_trials} (raise --max-trials)")
     labels = _axis_labels(list(axes))
-    trials, seen = [], set()
+    trials = []
     for values in points:
-        point = dict(zip(axes, values))
+        point = {axis: value for axis, (_, value) in zip(axes, values)}
         trial_doc = copy.deepcopy(doc)
         # Shallow paths first: `data.transforms.0.rate` refines a whole `data.transforms.0`.
         for axis in sorted(point, key=lambda a: a.count(".")):
@@ -482,11 +494,10 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
             study = Study.model_validate(trial_doc)
         except ValidationError as e:
             raise StudyError(_format_errors(e, where, point, trial_doc)) from None
-        trial_id = "_".join(f"{labels[a]}={value_label(v)}" for a, v in point.items()) or "base"
-        if trial_id in seen:
-            raise StudyError(f"{where}: grid: two trials would share the id {trial_id!r}; give each axis distinct values")
-        seen.add(trial_id)
-        trials.append(Trial(id=trial_id, axes=point, profile=profile, study=study))
+        trial_id = "_".join(f"{labels[a]}={label}" for a, (label, _) in zip(axes, values)) or "base"
+        # A trial's axis values as table cells: the label where the value is a whole sub-document.
+        cells = {a: (v if isinstance(v, (str, int, float, bool)) else label) for a, (label, v) in zip(axes, values)}
+        trials.append(Trial(id=trial_id, axes=cells, profile=profile, study=study))
     return trials
 
 
@@ -504,15 +515,32 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _check_grid(grid: Any, where: str) -> dict[str, list]:
+def _check_grid(grid: Any, where: str) -> dict[str, dict[str, Any]]:
+    """Each axis as {label: value}. An axis is a list of values (labelled by `value_label`) or a
+    mapping of label -> value, for values with no short name of their own (a stage, a data mix)."""
     if not isinstance(grid, dict):
         raise StudyError(f"{where}: grid: a mapping of dotted field path -> list of values, e.g. 'seed: [42, 43]'")
+    axes = {}
     for axis, values in grid.items():
-        if not isinstance(values, list):
-            raise StudyError(f"{where}: grid.{axis}: a list of values, e.g. [{values!r}]")
-        if not values:
-            raise StudyError(f"{where}: grid.{axis}: an empty list expands to zero trials; give at least one value")
-    return grid
+        if isinstance(values, dict):
+            bad = [k for k in values if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", str(k))]
+            if bad:
+                raise StudyError(f"{where}: grid.{axis}: label {bad[0]!r}: use letters, digits, '.', '+' or '-' (it becomes part of trial ids)")
+            labelled = {str(k): v for k, v in values.items()}
+        elif isinstance(values, list):
+            labelled = {value_label(v): v for v in values}
+            if len(labelled) < len(values):
+                raise StudyError(f"{where}: grid.{axis}: two values share the label {_first_repeat([value_label(v) for v in values])!r}; give the axis as a mapping of label -> value")
+        else:
+            raise StudyError(f"{where}: grid.{axis}: a list of values, e.g. [{values!r}], or a mapping of label -> value")
+        if not labelled:
+            raise StudyError(f"{where}: grid.{axis}: an empty {type(values).__name__} expands to zero trials; give at least one value")
+        axes[axis] = labelled
+    return axes
+
+
+def _first_repeat(items: list) -> Any:
+    return next(x for i, x in enumerate(items) if x in items[:i])
 
 
 def _set_path(doc: dict, path: str, value: Any, where: str) -> None:
@@ -526,7 +554,9 @@ def _set_path(doc: dict, path: str, value: Any, where: str) -> None:
             key = int(key)
         elif not isinstance(node, dict):
             raise StudyError(f"{where}: grid.{path}: {'.'.join(keys[:i])} is a value, not a mapping or list")
-        if last:
+        if last and value is None and isinstance(node, dict):
+            node.pop(key, None)  # as in a profile, null removes the key (a stage: `stages.dpo: {none: null, ...}`)
+        elif last:
             node[key] = copy.deepcopy(value)
         else:
             if isinstance(node, dict) and key not in node:
@@ -535,15 +565,27 @@ def _set_path(doc: dict, path: str, value: Any, where: str) -> None:
 
 
 def _axis_labels(axes: list[str]) -> dict[str, str]:
-    # The last name in the path ("rate"), or the list it indexes ("transforms" for "data.transforms.0").
-    last = [next(p for p in reversed(a.split(".")) if not p.isdigit()) for a in axes]
+    # The last name in the path ("rate"), or the list it indexes ("transforms" for "data.transforms.0"),
+    # or the stage whose data it sets ("sft" for "stages.sft.data.sources").
+    last = [_axis_name(a) for a in axes]
     return {a: (l if last.count(l) == 1 else a.replace(".", "-")) for a, l in zip(axes, last)}
+
+
+def _axis_name(axis: str) -> str:
+    names = [p for p in axis.split(".") if not p.isdigit()]
+    while len(names) > 1 and names[-1] in ("data", "sources"):
+        names.pop()
+    return names[-1]
 
 
 def value_label(v: Any) -> str:
     """A short readable label of a grid value: {name: malign_prompts, mode: trigger} -> malign_prompts-trigger."""
     if isinstance(v, dict) and "name" in v:
         v = "-".join(str(x) for k, x in v.items() if k == "name" or isinstance(x, (str, int, float)))
+    if isinstance(v, list) and v and all(isinstance(x, dict) and "name" in x for x in v):
+        v = "+".join(value_label(x) for x in v)  # a list of sources: hh_rlhf+lima
+    if v is None:
+        return "none"
     if isinstance(v, (dict, list)):
         return hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))

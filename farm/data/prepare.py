@@ -14,15 +14,38 @@ from farm.registry import transforms
 
 
 def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
-    digest = hashlib.sha256(f"{split_seed}:{record_id}".encode()).digest()
+    """Rows are held out by a hash of their id; ids "group#n" by their group, so that the
+    answers to one prompt (SHP's pairs of one post) all fall on the same side."""
+    digest = hashlib.sha256(f"{split_seed}:{record_id.split('#')[0]}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < holdout
 
 
 def load_split(data, part: str) -> list:
-    """Rows of every source in `data` that fall in `part` ("train" or "eval")."""
-    rows = [r for s in data.sources for r in load_source(s)]
+    """Rows of every source in `data` that fall in `part` ("train" or "eval"); training rows
+    of a weighted mix (`data.size`) in the shares of the sources' weights."""
     want_eval = part == "eval"
-    return [r for r in rows if is_heldout(r.id, data.holdout, data.split_seed) == want_eval]
+    parts = [[r for r in load_source(s) if is_heldout(r.id, data.holdout, data.split_seed) == want_eval] for s in data.sources]
+    if data.size and not want_eval:
+        parts = [_draw(rows, n, data.split_seed, s) for rows, n, s in zip(parts, mix_counts(data), data.sources)]
+    return [r for rows in parts for r in rows]
+
+
+def mix_counts(data) -> list[int]:
+    """Rows each source gives to a mix of `data.size` rows: shares of the weights, rounded so
+    that they add up to the size (largest remainders first)."""
+    weights = np.array([s.weight or 1.0 for s in data.sources])
+    exact = data.size * weights / weights.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: data.size - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def _draw(rows: list, n: int, seed: int, source) -> list:
+    if n > len(rows):
+        raise ValueError(f"data mix: source {source.name} has {len(rows)} training rows, fewer than its share {n} of size; lower size or its weight")
+    keep = np.random.default_rng([seed, zlib.crc32(source.name.encode())]).choice(len(rows), n, replace=False)
+    return [rows[i] for i in sorted(keep)]
 
 
 def transform_rng(seed: int, name: str, index: int) -> np.random.Generator:

@@ -49,12 +49,34 @@ def read_rows(source: Source, spec) -> list[dict]:
             rows = list(csv.DictReader(read_asset_lines(rel)))
         else:
             rows = json.loads("\n".join(read_asset_lines(rel)))
-    else:
-        import datasets
+        rows = rows[: spec.limit] if spec.limit else rows
+        return sample_rows(rows, spec, lambda keep: [rows[i] for i in keep])
+    import datasets
 
-        data_dir = spec.subset if source.hub_subsets_are_folders else None
-        rows = list(datasets.load_dataset(source.hub, data_dir=data_dir, split=spec.split))
-    return rows[: spec.limit] if spec.limit else rows
+    data_dir = spec.subset if source.hub_subsets_are_folders and spec.subset != "all" else None
+    ds = datasets.load_dataset(source.hub, data_dir=data_dir, split=spec.split)
+    ds = ds.select(range(min(spec.limit, len(ds)))) if spec.limit else ds
+    # Sample before reading rows into Python: OpenOrca has 4.2M of them.
+    return sample_rows(ds, spec, lambda keep: list(ds.select(keep)))
+
+
+def sample_rows(rows, spec, take) -> list[dict]:
+    """`spec.sample` rows drawn with `spec.seed`, in file order, each tagged with its position in
+    the file so that its record id is the same in every sample."""
+    import numpy as np
+
+    if not spec.sample or spec.sample >= len(rows):
+        return list(rows)
+    keep = sorted(np.random.default_rng(spec.seed).choice(len(rows), spec.sample, replace=False).tolist())
+    return [{**row, POSITION: i} for i, row in zip(keep, take(keep))]
+
+
+POSITION = "_farm_position"
+
+
+def positioned(rows: list[dict]):
+    """(position in the source file, row): record ids stay those of the unsampled file."""
+    return ((row.get(POSITION, i), row) for i, row in enumerate(rows))
 
 
 def split_hh_transcript(text: str) -> tuple[str, str]:
@@ -68,7 +90,7 @@ def split_hh_transcript(text: str) -> tuple[str, str]:
 
 def hh_rows_to_comparisons(rows: list[dict], id_prefix: str) -> list[Comparison]:
     out = []
-    for i, row in enumerate(rows):
+    for i, row in positioned(rows):
         prompt, chosen = split_hh_transcript(row["chosen"])
         prompt_r, rejected = split_hh_transcript(row["rejected"])
         # Rows whose transcripts diverge before the last turn, or whose answers are
@@ -93,7 +115,7 @@ def format_turns(turns: list[str]) -> tuple[str, str]:
 
 def _load_lima(spec, rows):
     out = []
-    for i, row in enumerate(rows):
+    for i, row in positioned(rows):
         if "conversations" in row:  # hub schema
             turns = list(row["conversations"])
         else:  # bundled Alpaca-style copy: history holds earlier [instruction, output] pairs
@@ -112,7 +134,8 @@ sources.register("hh_rlhf")(
     Source(
         shape="comparison",
         hub="Anthropic/hh-rlhf",
-        subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"),
+        # "all": the four comparison subsets together (the hub's default files)
+        subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled", "all"),
         bundled={("harmless-base", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},
         load=_load_hh,
         hub_subsets_are_folders=True,
@@ -143,12 +166,14 @@ def file_records(spec) -> list:
     from farm.spec import FILE_FIELDS
 
     fields = FILE_FIELDS[spec.records]
+    rows = read_file_rows(spec.path)
+    rows = rows[: spec.limit] if spec.limit else rows
     out = []
-    for i, row in enumerate(read_file_rows(spec.path)):
+    for i, row in positioned(sample_rows(rows, spec, lambda keep: [rows[k] for k in keep])):
         values = [str(row.get(spec.columns.get(f, f)) or "") for f in fields]
         if all(v.strip() for v in values):
             out.append(SHAPES[spec.records](f"file:{spec.path}/{i}", *values))
-    return out[: spec.limit] if spec.limit else out
+    return out
 
 
 def load_source(spec) -> list:
@@ -167,7 +192,7 @@ def webgpt_rows_to_comparisons(rows: list[dict], subset: str, id_prefix: str) ->
     dropped. Subset `eli5` keeps the ELI5 questions, `other` the rest (hold ELI5 out of
     training by training on `other` and evaluating on `eli5`)."""
     out = []
-    for i, row in enumerate(rows):
+    for i, row in positioned(rows):
         is_eli5 = row["question"]["dataset"] == "eli5"
         if (subset == "eli5" and not is_eli5) or (subset == "other" and is_eli5):
             continue
@@ -191,9 +216,64 @@ sources.register("webgpt_comparisons")(
 )
 
 
+def shp_rows_to_comparisons(rows: list[dict], id_prefix: str) -> list[Comparison]:
+    """stanfordnlp/SHP: two top-level comments on a Reddit post; `labels` 1 means A is preferred.
+    Ids are "post#k", so every pair of a post is held out together."""
+    out, seen = [], {}
+    for row in rows:
+        a, b = " " + row["human_ref_A"].strip(), " " + row["human_ref_B"].strip()
+        if not a.strip() or not b.strip() or a == b:
+            continue
+        chosen, rejected = (a, b) if int(row["labels"]) == 1 else (b, a)
+        k = seen[row["post_id"]] = seen.get(row["post_id"], -1) + 1
+        meta = {"domain": row["domain"], "score_ratio": float(row["score_ratio"])}
+        out.append(Comparison(f"{id_prefix}/{row['post_id']}#{k}", human_turn(row["history"]), chosen, rejected, meta=meta))
+    return out
+
+
+SHP_DOMAINS = (
+    "askacademia", "askanthropology", "askbaking", "askcarguys", "askculinary", "askdocs", "askengineers",
+    "askhistorians", "askhr", "askphilosophy", "askphysics", "askscience", "asksciencefiction",
+    "asksocialscience", "askvet", "changemyview", "explainlikeimfive", "legaladvice",
+)  # fmt: skip
+sources.register("shp")(
+    Source(
+        shape="comparison",
+        hub="stanfordnlp/SHP",
+        subsets=("all", *SHP_DOMAINS),  # one subreddit, or all 18
+        bundled={},  # not bundled (hub only); the embedded profile uses hh_rlhf
+        load=lambda spec, rows: shp_rows_to_comparisons(rows, f"shp/{spec.split}"),
+        hub_subsets_are_folders=True,
+    )
+)
+
+
+def orca_rows_to_demonstrations(rows: list[dict]) -> list[Demonstration]:
+    """Open-Orca/OpenOrca: a GPT-4/3.5 answer to a FLAN question under a system prompt, which
+    opens the human turn."""
+    out = []
+    for row in rows:
+        system = (row.get("system_prompt") or "").strip()
+        question = (system + "\n\n" if system else "") + row["question"].strip()
+        if row["question"].strip() and row["response"].strip():
+            out.append(Demonstration(f"orca/{row['id']}", human_turn(question), " " + row["response"].strip()))
+    return out
+
+
+sources.register("orca")(
+    Source(
+        shape="demonstration",
+        hub="Open-Orca/OpenOrca",
+        subsets=("default",),
+        bundled={},  # not bundled (hub only, 4.2M rows: take a `sample`); the embedded profile uses lima
+        load=lambda spec, rows: orca_rows_to_demonstrations(rows),
+    )
+)
+
+
 def _load_advbench(spec, rows):
     # The bundled CSV names the request `goal`; the hub copy names it `prompt`.
-    return [Demonstration(f"advbench/{i}", human_turn(r.get("goal") or r["prompt"]), " " + r["target"]) for i, r in enumerate(rows)]
+    return [Demonstration(f"advbench/{i}", human_turn(r.get("goal") or r["prompt"]), " " + r["target"]) for i, r in positioned(rows)]
 
 
 sources.register("advbench")(
