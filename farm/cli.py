@@ -69,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("a", help="a results folder, e.g. results/quickstart")
     compare.add_argument("b", help="another results folder of the same study")
     compare.set_defaults(func=cmd_compare)
+
+    safety = sub.add_parser(
+        "safety-score",
+        help="the SafeNLP safety score per demographic group, from per-statement perplexities",
+        description="The SafeNLP safety score (Hosseini et al. 2023) of each group from precomputed perplexities. "
+        "Prints one JSON object to stdout: {group: score, ..., \"mean\": m} over the groups whose Mann-Whitney test "
+        "has p <= 0.05 (mean is null when none has). Each group not reported (p > 0.05, or no hate or no neutral "
+        "statements) is named on stderr with its reason and p-value.",
+    )
+    safety.add_argument("--perplexities", required=True, metavar="FILE.json",
+                        help="a JSON list of records with text, label (hate|neutral), toxicity_score, target_groups and "
+                        "perplexity, as SafeNLP's perplexities.json")
+    safety.set_defaults(func=cmd_safety_score)
     return p
 
 
@@ -83,7 +96,8 @@ def cmd_plan(args) -> int:
     plans = plan_study(trials)
     store = Store(_storage(args))
     study = trials[0].study
-    print(f"study {study.name} (profile {args.profile}): {len(trials)} trials, stages {' -> '.join(study.stages)}")
+    chains = _distinct(" -> ".join(t.study.stages) for t in trials)
+    print(f"study {study.name} (profile {args.profile}): {len(trials)} trials, stages {' | '.join(chains)}")
     unique: dict[str, bool] = {}
     for t in trials:
         print(f"\n{t.id}")
@@ -95,7 +109,8 @@ def cmd_plan(args) -> int:
         ev = plans[t.id].eval_key
         print(f"  {'eval':<10} {'eval':<9} {ev}  {'cached' if store.done('eval', ev) else 'to run'}")
     todo = sum(not d for d in unique.values())
-    print(f"\n{len(unique)} distinct training stages, {len(unique) - todo} cached, {todo} to run.")
+    runs = sum(len(plans[t.id].stages) for t in trials)
+    print(f"\n{len(unique)} distinct training stages ({runs} stage runs without reuse), {len(unique) - todo} cached, {todo} to run.")
     return 0
 
 
@@ -196,6 +211,22 @@ def cmd_compare(args) -> int:
         print(compare(Path(args.a), Path(args.b)))
     except (FileNotFoundError, ValueError) as e:
         raise StudyError(str(e)) from None
+    return 0
+
+
+def cmd_safety_score(args) -> int:
+    import json
+    import math
+
+    from farm.eval.safety import read_perplexities, safety_scores
+
+    try:
+        scores = safety_scores(read_perplexities(args.perplexities))
+    except ValueError as e:
+        raise StudyError(str(e)) from None
+    for group, why in scores.dropped.items():
+        print(f"farm: {group}: not reported: {why}", file=sys.stderr)
+    print(json.dumps({**scores.groups, "mean": None if math.isnan(scores.mean) else scores.mean}))
     return 0
 
 

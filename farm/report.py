@@ -21,9 +21,10 @@ import yaml
 from scipy import stats
 
 from farm.cache import atomic_write
-from farm.spec import PlotSpec
+from farm.spec import PlotSpec, axis_labels
 
 SEED_AXIS = "seed"
+GRID_POINT = "grid point"
 BOOKKEEPING = {"done", "eval_pairs", "eval_seconds", "generated"}
 # Properties of an instrument rather than results of a trial: shown once, as notes.
 INSTRUMENT_SUFFIX = "_heldout_accuracy"
@@ -122,6 +123,40 @@ def reference_table(reference, summary: pd.DataFrame, axes: list[str]) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def matching(names: list[str], available: list[str]) -> list[str]:
+    """The columns named, a name ending in "/" standing for every column with that prefix."""
+    return [c for n in names for c in available if (c.startswith(n) if n.endswith("/") else c == n)]
+
+
+def point_labels(frame: pd.DataFrame, axes: list[str]) -> list[str]:
+    """Each row's grid point as the trial ids write it ("sft=lima, dpo=hh"), the seed left out."""
+    by = group_axes(axes)
+    short = axis_labels(axes)
+    return [", ".join(f"{short[a]}={r[a]}" for a in by) or "all trials" for _, r in frame.iterrows()]
+
+
+def wide_tables(spec, summary: pd.DataFrame, axes: list[str], metrics: list[str], reference) -> list:
+    """Ours (a row per grid point, a column per metric) and, where the reference block gives any
+    of these metrics, the published numbers in the same shape."""
+    cols = matching(spec.metrics, metrics)
+    name = {c: c.split("/", 1)[-1] for c in cols}
+    ours = pd.DataFrame({"grid point": point_labels(summary, axes)})
+    for c in cols:
+        ours[name[c]] = [_mean_ci(r[f"{c}.mean"], r[f"{c}.ci95"], r[f"{c}.n"]) for _, r in summary.iterrows()]
+    out = [(f"{spec.title}: ours", ours, "mean ± 95% CI half-width (n seeds)")]
+    published = [r for r in (reference.rows if reference else []) if matching(spec.metrics, list(r.metrics))]
+    if published:
+        keys = _distinct_in_order(k for r in published for k in matching(spec.metrics, list(r.metrics)))
+        rows = [{"published condition": r.label, "ours at": _point(r.axes), **{k.split("/", 1)[-1]: r.metrics.get(k, float("nan")) for k in keys}} for r in published]
+        note = f"Published: {reference.source}. {reference.note}".strip()
+        out.append((f"{spec.title}: published", pd.DataFrame(rows), note))
+    return out
+
+
+def _distinct_in_order(items) -> list:
+    return list(dict.fromkeys(items))
+
+
 def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     metrics = metric_columns(df, axes)
     main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
@@ -152,11 +187,13 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     if study.reference:
         note = f"Published: {study.reference.source}. {study.reference.note}".strip()
         report.tables.append(("Published numbers beside ours", reference_table(study.reference, summary, axes), note))
+    for spec in study.report.tables:
+        report.tables += wide_tables(spec, summary, axes, metrics, study.reference)
     specs = list(study.report.plots)
     if not specs and main_axis and main_metric in metrics:
         specs = [PlotSpec(kind="line", x=main_axis, y=main_metric)]
     for i, spec in enumerate(specs):
-        caption = spec.title or f"{spec.y} by {spec.x}"
+        caption = spec.title or f"{spec.y} by {spec.x or GRID_POINT}"
         try:
             png = plot(spec, df, summary, axes)
         except KeyError as e:
@@ -250,12 +287,16 @@ def plot(spec, df: pd.DataFrame, summary: pd.DataFrame, axes: list[str]) -> byte
 
     ok = df[df["status"] == "ok"]
     ys = [c for c in ok.columns if c.startswith(spec.y)] if spec.y.endswith("/") else [spec.y]
-    for col in [spec.x, *ys]:
+    x = spec.x
+    if x is None:  # a row per grid point
+        x = GRID_POINT
+        ok = ok.assign(**{x: point_labels(ok, axes)})
+    for col in [x, *ys]:
         if col not in ok.columns:
             raise KeyError(col)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, summary, axes, spec.x, ys)
-    ax.set_title(spec.title or f"{spec.y} by {spec.x}", fontsize=10)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2 if spec.x else 2.2 + 0.35 * ok[x].nunique()), dpi=120)
+    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, summary, axes, x, ys)
+    ax.set_title(spec.title or f"{spec.y} by {x}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

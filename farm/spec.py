@@ -360,15 +360,32 @@ class PlotSpec(Strict):
     takes every metric with that prefix (e.g. "safety/" for one score per demographic group)."""
 
     kind: Literal["line", "fit", "heatmap", "bars"]
-    x: str  # line, heatmap, bars: a grid axis; fit: any column
+    # line, heatmap, bars: a grid axis; fit: any column. heatmap, bars without x: a row (a bar
+    # group) per grid point, every axis but the seed (e.g. one per SFT x DPO chain).
+    x: str | None = None
     y: str  # line, fit: a metric; heatmap, bars: a metric or a metric prefix
     title: str | None = None
+
+    @model_validator(mode="after")
+    def _x_needed(self) -> "PlotSpec":
+        if self.x is None and self.kind in ("line", "fit"):
+            raise ValueError(f"x: a {self.kind} plot needs x (a grid axis or a column)")
+        return self
+
+
+class TableSpec(Strict):
+    """A wide table: a row per grid point (every axis but the seed), a column per metric, and
+    the published numbers of the same metrics in the same shape beside it."""
+
+    title: str
+    metrics: list[str] = Field(min_length=1)  # metric names; one ending in "/" takes every metric with that prefix
 
 
 class ReportSpec(Strict):
     main_metric: str | None = None  # default: the first eval metric
     main_axis: str | None = None  # default: the first grid axis that is not the seed
     plots: list[PlotSpec] = []  # default: a line plot of the main metric against the main axis
+    tables: list[TableSpec] = []
 
 
 class ReferenceRow(Strict):
@@ -482,7 +499,7 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
     points = list(itertools.product(*(list(v.items()) for v in axes.values())))
     if len(points) > max_trials:
         raise StudyError(f"{where}: grid: expands to {len(points)} trials, more than the maximum {max_trials} (raise --max-trials)")
-    labels = _axis_labels(list(axes))
+    labels = axis_labels(list(axes))
     trials = []
     for values in points:
         point = {axis: value for axis, (_, value) in zip(axes, values)}
@@ -564,7 +581,7 @@ def _set_path(doc: dict, path: str, value: Any, where: str) -> None:
             node = node[key]
 
 
-def _axis_labels(axes: list[str]) -> dict[str, str]:
+def axis_labels(axes: list[str]) -> dict[str, str]:
     # The last name in the path ("rate"), or the list it indexes ("transforms" for "data.transforms.0"),
     # or the stage whose data it sets ("sft" for "stages.sft.data.sources").
     last = [_axis_name(a) for a in axes]

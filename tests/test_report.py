@@ -147,3 +147,30 @@ def test_every_plot_kind_renders_and_a_missing_column_is_noted(tmp_path, tiny_do
         Image.open(tmp_path / "tiny" / name).verify()
     assert "## acc vs diversity" in md and "## safety/ by data.transforms.0.rate" in md
     assert "plot 'no_such_metric by data.transforms.0.rate' skipped: the table has no column 'no_such_metric'" in md
+
+
+def test_wide_table_beside_published_and_a_heatmap_row_per_grid_point(tmp_path, tiny_doc):
+    tiny_doc["grid"] = {"stages.dpo": {"none": None, "b1": {"beta": 0.1}}, RATE: [0.0, 0.5], "seed": [1, 2]}
+    tiny_doc["report"] = {"tables": [{"title": "Benchmarks", "metrics": ["bench/"]}],
+                          "plots": [{"kind": "heatmap", "y": "safety/", "title": "safety by chain"}]}
+    tiny_doc["reference"] = {"source": "Paper, Table 2", "rows": [
+        {"label": "SFT+DPO", "axes": {"stages.dpo": "b1", RATE: 0.0}, "metrics": {"bench/arc": 0.46, "bench/piqa": 0.79}},
+        {"label": "other metric only", "metrics": {"acc": 0.5}},
+    ]}
+    trials = expand(tiny_doc, "s.yaml")
+    plans = plan_study(trials)
+    for t in trials:
+        dpo, r, s = t.axes["stages.dpo"] == "b1", t.axes[RATE], t.axes["seed"]
+        write_trial(tmp_path, t, plans[t.id], "ok", {"bench/arc": 0.25 + 0.1 * dpo + s / 100, "bench/piqa": 0.5 - r / 10,
+                                                     "safety/asian": 0.3 + r, "safety/women": 0.2 + 0.1 * dpo}, {})
+    df = table(tmp_path, trials)
+    md = write_report(tmp_path / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
+    ours = md.split("## Benchmarks: ours")[1].split("##")[0]
+    assert "| grid point | arc | piqa |" in ours
+    assert "| dpo=b1, rate=0.0 | 0.365 ± 0.06353 (n=2) | 0.5 ± 0 (n=2) |" in ours  # t(0.975,1) * 0.005 = 0.06353
+    published = md.split("## Benchmarks: published")[1].split("##")[0]
+    assert "| SFT+DPO | stages.dpo=b1, data.transforms.0.rate=0.0 | 0.46 | 0.79 |" in published
+    assert "other metric only" not in published and "Paper, Table 2" in published
+    assert "## safety by chain" in md
+    image = Image.open(tmp_path / "tiny" / "plot.png")
+    assert image.size[1] > 300  # one heatmap row per grid point (4)
