@@ -71,8 +71,9 @@ def plan_trial(study) -> TrialPlan:
             "version": VERSIONS["eval"],
             "eval": study.eval.model_dump(mode="json", exclude={"resources"}),  # where it runs changes nothing
             "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"}),
-            "model": previous,
-            "reference": stages[-1].input_key or base,
+            # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
+            "model": previous or digest({"base": base, "seed": study.seed}),
+            "reference": (stages[-1].input_key if stages else None) or base,
         }
     )
     return TrialPlan(tuple(stages), eval_key)

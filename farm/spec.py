@@ -408,7 +408,7 @@ class Study(Strict):
     seed: int = 0
     model: ModelSpec = ModelSpec()
     data: DataSpec
-    stages: dict[str, Stage] = Field(min_length=1)
+    stages: dict[str, Stage] = {}  # none: evaluate the base model (the "base" row of a study)
     eval: EvalSpec = EvalSpec()
     report: ReportSpec = ReportSpec()
     reference: Reference | None = None
@@ -494,8 +494,12 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
     if profile != DEFAULT_PROFILE and profile not in profiles:
         raise StudyError(f"{where}: profile {profile!r} is not defined; allowed: {', '.join([DEFAULT_PROFILE, *profiles])}")
     doc = deep_merge(doc, profiles.get(profile, {}))
-    # A profile may override the grid, axis by axis.
-    axes = {**_check_grid(grid, where), **_check_grid(doc.pop("grid", None) or {}, where)}
+    # A profile may override the grid axis by axis, and drop an axis with `axis: null`.
+    override = doc.pop("grid", None) or {}
+    if not isinstance(override, dict):
+        raise StudyError(f"{where}: profiles.{profile}.grid: a mapping of dotted field path -> list of values")
+    axes = {**_check_grid(grid, where), **_check_grid({a: v for a, v in override.items() if v is not None}, where)}
+    axes = {a: v for a, v in axes.items() if not (a in override and override[a] is None)}
     points = list(itertools.product(*(list(v.items()) for v in axes.values())))
     if len(points) > max_trials:
         raise StudyError(f"{where}: grid: expands to {len(points)} trials, more than the maximum {max_trials} (raise --max-trials)")

@@ -71,11 +71,12 @@ def evaluate_task(payload: dict) -> None:
     plan = plan_from_json(payload["plan"])
     store = Store(payload["storage"])
     torch.set_num_threads(max(1, int(study.eval.resources.num_cpus)))
-    last = plan.stages[-1]
-    ref = store.path(last.input_kind, last.input_key) if last.input_key else None
-    record = {"trial": payload["trial_id"], "model_key": last.key}
+    last = plan.stages[-1] if plan.stages else None  # no stages: evaluate the base model
+    model = store.path(last.kind, last.key) if last else None
+    ref = store.path(last.input_kind, last.input_key) if last and last.input_key else None
+    record = {"trial": payload["trial_id"], "model_key": last.key if last else None}
     with store.writing("eval", plan.eval_key, record):
-        record["metrics"] = evaluate(study, store.path(last.kind, last.key), ref, last.seed)
+        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed)
 
 
 def plan_from_json(obj: dict) -> TrialPlan:

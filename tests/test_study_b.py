@@ -144,3 +144,19 @@ def test_grid_labels_must_be_usable_in_ids():
     doc["grid"] = {"stages.sft.data.sources": [[{"name": "lima", "limit": 5}], [{"name": "lima", "sample": 5}]]}
     with pytest.raises(StudyError, match="two values share the label 'lima-5'; give the axis as a mapping of label -> value"):
         expand(doc, "chain.yaml")
+
+
+def test_a_chain_axis_with_a_base_row_and_a_profile_that_drops_axes():
+    doc = copy.deepcopy(CHAIN)
+    doc["profiles"] = {"paper": {"stages": None, "grid": {
+        "stages.sft.data.sources": None,
+        "stages.dpo": None,
+        "stages": {"base": {}, "sft-lima": {"sft": {"data": {"sources": [{"name": "lima"}]}}},
+                   "sft-lima+dpo-hh": {"sft": {"data": {"sources": [{"name": "lima"}]}}, "dpo": {"beta": 0.1}}},
+    }}}
+    trials = expand(doc, "chain.yaml", profile="paper")
+    assert [t.id for t in trials][:3] == ["seed=1_stages=base", "seed=1_stages=sft-lima", "seed=1_stages=sft-lima+dpo-hh"]
+    assert [list(t.study.stages) for t in trials[:3]] == [[], ["sft"], ["sft", "dpo"]]
+    plans = plan_study(trials)
+    base = plans["seed=1_stages=base"]
+    assert base.stages == () and base.eval_key != plans["seed=2_stages=base"].eval_key  # a built base model depends on the seed
