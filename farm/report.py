@@ -186,7 +186,12 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
         report.tables.append((f"Paired tests across seeds: {main_axis}", tests, "two-sided paired t-test over the seeds both conditions share"))
     if study.reference:
         note = f"Published: {study.reference.source}. {study.reference.note}".strip()
-        report.tables.append(("Published numbers beside ours", reference_table(study.reference, summary, axes), note))
+        # Metrics a wide table shows (with its published twin) are not repeated row by row.
+        wide = {m for t in study.report.tables for r in study.reference.rows for m in matching(t.metrics, list(r.metrics))}
+        long = reference_table(study.reference, summary, axes)
+        long = long[~long["metric"].isin(wide)]
+        if len(long):
+            report.tables.append(("Published numbers beside ours", long, note))
     for spec in study.report.tables:
         report.tables += wide_tables(spec, summary, axes, metrics, study.reference)
     specs = list(study.report.plots)

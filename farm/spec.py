@@ -500,6 +500,8 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
         raise StudyError(f"{where}: profiles.{profile}.grid: a mapping of dotted field path -> list of values")
     axes = {**_check_grid(grid, where), **_check_grid({a: v for a, v in override.items() if v is not None}, where)}
     axes = {a: v for a, v in axes.items() if not (a in override and override[a] is None)}
+    if "seed" in axes:  # seeds last in trial ids, whichever grid added an axis
+        axes["seed"] = axes.pop("seed")
     points = list(itertools.product(*(list(v.items()) for v in axes.values())))
     if len(points) > max_trials:
         raise StudyError(f"{where}: grid: expands to {len(points)} trials, more than the maximum {max_trials} (raise --max-trials)")

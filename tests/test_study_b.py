@@ -155,8 +155,8 @@ def test_a_chain_axis_with_a_base_row_and_a_profile_that_drops_axes():
                    "sft-lima+dpo-hh": {"sft": {"data": {"sources": [{"name": "lima"}]}}, "dpo": {"beta": 0.1}}},
     }}}
     trials = expand(doc, "chain.yaml", profile="paper")
-    assert [t.id for t in trials][:3] == ["seed=1_stages=base", "seed=1_stages=sft-lima", "seed=1_stages=sft-lima+dpo-hh"]
-    assert [list(t.study.stages) for t in trials[:3]] == [[], ["sft"], ["sft", "dpo"]]
+    assert [t.id for t in trials][::2] == ["stages=base_seed=1", "stages=sft-lima_seed=1", "stages=sft-lima+dpo-hh_seed=1"]
+    assert [list(t.study.stages) for t in trials[::2]] == [[], ["sft"], ["sft", "dpo"]]
     plans = plan_study(trials)
-    base = plans["seed=1_stages=base"]
-    assert base.stages == () and base.eval_key != plans["seed=2_stages=base"].eval_key  # a built base model depends on the seed
+    base = plans["stages=base_seed=1"]
+    assert base.stages == () and base.eval_key != plans["stages=base_seed=2"].eval_key  # a built base model depends on the seed
