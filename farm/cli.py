@@ -96,7 +96,7 @@ def cmd_plan(args) -> int:
     plans = plan_study(trials)
     store = Store(_storage(args))
     study = trials[0].study
-    chains = _distinct(" -> ".join(t.study.stages) for t in trials)
+    chains = _distinct(" -> ".join(t.study.stages) or "none (the base model)" for t in trials)
     print(f"study {study.name} (profile {args.profile}): {len(trials)} trials, stages {' | '.join(chains)}")
     unique: dict[str, bool] = {}
     for t in trials:

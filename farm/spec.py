@@ -323,6 +323,10 @@ class BenchmarkSpec(Strict):
         unknown = [t for t in self.tasks if t not in BENCHMARK_METRICS]
         if self.suite == "bundled" and unknown:
             raise ValueError(f"tasks: {unknown[0]!r} has no bundled copy; bundled tasks: {', '.join(BENCHMARK_METRICS)} (or set suite: hub)")
+        if self.suite == "hub":
+            from farm.eval.harness import check_hub_fewshot
+
+            check_hub_fewshot(self)
         return self
 
 

@@ -4,7 +4,10 @@ mixes, and grids that vary the SFT data and the DPO stage independently."""
 import copy
 
 import datasets
+import pandas as pd
 import pytest
+import yaml
+from conftest import ROOT, farm
 
 from farm.cache import plan_study
 from farm.data.prepare import is_heldout, load_split, mix_counts
@@ -160,3 +163,30 @@ def test_a_chain_axis_with_a_base_row_and_a_profile_that_drops_axes():
     plans = plan_study(trials)
     base = plans["stages=base_seed=1"]
     assert base.stages == () and base.eval_key != plans["stages=base_seed=2"].eval_key  # a built base model depends on the seed
+
+
+def test_data_impact_runs_its_chains_and_reports_benchmarks_and_safety(tmp_path, write_study):
+    """jobs/data_impact.yaml, shrunk (tiny model, a few steps, a few documents): every chain
+    runs, the report has the benchmark table beside the published one and the heatmap."""
+    doc = yaml.safe_load((ROOT / "jobs" / "data_impact.yaml").read_text())
+    tiny = {"max_steps": 2, "batch_size": 4, "max_length": 32, "max_prompt_length": 16}
+    doc["model"]["config"] = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}
+    doc["stages"]["pretrain"].update(max_steps=2, batch_size=4, max_length=32)
+    doc["grid"]["stages.sft"] = {"none": None, "lima": {**doc["grid"]["stages.sft"]["lima"], **tiny}}
+    doc["grid"]["stages.dpo"] = {"none": None, "hh": {**doc["grid"]["stages.dpo"]["hh"], **tiny}}
+    doc["grid"]["seed"] = [1]
+    doc["eval"].update(limit=8, max_length=32, max_prompt_length=16)
+    doc["eval"]["benchmarks"].update(limit=2, tasks=["arc_challenge", "piqa", "truthfulqa_mc2"])
+    doc["eval"]["safety"] = {"sets": ["toxigen"], "limit": 600}
+    farm("run", write_study(doc), "--results", tmp_path)
+    out = tmp_path / "data_impact"
+    df = pd.read_csv(out / "table.csv").set_index("trial")
+    assert sorted(df.index) == ["sft=lima_dpo=hh_seed=1", "sft=lima_dpo=none_seed=1", "sft=none_dpo=hh_seed=1", "sft=none_dpo=none_seed=1"]
+    assert (df["status"] == "ok").all()
+    for task in ("arc_challenge", "piqa", "truthfulqa_mc2"):
+        assert df[f"bench/{task}"].between(0, 1).all()
+    assert df["safety_groups_reported"].ge(0).all() and "reward_accuracy" in df
+    md = (out / "report.md").read_text()
+    assert "## Benchmarks: ours" in md and "## Benchmarks: published" in md and "| Llama-2-7B base |" in md
+    assert "## safety score per demographic group (higher is safer)" in md
+    assert (out / "plot.png").stat().st_size > 1000

@@ -1,1 +1,419 @@
-"""lm-eval benchmarks on a trained model (filled in by the harness work)."""
+"""lm-eval benchmarks as a farm metric (`benchmarks`).
+
+The metric runs `lm_eval.simple_evaluate` on the evaluated model and tokenizer, in memory,
+and reports one value per task as `bench/<task>`: the metric named in
+`farm.spec.BENCHMARK_METRICS` (MMLU: the group's aggregate `acc`).
+
+Two suites (`eval.benchmarks.suite`):
+
+- `hub`: the harness's own tasks (`TaskManager()`), which download their data from the hub.
+  This is what a cluster with hub access runs.
+- `bundled` (offline): the copies of the data shipped in `farm/assets/benchmarks`. For each
+  task a local YAML is generated at run time into a temporary folder. It `include:`s the
+  harness's built-in YAML for that task (by absolute path, so the prompts, targets, metrics and
+  `process_docs`/`process_results` functions are exactly the harness's own) and overrides only
+  where the data comes from: `dataset_path: json`, `dataset_name: null`, the data files, and the
+  splits the bundled copy lacks. The task names are the built-in ones, so `bench/<task>` means
+  the same thing on both suites. `farm/assets/PROVENANCE.md` says what each copy holds and how
+  it differs from the hub data.
+
+The bundle itself is made from the project's shared data folder by `build_bundle` (run
+`python -m farm.eval.harness SHARED_DATA_DIR`); nothing reads that folder at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from farm.data.sources import asset_path
+from farm.eval.metrics import register
+
+log = logging.getLogger(__name__)
+
+BUNDLE = "benchmarks"  # folder under farm/assets
+# Fixed seeds (lm-eval's own defaults, passed explicitly): the same model gives the same numbers.
+SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+
+# lm-eval 0.4.13's toxigen target (`utils.doc_to_target`) is a numpy.int32, which its few-shot
+# formatting rejects ("Answer is not a string! : 1"): the built-in task runs zero-shot only. The
+# bundled task writes the answers of its few-shot examples with the same rule as a Jinja
+# template (a Python int); the evaluated documents keep the built-in function.
+TOXIGEN_FEWSHOT_TARGET = "{{ ((toxicity_ai + toxicity_human) > 5.5) | int }}"
+
+# Bundled tasks: built-in YAML (relative to lm_eval/tasks), {split: bundled file}, and the
+# fields of the built-in config that the bundled copy has to change besides the data source.
+# Few-shot examples: ARC's train split is not bundled, so they come from its validation split
+# (the ARC dev set, disjoint from the test questions); PIQA and HellaSwag have only their
+# validation split, which is also the evaluated one, so with `training_split: null` they come
+# from it and lm-eval leaves out the document being asked (it does so when the few-shot split
+# equals the test split, here both None). ToxiGen has only the bundled test rows: few-shot
+# examples come from them, with the document being asked left out the same way.
+LOCAL_TASKS = {
+    "arc_challenge": ("arc/arc_challenge.yaml", {"test": "arc/test.jsonl.gz", "validation": "arc/validation.jsonl.gz"}, {"training_split": None}),
+    "piqa": ("piqa/piqa.yaml", {"validation": "piqa/validation.jsonl.gz"}, {"training_split": None}),
+    "hellaswag": ("hellaswag/hellaswag.yaml", {"validation": "hellaswag/validation.jsonl.gz"}, {"training_split": None}),
+    "truthfulqa_mc2": ("truthfulqa/truthfulqa_mc2.yaml", {"validation": "truthfulqa/validation.jsonl.gz"}, {}),
+    "toxigen": ("toxigen/toxigen.yaml", {"test": "toxigen/test.jsonl.gz"}, {"training_split": None, "fewshot_split": "test", "fewshot_config": {"doc_to_target": TOXIGEN_FEWSHOT_TARGET}}),
+}
+# MMLU: one task per subject (test split evaluated, dev split for few-shot, as built in),
+# grouped by the built-in group YAMLs (mmlu -> mmlu_stem/... -> tag mmlu_<category>_tasks).
+MMLU_SPLITS = {"test": "mmlu/test.jsonl.gz", "dev": "mmlu/dev.jsonl.gz"}
+MMLU_DIR = "mmlu/default"
+
+
+def builtin_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def read_bundled(rel: str) -> list[dict]:
+    """Rows of one bundled gzipped JSONL file (`rel` under farm/assets/benchmarks). Split on
+    newlines only: the text holds characters (U+2028, U+0085) that str.splitlines breaks at."""
+    with asset_path(f"{BUNDLE}/{rel}").open("rb") as f:
+        text = gzip.decompress(f.read()).decode("utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _write_yaml(path: Path, cfg: dict) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _local_task(root: Path, builtin: Path, data_files: dict[str, str], overrides: dict, name: str) -> None:
+    _write_yaml(
+        root / f"{name}.yaml",
+        {
+            "include": str(builtin),  # absolute: lm-eval resolves it, and the !functions in it, from there
+            "task": name,
+            "dataset_path": "json",
+            "dataset_name": None,
+            # cache_dir: `datasets` writes its Arrow copy into this run's temporary folder.
+            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(root / "hf-cache")},
+            **overrides,
+        },
+    )
+
+
+def write_local_tasks(root: Path, tasks: list[str]) -> None:
+    """Write the bundled data and the override YAMLs of `tasks` into `root`."""
+    builtin = builtin_tasks_dir()
+    for task in tasks:
+        if task == "mmlu":
+            _write_mmlu(root, builtin)
+            continue
+        yaml_rel, splits, overrides = LOCAL_TASKS[task]
+        files = {split: _write_jsonl(root / "data" / task / f"{split}.jsonl", read_bundled(rel)) for split, rel in splits.items()}
+        _local_task(root, builtin / yaml_rel, files, overrides, task)
+
+
+def _write_mmlu(root: Path, builtin: Path) -> None:
+    by_subject: dict[str, dict[str, list[dict]]] = defaultdict(dict)
+    for split, rel in MMLU_SPLITS.items():
+        rows: dict[str, list[dict]] = defaultdict(list)
+        for row in read_bundled(rel):
+            rows[row["subject"]].append(row)
+        for subject, subject_rows in rows.items():
+            by_subject[subject][split] = subject_rows
+    for group_yaml in sorted((builtin / MMLU_DIR).glob("_mmlu*.yaml")):  # the groups, unchanged
+        _write_yaml(root / "mmlu" / group_yaml.name, {"include": str(group_yaml)})
+    for subject, splits in sorted(by_subject.items()):
+        name = f"mmlu_{subject}"
+        files = {split: _write_jsonl(root / "data" / "mmlu" / subject / f"{split}.jsonl", rows) for split, rows in splits.items()}
+        _local_task(root / "mmlu", builtin / MMLU_DIR / f"{name}.yaml", files, {}, name)
+
+
+def task_value(task: str, results: dict) -> float:
+    """The reported number of `task` in lm-eval's `results["results"]`."""
+    from farm.spec import BENCHMARK_METRICS
+
+    row = results[task]
+    metric = BENCHMARK_METRICS.get(task) or ("acc_norm" if "acc_norm,none" in row else "acc")
+    return float(row[f"{metric},none"])
+
+
+@contextlib.contextmanager
+def _keep_global_state(model):
+    """simple_evaluate seeds python/numpy/torch globally and HFLM puts the model in eval mode:
+    give the caller its random state and the model's mode back."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    training = model.training
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        model.train(training)
+
+
+class _CountTruncations(logging.Filter):
+    """lm-eval warns once per request whose context it cuts to fit the model (thousands on a
+    small model's 256 positions): count them instead, and say it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exceeds model's maximum length" in record.getMessage():
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No per-request truncation warnings, no `datasets` progress bars (restored afterwards).
+    lm-eval's own progress bars stay: tqdm reads TQDM_DISABLE only when it is imported."""
+    import datasets
+
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    counter = _CountTruncations()
+    hf_logger.addFilter(counter)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield counter
+    finally:
+        hf_logger.removeFilter(counter)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _lm_class():
+    """HFLM that can also score a continuation longer than the model's context.
+
+    lm-eval left-truncates a context to fit, but refuses (an assertion) a continuation that
+    alone is longer than the model's positions: a few PIQA solutions are (up to 309 tokens of
+    the farm's 4k BPE, against the tiny model's 256). Such a continuation is scored in chunks of
+    half the context, each conditioned on as much of what precedes it as fits (lm-eval's own
+    left truncation), and the chunks' log-likelihoods summed, as lm-eval's rolling
+    log-likelihood does for long texts. Every other request goes to HFLM unchanged."""
+    from lm_eval.models.huggingface import HFLM
+
+    class FarmHFLM(HFLM):
+        long_continuations = 0
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            limit = self.max_length
+            if all(len(cont) <= limit for _, _, cont in requests):
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            step = max(1, limit // 2)
+            flat, spans = [], []
+            for key, ctx, cont in requests:
+                start = len(flat)
+                if len(cont) <= limit:
+                    flat.append((key, ctx, cont))
+                else:
+                    self.long_continuations += 1
+                    flat += [(None, ctx + cont[:i], cont[i : i + step]) for i in range(0, len(cont), step)]
+                spans.append((start, len(flat)))
+            res = super()._loglikelihood_tokens(flat, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            return [(sum(r[0] for r in res[a:b]), all(r[1] for r in res[a:b])) for a, b in spans]
+
+    return FarmHFLM
+
+
+def check_hub_fewshot(bench) -> None:
+    """Fail before any work where the built-in toxigen cannot build few-shot prompts."""
+    if "toxigen" not in bench.tasks or not bench.num_fewshot:
+        return
+    from lm_eval.tasks.toxigen.utils import doc_to_target
+
+    if not isinstance(doc_to_target({"toxicity_ai": 3.0, "toxicity_human": 3.0}), int):
+        raise ValueError(
+            "the harness's own toxigen task cannot run few-shot in this lm-eval "
+            "(its target is a numpy integer, which its few-shot formatting rejects); set num_fewshot: 0, "
+            "leave toxigen out of tasks, or use suite: bundled"
+        )
+
+
+def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
+    """lm-eval's full output for the tasks of `bench` (a BenchmarkSpec)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    device = str(next(model.parameters()).device)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_keep_global_state(model))
+        truncated = stack.enter_context(_quiet())
+        if bench.suite == "hub":
+            manager = TaskManager()
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="farm-bench-")))
+            write_local_tasks(root, list(bench.tasks))
+            # Only the generated YAMLs are indexed (the default index is ~14.7k tasks, ~10 s).
+            manager = TaskManager(include_path=str(root), include_defaults=False)
+        lm = _lm_class()(pretrained=model, tokenizer=tok, batch_size=bench.batch_size, device=device)
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(bench.tasks),
+            num_fewshot=bench.num_fewshot,
+            limit=bench.limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            write_out=False,
+            use_cache=None,  # no sqlite cache of requests
+            cache_requests=False,
+            check_integrity=False,
+            evaluation_tracker=None,  # nothing written
+            bootstrap_iters=0,  # no bootstrapped stderr (the values reported are means)
+            **SEEDS,
+        )
+        if truncated.count:
+            log.warning("lm-eval cut %d contexts from the left to fit the model's %d positions", truncated.count, lm.max_length)
+        if lm.long_continuations:
+            log.warning("%d continuations longer than the model's %d positions were scored in chunks", lm.long_continuations, lm.max_length)
+        return out
+
+
+@register("benchmarks", shape=None)
+def benchmarks(model, ref, tok, records, spec) -> dict:
+    """lm-eval tasks of `spec.benchmarks` on the evaluated model: {"bench/<task>": value}."""
+    out = run_benchmarks(model, tok, spec.benchmarks)
+    return {f"bench/{task}": task_value(task, out["results"]) for task in spec.benchmarks.tasks}
+
+
+# ---------------------------------------------------------------- making the bundle
+
+
+def _gzip_jsonl(path: Path, rows: list[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    path.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))  # mtime=0: the same bytes every build
+    return len(rows)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _arc(row: dict) -> dict:
+    q = row["question"]
+    return {
+        "id": row["id"],
+        "question": q["stem"],
+        "choices": {"text": [c["text"] for c in q["choices"]], "label": [c["label"] for c in q["choices"]]},
+        "answerKey": row["answerKey"],
+    }
+
+
+def _answers(field: str) -> list[str]:
+    """A `;`-separated TruthfulQA answer list, each answer closed with a period (as in the
+    TruthfulQA repository's multiple-choice answers)."""
+    out = []
+    for a in field.strip().split(";"):
+        a = a.strip()
+        if a:
+            out.append(a if a.endswith(".") else a + ".")
+    return out
+
+
+def truthfulqa_mc2(row: dict) -> dict:
+    """mc2_targets from a TruthfulQA.csv row: the correct answers (the best answer is one of
+    them) labelled 1, then the incorrect ones labelled 0, each closed with a period; an answer
+    listed twice is kept once, at its first place and with its first label."""
+    best = row["Best Answer"].strip()
+    best = best if best.endswith(".") else best + "."
+    correct = _answers(row["Correct Answers"])
+    if best not in correct:
+        correct.insert(0, best)
+    choices, labels = [], []
+    for answers, label in ((correct, 1), (_answers(row["Incorrect Answers"]), 0)):
+        for a in answers:
+            if a not in choices:
+                choices.append(a)
+                labels.append(label)
+    return {"question": row["Question"], "mc2_targets": {"choices": choices, "labels": labels}}
+
+
+# ToxiGen: the harness's gold label is (toxicity_ai + toxicity_human) > 5.5. SafeNLP's subset
+# gives the mean human score (1-5) and its label, which is `hate` exactly when that score is
+# above 3. With toxicity_human = the SafeNLP score and toxicity_ai fixed at 2.5 (SafeNLP has no
+# AI score), the harness's rule reads `score > 3.0`, i.e. gold = SafeNLP's label.
+TOXIGEN_AI_SCORE = 2.5
+
+
+def _toxigen(row: dict) -> dict:
+    return {
+        "id": row["id"],
+        "text": row["text"],
+        "toxicity_ai": TOXIGEN_AI_SCORE,
+        "toxicity_human": row["toxicity_score"],
+        "safenlp_label": row["label"],
+        "target_groups": row["target_groups"],
+    }
+
+
+def build_bundle(src: Path, dst: Path) -> dict[str, int]:
+    """Convert the shared data folder `src` into `dst` (farm/assets/benchmarks); row counts."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    counts = {}
+    counts["arc/test"] = _gzip_jsonl(dst / "arc/test.jsonl.gz", [_arc(r) for r in _jsonl(src / "arc/ARC-Challenge-Test.jsonl")])
+    counts["arc/validation"] = _gzip_jsonl(dst / "arc/validation.jsonl.gz", [_arc(r) for r in _jsonl(src / "arc/ARC-Challenge-Dev.jsonl")])
+
+    goals = _jsonl(src / "piqa/dev.jsonl")
+    labels = [int(x) for x in (src / "piqa/dev-labels.lst").read_text().split()]
+    assert len(goals) == len(labels)
+    piqa = [{"id": g["id"], "goal": g["goal"], "sol1": g["sol1"], "sol2": g["sol2"], "label": y} for g, y in zip(goals, labels)]
+    counts["piqa/validation"] = _gzip_jsonl(dst / "piqa/validation.jsonl.gz", piqa)
+
+    # HellaSwag: every original field kept; label as a string, as in the hub copy (Rowan/hellaswag).
+    hella = [{**r, "label": str(r["label"])} for r in _jsonl(src / "hellaswag/hellaswag_val_sample1000.jsonl")]
+    counts["hellaswag/validation"] = _gzip_jsonl(dst / "hellaswag/validation.jsonl.gz", hella)
+    shutil.copyfile(src / "hellaswag/LICENSE", dst / "hellaswag/LICENSE")
+
+    for split in ("test", "dev"):
+        rows = []
+        for path in sorted((src / "mmlu" / split).glob(f"*_{split}.csv")):
+            subject = path.name[: -len(f"_{split}.csv")]
+            with path.open(encoding="utf-8", newline="") as f:
+                for r in csv.DictReader(f):
+                    choices = [r[f"choice{i}"] for i in range(4)]
+                    rows.append({"question": r["question"], "subject": subject, "choices": choices, "answer": int(r["answer"])})
+        counts[f"mmlu/{split}"] = _gzip_jsonl(dst / f"mmlu/{split}.jsonl.gz", rows)
+    shutil.copyfile(src / "mmlu/LICENSE", dst / "mmlu/LICENSE")
+
+    with (src / "truthfulqa/TruthfulQA.csv").open(encoding="utf-8-sig", newline="") as f:
+        tqa = [truthfulqa_mc2(r) for r in csv.DictReader(f)]
+    counts["truthfulqa/validation"] = _gzip_jsonl(dst / "truthfulqa/validation.jsonl.gz", tqa)
+    shutil.copyfile(src / "truthfulqa/LICENSE", dst / "truthfulqa/LICENSE")
+
+    tox = [_toxigen(r) for r in json.loads((src / "safenlp/toxiGen.json").read_text(encoding="utf-8"))]
+    counts["toxigen/test"] = _gzip_jsonl(dst / "toxigen/test.jsonl.gz", tox)
+    shutil.copyfile(src / "safenlp/TOXIGEN_LICENSE", dst / "toxigen/TOXIGEN_LICENSE")
+    shutil.copyfile(src / "safenlp/LICENSE", dst / "toxigen/SAFENLP_LICENSE")
+    return counts
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name, n in build_bundle(Path(sys.argv[1]), asset_path(BUNDLE)).items():
+        print(f"{name}: {n} rows")
