@@ -142,6 +142,25 @@ class MalignPrompts(Strict):
 TransformSpec = Annotated[Union[LabelFlip, MalignLabels, MalignPrompts], Field(discriminator="name")]
 
 
+class LabelSpec(Strict):
+    """A scorer that the Ray Data labelling pipeline runs over every row's text; its scores go
+    into the row (`meta["scores"]`) under the scorer's column names, after `prefix`."""
+
+    scorer: str  # detoxify | vader | embedded_toxicity | roberta_hate
+    model: str | None = None  # detoxify: original | unbiased | multilingual, or a local checkpoint file
+    prefix: str = ""
+    batch_size: int = Field(256, ge=1)  # rows per map_batches call
+    actors: int = Field(1, ge=1)  # size of the scorer's actor pool
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v):
+        _lookup(registry.scorers, v)
+        return v
+
+
 class DataSpec(Strict):
     sources: list[SourceSpec] = Field(min_length=1)
     # Held-out rows are picked per row by a hash of (split_seed, row id), so a row is
@@ -151,6 +170,7 @@ class DataSpec(Strict):
     # A weighted mix: `size` training rows in all, each source giving a share proportional to its
     # `weight` (default 1), drawn at random with `split_seed`. Without `size` every row is used.
     size: int | None = Field(None, gt=0)
+    labels: list[LabelSpec] = []  # scorers run over the rows (cached) before any transform
     transforms: list[TransformSpec] = []
 
     def shapes(self) -> set[str]:
