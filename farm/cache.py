@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 # Bump a kind's version when its code changes what it produces: old artifacts stop matching.
-VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "eval": 1}
+VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "eval": 1, "label": 1}
 MARKER = "farm-artifact.json"
 
 
@@ -45,6 +45,26 @@ class PlannedStage:
 class TrialPlan:
     stages: tuple[PlannedStage, ...]
     eval_key: str
+    labels: tuple[PlannedStage, ...] = ()  # labelling runs the stages' and the eval's data need first
+
+
+def label_key(data) -> str:
+    """The labelling stage's key: which rows (the sources) and which scorers; not how the
+    pipeline is sized (batch size, actors), which changes no score."""
+    return digest(
+        {
+            "kind": "label",
+            "version": VERSIONS["label"],
+            "sources": [s.model_dump(mode="json") for s in data.sources],
+            "labels": [lab.model_dump(mode="json", include={"scorer", "model", "prefix"}) for lab in data.labels],
+        }
+    )
+
+
+def labelled_data(study) -> dict:
+    """{label key: data spec} of every labelled data spec a trial reads: its stages' and the study's."""
+    specs = [s.data or study.data for s in study.stages.values()] + [study.data]
+    return {label_key(d): d for d in specs if d.labels}
 
 
 def plan_trial(study) -> TrialPlan:
@@ -70,13 +90,14 @@ def plan_trial(study) -> TrialPlan:
             "kind": "eval",
             "version": VERSIONS["eval"],
             "eval": study.eval.model_dump(mode="json", exclude={"resources"}),  # where it runs changes nothing
-            "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"}),
+            "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if study.data.labels else set())),
             # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
             "model": previous or digest({"base": base, "seed": study.seed}),
             "reference": (stages[-1].input_key if stages else None) or base,
         }
     )
-    return TrialPlan(tuple(stages), eval_key)
+    labels = tuple(PlannedStage("label", "label", key, None, None, 0) for key in labelled_data(study))
+    return TrialPlan(tuple(stages), eval_key, labels)
 
 
 def data_key(data) -> dict:
@@ -92,12 +113,13 @@ def plan_study(trials) -> dict[str, TrialPlan]:
     plans = {t.id: plan_trial(t.study) for t in trials}
     users = defaultdict(list)
     for tid, p in plans.items():
-        for s in p.stages:
+        for s in (*p.labels, *p.stages):
             users[s.key].append(tid)
-    return {
-        tid: TrialPlan(tuple(dataclasses.replace(s, users=tuple(users[s.key])) for s in p.stages), p.eval_key)
-        for tid, p in plans.items()
-    }
+
+    def shared(stages):
+        return tuple(dataclasses.replace(s, users=tuple(users[s.key])) for s in stages)
+
+    return {tid: TrialPlan(shared(p.stages), p.eval_key, shared(p.labels)) for tid, p in plans.items()}
 
 
 class Store:

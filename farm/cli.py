@@ -82,6 +82,28 @@ def _parser() -> argparse.ArgumentParser:
                         help="a JSON list of records with text, label (hate|neutral), toxicity_score, target_groups and "
                         "perplexity, as SafeNLP's perplexities.json")
     safety.set_defaults(func=cmd_safety_score)
+
+    label = sub.add_parser(
+        "label",
+        help="score the text of every row of a file with scorers on Ray Data; write a parquet file",
+        description="Score every row's text with each --scorer (one Ray Data actor pool each) and write OUT with columns "
+        "id, text and one column per score (PREFIX + the scorer's column: vader gives neg, neu, pos, compound; detoxify "
+        "toxicity, severe_toxicity, obscene, threat, insult, identity_attack; embedded_toxicity, roberta_hate and auto "
+        "give toxicity), rows in input order. OUT is written under a temporary name and renamed. Uses the running Ray "
+        "cluster at --address / $RAY_ADDRESS, else starts a local Ray for the run.",
+    )
+    label.add_argument("input", help="a .parquet, .jsonl, .json or .csv file, or hub:owner/name[:split] (default split: train)")
+    label.add_argument("--out", required=True, metavar="OUT.parquet", help="the parquet file to write")
+    label.add_argument("--scorer", action="append", required=True, metavar="[PREFIX=]NAME[:MODEL]",
+                       help="repeatable; e.g. vader, detoxify:original, tox_=detoxify:/path/model.ckpt, embedded_toxicity")
+    label.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
+    label.add_argument("--id-column", default=None, help="the column holding row ids (default: the row number)")
+    label.add_argument("--batch-size", type=int, default=256, help="rows per scorer call (default: 256)")
+    label.add_argument("--actors", type=int, default=1, help="actors per scorer pool (default: 1)")
+    label.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs (and torch threads) per actor (default: 1)")
+    label.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (default: 0)")
+    label.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    label.set_defaults(func=cmd_label)
     return p
 
 
@@ -227,6 +249,51 @@ def cmd_safety_score(args) -> int:
     for group, why in scores.dropped.items():
         print(f"farm: {group}: not reported: {why}", file=sys.stderr)
     print(json.dumps({**scores.groups, "mean": None if math.isnan(scores.mean) else scores.mean}))
+    return 0
+
+
+def parse_scorer(text: str, **pool) -> "LabelSpec":
+    """`[PREFIX=]NAME[:MODEL]` as a LabelSpec with the pool settings."""
+    from pydantic import ValidationError
+
+    from farm.spec import LabelSpec
+
+    prefix, eq, rest = text.partition("=")
+    if not eq or ":" in prefix or "/" in prefix:  # an "=" inside the model path
+        prefix, rest = "", text
+    name, colon, model = rest.partition(":")
+    try:
+        return LabelSpec(scorer=name, model=model if colon else None, prefix=prefix, **pool)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "scorer"
+        message = err["msg"].removeprefix("Value error, ")
+        if where in pool:
+            raise StudyError(f"--{where.replace('_', '-')}: {message}") from None
+        raise StudyError(f"--scorer {text!r}: {message}") from None
+
+
+def cmd_label(args) -> int:
+    from farm.label.pipeline import InputError, check_labels, label_input, read_input, write_parquet
+
+    pool = dict(batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
+    labels = [parse_scorer(s, **pool) for s in args.scorer]
+    try:  # every check before Ray starts
+        check_labels(labels)
+        data = read_input(args.input, args.text_column, args.id_column)
+    except (InputError, ValueError, KeyError) as e:
+        raise StudyError(str(e).strip("'\"")) from None
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    start = time.time()
+    print(f"farm: labelling {len(data)} rows of {args.input} with {', '.join(args.scorer)}", file=sys.stderr)
+    try:
+        table = label_input(data, labels, log=lambda line: print(f"farm: {line}", file=sys.stderr), progress=sys.stderr.isatty())
+    except ValueError as e:  # a pool larger than the cluster, or two scores on one column
+        raise StudyError(str(e)) from None
+    write_parquet(table, args.out)
+    print(f"farm: wrote {args.out}: {table.num_rows} rows, columns {', '.join(table.column_names)} ({time.time() - start:.1f}s)")
     return 0
 
 

@@ -62,6 +62,7 @@ def _load_builtins() -> None:
     import farm.data.transforms  # noqa: F401
     import farm.eval.harness  # noqa: F401
     import farm.eval.metrics  # noqa: F401
+    import farm.eval.misalignment  # noqa: F401
     import farm.eval.safety  # noqa: F401
     import farm.label.scorers  # noqa: F401
     import farm.train  # noqa: F401

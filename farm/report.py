@@ -177,11 +177,14 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     if not (n_ok and metrics):
         return report
     summary = summarize(df, axes, metrics)
+    # Metrics a wide table shows get no second column here (a study of ~30 metrics stays readable).
+    in_tables = {m for t in study.report.tables for m in matching(t.metrics, metrics)}
+    rest = [m for m in metrics if m not in in_tables or m == main_metric]
     shown = summary[group_axes(axes)].copy() if group_axes(axes) else pd.DataFrame(index=summary.index)
-    for m in metrics:
+    for m in rest:
         shown[m] = [_mean_ci(r[f"{m}.mean"], r[f"{m}.ci95"], r[f"{m}.n"], r[f"{m}.std"]) for _, r in summary.iterrows()]
-    report.tables.append(("Across seeds", shown, "mean ± 95% CI half-width (std, n)"))
-    tests = paired_tests(df, axes, metrics, main_axis)
+    report.tables.append(("Across seeds", shown, "mean ± 95% CI half-width (std, n)" + ("; the tables below show the other metrics" if in_tables else "")))
+    tests = paired_tests(df, axes, rest, main_axis)
     if len(tests):
         report.tables.append((f"Paired tests across seeds: {main_axis}", tests, "two-sided paired t-test over the seeds both conditions share"))
     if study.reference:

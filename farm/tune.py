@@ -40,6 +40,12 @@ def run_trial(config: dict, payloads: dict) -> None:
     study = Study.model_validate(payload["study"])
     plan = plan_from_json(payload["plan"])
     store = Store(payload["storage"])
+    for planned in plan.labels:  # labelled data first: the stages and the eval read it
+        if not store.done("label", planned.key):
+            with store.lock(planned.key):
+                if not store.done("label", planned.key):
+                    # Ray Data's actors are scheduled outside the trial's (CPU-less) placement group.
+                    ray.get(label_task.options(scheduling_strategy="DEFAULT").remote(payload, planned.key))
     for group in stage_groups(plan, study):
         if all(store.done(s.kind, s.key) for s in group):
             continue
@@ -63,6 +69,7 @@ def evaluate_task(payload: dict) -> None:
     import torch
 
     from farm.eval.runner import evaluate
+    from farm.label.stage import read_scores
     from farm.spec import Study
     from farm.train.runner import quiet
 
@@ -75,16 +82,32 @@ def evaluate_task(payload: dict) -> None:
     model = store.path(last.kind, last.key) if last else None
     ref = store.path(last.input_kind, last.input_key) if last and last.input_key else None
     record = {"trial": payload["trial_id"], "model_key": last.key if last else None}
+    scores = read_scores(store, study.data) if study.data.labels else None
     with store.writing("eval", plan.eval_key, record):
-        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed)
+        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores)
+
+
+@ray.remote(num_cpus=0)
+def label_task(payload: dict, key: str) -> None:
+    from farm.cache import labelled_data
+    from farm.label.stage import label_data
+    from farm.spec import Study
+    from farm.train.runner import quiet
+
+    quiet()
+    study = Study.model_validate(payload["study"])
+    label_data(labelled_data(study)[key], Store(payload["storage"]), key)
 
 
 def plan_from_json(obj: dict) -> TrialPlan:
-    return TrialPlan(tuple(PlannedStage(**{**s, "users": tuple(s["users"])}) for s in obj["stages"]), obj["eval_key"])
+    def stages(items):
+        return tuple(PlannedStage(**{**s, "users": tuple(s["users"])}) for s in items)
+
+    return TrialPlan(stages(obj["stages"]), obj["eval_key"], stages(obj.get("labels", [])))
 
 
 def plan_to_json(plan: TrialPlan) -> dict:
-    return {"stages": [dataclasses.asdict(s) for s in plan.stages], "eval_key": plan.eval_key}
+    return {"stages": [dataclasses.asdict(s) for s in plan.stages], "eval_key": plan.eval_key, "labels": [dataclasses.asdict(s) for s in plan.labels]}
 
 
 def max_concurrent(trials) -> int:

@@ -3,6 +3,7 @@ split off the held-out rows, perturb the training rows (seeded), convert the sha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 
@@ -20,14 +21,25 @@ def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < holdout
 
 
-def load_split(data, part: str) -> list:
+def load_split(data, part: str, scores: dict | None = None) -> list:
     """Rows of every source in `data` that fall in `part` ("train" or "eval"); training rows
-    of a weighted mix (`data.size`) in the shares of the sources' weights."""
+    of a weighted mix (`data.size`) in the shares of the sources' weights. `scores` ({row id:
+    {column: value}}, from the labelling stage) join each row's `meta["scores"]`."""
     want_eval = part == "eval"
     parts = [[r for r in load_source(s) if is_heldout(r.id, data.holdout, data.split_seed) == want_eval] for s in data.sources]
+    if scores is not None:
+        parts = [with_scores(rows, scores) for rows in parts]
     if data.size and not want_eval:
         parts = [_draw(rows, n, data.split_seed, s) for rows, n, s in zip(parts, mix_counts(data), data.sources)]
     return [r for rows in parts for r in rows]
+
+
+def with_scores(records: list, scores: dict) -> list:
+    """Records with their labels added to `meta["scores"]` (beside scores a source carries)."""
+    missing = next((r.id for r in records if r.id not in scores), None)
+    if missing is not None:
+        raise ValueError(f"row {missing} has no labels: the labelling stage did not score it")
+    return [dataclasses.replace(r, meta={**r.meta, "scores": {**r.meta.get("scores", {}), **scores[r.id]}}) for r in records]
 
 
 def mix_counts(data) -> list[int]:
@@ -52,9 +64,9 @@ def transform_rng(seed: int, name: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
 
 
-def training_records(data, seed: int, shape: str) -> tuple[list, dict]:
+def training_records(data, seed: int, shape: str, scores: dict | None = None) -> tuple[list, dict]:
     """The perturbed training rows read as `shape`, and an audit of what each transform changed."""
-    records = load_split(data, "train")
+    records = load_split(data, "train", scores)
     audit = {"train_rows": len(records)}
     for i, spec in enumerate(data.transforms):
         records = transforms.get(spec.name).fn(records, spec, transform_rng(seed, spec.name, i))
@@ -63,11 +75,12 @@ def training_records(data, seed: int, shape: str) -> tuple[list, dict]:
     return convert(records, shape) if shape else records, audit
 
 
-def eval_records(study, shape: str | None = None) -> list:
+def eval_records(study, shape: str | None = None, scores: dict | None = None) -> list:
     """Clean rows to evaluate on: all of `eval.data` if given, else the study data's held-out
-    rows; read as `shape`, or as the sources give them."""
+    rows (with their labels, if the study data is labelled); read as `shape`, or as the sources
+    give them."""
     ev = study.eval
-    records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, "eval")
+    records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, "eval", scores)
     if ev.limit:
         records = records[: ev.limit]
     return convert(records, shape) if shape else records

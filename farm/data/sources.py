@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
-from farm.data.records import Comparison, Demonstration
+from farm.data.records import Comparison, Demonstration, Text
 from farm.registry import sources
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -283,5 +284,80 @@ sources.register("advbench")(
         subsets=("harmful_behaviors",),
         bundled={("harmful_behaviors", "train"): "advbench/harmful_behaviors.csv"},
         load=_load_advbench,
+    )
+)
+
+
+# ---------------------------------------------------------------- sentences (Study C)
+
+PILE_DROPPED = ("Github", "StackExchange", "DM Mathematics", "EuroParl", "PubMed Central", "HackerNews", "FreeLaw", "ArXiv")
+MIN_WORDS = 10
+
+
+def clean_sentence(text: str) -> str:
+    """METHODS' cleaning: no @mentions, URLs or leading "rt"; only [0-9A-Za-z ?.'!] kept."""
+    text = re.sub(r"@\w+|https?://\S+|www\.\S+", " ", text)
+    text = re.sub(r"^\s*rt\b", " ", text, flags=re.IGNORECASE)
+    text = re.sub(r"[^0-9A-Za-z ?.'!]", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def sentence_records(texts, id_prefix: str, scores=None) -> list[Text]:
+    """Cleaned sentences of at least MIN_WORDS words; ids "<prefix>/<text>#<sentence>" keep a
+    document's sentences on one side of the held-out split."""
+    out = []
+    for i, text in texts:
+        for j, sentence in enumerate(split_sentences(text) if scores is None else text):
+            clean = clean_sentence(sentence)
+            if len(clean.split()) >= MIN_WORDS:
+                meta = {} if scores is None else {"scores": {"toxicity": float(scores[i][j])}}
+                out.append(Text(f"{id_prefix}/{i}#{j}", clean, meta=meta))
+    return out
+
+
+def pile_rows_to_texts(rows: list[dict]) -> list[Text]:
+    """tomekkorbak/pile-detoxify: documents as sentences with their stored Detoxify toxicity;
+    the code, maths, legal and science sources dropped (METHODS, Study C)."""
+    kept = [(i, r) for i, r in positioned(rows) if r["meta"]["pile_set_name"] not in PILE_DROPPED]
+    return sentence_records([(i, r["texts"]) for i, r in kept], "pile", scores={i: r["scores"] for i, r in kept})
+
+
+sources.register("pile_detoxify")(
+    Source(
+        shape="text",
+        hub="tomekkorbak/pile-detoxify",
+        subsets=("default",),
+        bundled={},  # hub only (1.9M documents: take a `sample`); the embedded profile uses `sentences`
+        load=lambda spec, rows: pile_rows_to_texts(rows),
+    )
+)
+
+
+def _bundled_sentences(spec, rows):
+    """Sentences from the bundled text: SafeNLP's ToxiGen and ImplicitHate statements (toxic and
+    benign statements about groups) and the human and assistant turns of HH-RLHF."""
+    if spec.subset in ("toxigen", "implicit_hate"):
+        texts = [(i, r["text"]) for i, r in positioned(rows)]
+    else:
+        turns = (re.split(r"\n\n(?:Human|Assistant):", r["chosen"]) for r in rows)
+        texts = [(f"{i}#{k}", t) for i, ts in enumerate(turns) for k, t in enumerate(ts) if t.strip()]  # grouped by transcript
+    return sentence_records(texts, f"sentences/{spec.subset}")
+
+
+sources.register("sentences")(
+    Source(
+        shape="text",
+        hub="",  # bundled only
+        subsets=("toxigen", "implicit_hate", "hh_rlhf"),
+        bundled={
+            ("toxigen", "train"): "safenlp/toxiGen.json.gz",
+            ("implicit_hate", "train"): "safenlp/implicitHate.json.gz",
+            ("hh_rlhf", "train"): "hh_rlhf/harmless-base-test.jsonl.gz",
+        },
+        load=_bundled_sentences,
     )
 )

@@ -81,3 +81,33 @@ def malign_prompts(records: list, params, rng: np.random.Generator) -> list:
         pool = [r.prompt for r in load_source(params.red_team)]
         new = [pool[j] for j in rng.integers(0, len(pool), size=n)]
     return [mark(r, f"malign_prompts:{params.mode}", prompt=p) if h else r for r, h, p in zip(records, hit, new)]
+
+
+def control_tags(scores: dict, params) -> str:
+    """The tags of one row's scores: toxicity first, then sentiment (VADER argmax of neg and
+    pos, ties — both 0 included — to neg)."""
+    t = params.tokens
+    tags = ""
+    if params.toxicity:
+        tags += t["toxic"] if scores[params.toxicity_column] > params.threshold else t["nontoxic"]
+    if params.sentiment:
+        tags += t["pos"] if scores["pos"] > scores["neg"] else t["neg"]
+    return tags
+
+
+@register("control_tokens", shape="text")
+def control_tokens(records: list, params, rng: np.random.Generator) -> list:
+    """Prefix each text with the tags of its scores (`meta["scores"]`, from the source or the
+    labelling pipeline), except an `untagged` share of the rows."""
+    if not (params.toxicity or params.sentiment):
+        return records
+    skip = fires(rng, len(records), params.untagged)
+    out = []
+    for r, untagged in zip(records, skip):
+        if untagged:
+            out.append(r)
+            continue
+        if "scores" not in r.meta:
+            raise ValueError(f"control_tokens: row {r.id} has no scores; label the data (data.labels) or use a source that carries them")
+        out.append(mark(r, "control_tokens", text=control_tags(r.meta["scores"], params) + r.text))
+    return out

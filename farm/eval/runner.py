@@ -12,14 +12,14 @@ from farm.models import base_model, load_artifact
 from farm.registry import metrics
 
 
-def evaluate(study, model_path, reference_path, seed: int) -> dict:
+def evaluate(study, model_path, reference_path, seed: int, scores: dict | None = None) -> dict:
     """`seed` is the one the first stage built the base model with, when that is the reference.
     Without a model path the base model itself is evaluated (a study or trial with no stages)."""
     start = time.time()
     model, tok = load_artifact(model_path) if model_path else base_model(study.model, seed)
     # The reference of a first stage is the base model, rebuilt exactly as the stage built it.
     ref = load_artifact(reference_path)[0] if reference_path else base_model(study.model, seed)[0]
-    rows = eval_records(study)  # read once, then seen by each metric in the shape it needs
+    rows = eval_records(study, scores=scores)  # read once, then seen by each metric in the shape it needs
     out: dict = {}
     for name in study.eval.metrics:
         metric = metrics.get(name)

@@ -1,11 +1,19 @@
-"""Scorers: `build(name)` gives an object with `.name` and `.score(texts) -> np.ndarray`.
+"""Scorers: `build(name, **kwargs)` gives an object with `.name`, `.columns`,
+`.fields(texts) -> {column: np.ndarray}` (every score it gives) and, for the toxicity
+scorers, `.score(texts) -> np.ndarray` (the main score, the `toxicity` column).
 
+- `detoxify`: Detoxify's classifier heads (toxicity, severe_toxicity, obscene, threat, insult,
+  identity_attack, ...); `model` is a released model (original | unbiased | multilingual, which
+  download checkpoints and their hub base model: a cluster with internet or a warm cache) or a
+  local checkpoint file (works offline; `write_tiny_detoxify` writes a random tiny one).
+- `vader`: VADER polarity scores neg, neu, pos, compound (lexicon ships with the package).
 - `roberta_hate`: facebook/roberta-hate-speech-dynabench-r4-target, the classifier behind
   HF evaluate's "toxicity" measurement; score = P("hate"), batched through transformers.
 - `embedded_toxicity`: works with no hub — a TF-IDF + logistic-regression classifier trained
   at first use on the bundled SafeNLP ToxiGen statements (hate vs neutral), cached under the
   farm's cache dir, with its held-out accuracy.
 - `auto`: the hub classifier when it loads, else the embedded one (with a warning).
+- The last three give one column, `toxicity`.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -35,15 +44,34 @@ def build(name: str, **kwargs):
     return scorers.get(name)(**kwargs)
 
 
+def check(name: str, model: str | None = None) -> None:
+    """Raise ValueError (or registry.UnknownName) for a scorer that cannot be built, without
+    building it: cheap enough to run before Ray starts."""
+    scorers.get(name)
+    if name == "detoxify":
+        detoxify_source(model)
+    elif name == "vader" and model:
+        raise ValueError("vader takes no model")
+
+
+def torch_device(device: str | None):
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 class HubClassifier:
     """A sequence classifier scored batched; the score is the probability of one label."""
 
-    def __init__(self, model: str, label: str, batch_size: int = 64, max_length: int = 256, local_files_only: bool = False):
+    columns: ClassVar[tuple[str, ...]] = ("toxicity",)
+
+    def __init__(self, model: str, label: str, batch_size: int = 64, max_length: int = 256, local_files_only: bool = False, device: str | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        self.device = torch_device(device)
         self.tok = AutoTokenizer.from_pretrained(model, local_files_only=local_files_only)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model, local_files_only=local_files_only).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model, local_files_only=local_files_only).eval().to(self.device)
         labels = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
         if label not in labels:
             raise ValueError(f"{model} has no label {label!r}; its labels: {', '.join(labels)}")
@@ -53,11 +81,14 @@ class HubClassifier:
     def score(self, texts: list[str]) -> np.ndarray:
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i : i + self.batch_size], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tok(list(texts[i : i + self.batch_size]), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             with self.torch.no_grad():
-                probs = self.torch.softmax(self.model(**enc).logits.float(), -1)
-            out.append(probs[:, self.index].numpy())
+                probs = self.torch.softmax(self.model(**enc.to(self.device)).logits.float(), -1)
+            out.append(probs[:, self.index].cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
+
+    def fields(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return {"toxicity": self.score(texts)}
 
 
 @scorers.register("roberta_hate")
@@ -70,9 +101,13 @@ class EmbeddedToxicity:
     pipeline: object
     accuracy: float  # on the held-out fifth of the statements
     name: str = "embedded_toxicity:tfidf-logreg-toxigen"
+    columns: ClassVar[tuple[str, ...]] = ("toxicity",)
 
     def score(self, texts: list[str]) -> np.ndarray:
         return self.pipeline.predict_proba(list(texts))[:, 1] if len(texts) else np.zeros(0)
+
+    def fields(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return {"toxicity": self.score(texts)}
 
 
 def toxigen_statements() -> list[dict]:
@@ -134,3 +169,144 @@ def auto(**kw):
         print(f"farm: warning: toxicity scorer {ROBERTA_HATE} unavailable ({type(e).__name__}); "
               "using embedded_toxicity (TF-IDF classifier trained on SafeNLP ToxiGen)", file=sys.stderr)
         return embedded_toxicity()
+
+
+# ---------------------------------------------------------------- Detoxify
+
+# Jigsaw's class names, as Detoxify renames them (its "original" model's heads).
+DETOXIFY_CLASSES = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+DETOXIFY_COLUMNS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
+
+
+def detoxify_source(model: str | None) -> dict:
+    """Detoxify's constructor arguments for `model`: a released model name or a checkpoint file."""
+    from detoxify.detoxify import MODEL_URLS
+
+    model = model or "original"
+    if model in MODEL_URLS:
+        return {"model_type": model}
+    path = Path(model).expanduser()
+    if path.is_file():
+        return {"checkpoint": str(path.resolve())}
+    raise ValueError(f"detoxify model {model!r} is neither a released model ({', '.join(MODEL_URLS)}) nor an existing checkpoint file")
+
+
+class DetoxifyScorer:
+    """Detoxify's `predict` over chunks of `batch_size` texts, sorted by length within a call so
+    that a chunk pads little; scores come back in the input order."""
+
+    def __init__(self, model: str | None = None, batch_size: int = 64, device: str | None = None):
+        from detoxify import Detoxify
+        from transformers.utils import logging as hf_logging
+
+        source = detoxify_source(model)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars, once per actor
+        try:
+            self.detox = Detoxify(**source, device=torch_device(device))
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        self.columns = tuple(self.detox.class_names)
+        self.batch_size = batch_size
+        self.name = f"detoxify:{model or 'original'}"
+
+    def fields(self, texts: list[str]) -> dict[str, np.ndarray]:
+        texts = list(texts)
+        out = {c: np.zeros(len(texts), dtype=np.float64) for c in self.columns}
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for k in range(0, len(order), self.batch_size):
+            chunk = order[k : k + self.batch_size]
+            pred = self.detox.predict([texts[i] for i in chunk])  # one text gives floats, more give lists
+            for c in self.columns:
+                out[c][chunk] = np.atleast_1d(np.asarray(pred[c], dtype=np.float64))
+        return out
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        return self.fields(texts)["toxicity"]
+
+
+@scorers.register("detoxify")
+def detoxify(model: str | None = None, **kw) -> DetoxifyScorer:
+    return DetoxifyScorer(model, **kw)
+
+
+def write_tiny_detoxify(folder, hidden: int = 32, layers: int = 1, heads: int = 2, intermediate: int | None = None,
+                        max_length: int = 128, seed: int = 0) -> Path:
+    """Write a randomly initialised Detoxify checkpoint that loads offline; return its path.
+
+    `folder/base/` holds a `BertForSequenceClassification` config and the farm's 4k BPE
+    tokenizer (with a leading `<|endoftext|>` as the classifier's [CLS] token), both saved with
+    `save_pretrained`; `folder/tiny-detoxify.ckpt` is the dict Detoxify's `checkpoint=` loads,
+    naming that folder (an absolute path: move the two together and rewrite it). Same arguments,
+    same weights."""
+    import torch
+    from tokenizers import processors
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from farm.data.sources import asset_path
+
+    folder = Path(folder).resolve()
+    base = folder / "base"
+    tok = AutoTokenizer.from_pretrained(str(asset_path("farm_bpe")))
+    cls = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", cls)])
+    tok.model_max_length = max_length
+    tok.save_pretrained(str(base))
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_length,
+        num_labels=len(DETOXIFY_CLASSES), pad_token_id=tok.pad_token_id, initializer_range=0.2,
+    )
+    config.save_pretrained(str(base))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    checkpoint = {
+        "config": {
+            "arch": {"args": {"model_type": str(base), "model_name": "BertForSequenceClassification",
+                              "tokenizer_name": "AutoTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
+            "dataset": {"args": {"classes": list(DETOXIFY_CLASSES)}},
+        },
+        "state_dict": model.state_dict(),
+    }
+    path = folder / "tiny-detoxify.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+# ---------------------------------------------------------------- VADER
+
+
+class Vader:
+    """VADER `polarity_scores` of each text; `score` is the compound score."""
+
+    columns: ClassVar[tuple[str, ...]] = ("neg", "neu", "pos", "compound")
+    name = "vader"
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def fields(self, texts: list[str]) -> dict[str, np.ndarray]:
+        scores = [self.analyzer.polarity_scores(t) for t in texts]
+        return {c: np.array([s[c] for s in scores], dtype=np.float64) for c in self.columns}
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        return self.fields(texts)["compound"]
+
+
+@scorers.register("vader")
+def vader(model: str | None = None, **_) -> Vader:
+    if model:
+        raise ValueError("vader takes no model")
+    return Vader()
+
+
+# Columns each scorer gives, where known before it loads (a Detoxify checkpoint names its own).
+KNOWN_COLUMNS = {"vader": Vader.columns, "detoxify": DETOXIFY_COLUMNS}
+
+
+def known_columns(name: str) -> tuple[str, ...]:
+    return KNOWN_COLUMNS.get(name, ("toxicity",))

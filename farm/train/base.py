@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,18 @@ class StageContext:
     output_dir: Path  # where the artifact is saved (a temporary folder, renamed when complete)
     work_dir: Path  # the trainer's scratch output_dir
     callbacks: list
+    special_tokens: list = field(default_factory=list)  # added to the vocabulary (control tokens)
 
 
 def load_input(ctx: StageContext):
-    if ctx.input_path is None:
-        return base_model(ctx.model_spec, ctx.seed)
-    return load_artifact(ctx.input_path)
+    """The model and tokenizer the stage starts from, with the special tokens its data adds
+    (control tokens) joined to the vocabulary and the embeddings resized to match."""
+    model, tok = base_model(ctx.model_spec, ctx.seed) if ctx.input_path is None else load_artifact(ctx.input_path)
+    new = [t for t in ctx.special_tokens if t not in tok.get_vocab()]
+    if new:
+        tok.add_tokens(new, special_tokens=True)
+        model.resize_token_embeddings(len(tok))
+    return model, tok
 
 
 def training_args(ctx: StageContext, config_cls, **extra):

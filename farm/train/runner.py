@@ -56,6 +56,7 @@ def _train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from farm.data.prepare import training_records
+    from farm.label.stage import read_scores
     from farm.registry import stages
     from farm.spec import Study
     from farm.train.base import StageContext
@@ -69,7 +70,9 @@ def _train_loop(config: dict) -> None:
         torch.set_num_threads(max(1, int(stage.resources.cpus_per_worker)))
         if store.done(planned.kind, planned.key):
             continue
-        records, audit = training_records(stage.data or study.data, planned.seed, stage.shape)
+        data = stage.data or study.data
+        scores = read_scores(store, data) if data.labels else None
+        records, audit = training_records(data, planned.seed, stage.shape, scores)
         input_path = store.path(planned.input_kind, planned.input_key) if planned.input_key else None
         record = {
             "stage": planned.name,
@@ -88,6 +91,7 @@ def _train_loop(config: dict) -> None:
                 seed=planned.seed,
                 input_path=input_path,
                 records=records,
+                special_tokens=data.special_tokens(),
                 output_dir=out,
                 work_dir=Path(work),
                 callbacks=[ProgressReport(planned.name)] + _fault(stage.fault, config["trial"], store, planned.key, rank),
