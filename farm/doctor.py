@@ -64,4 +64,10 @@ def study_needs(trials, facts: dict) -> list[str]:
                 missing.add(f"stage {name} uses DeepSpeed: pip install deepspeed")
         if "generation" in s.eval.metrics and s.eval.generation.scorer == "roberta_hate" and not facts["hub"]:
             missing.add("scorer roberta_hate needs the hub (or use scorer: auto / embedded_toxicity)")
+        if "benchmarks" in s.eval.metrics and s.eval.benchmarks.suite == "hub" and not facts["hub"]:
+            missing.add("benchmarks suite hub downloads the lm-eval task data (or use suite: bundled)")
+        scorers = [lab for d in datas for lab in d.labels] + ([s.eval.conditional.toxicity] if "misalignment" in s.eval.metrics else [])
+        for lab in scorers:
+            if lab.scorer == "detoxify" and not Path(lab.model or "").expanduser().is_file() and not facts["hub"]:
+                missing.add(f"detoxify model {lab.model} downloads its checkpoint (GitHub) and base model (hub); give a local checkpoint file")
     return sorted(missing)

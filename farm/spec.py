@@ -209,6 +209,10 @@ class DataSpec(Strict):
     def _mix(self) -> "DataSpec":
         if self.size is None and any(s.weight is not None for s in self.sources):
             raise ValueError("sources: a weight needs the data's size (the number of training rows the weights share)")
+        if self.labels:
+            from farm.label.pipeline import check_labels
+
+            check_labels(self.labels)  # scorers that cannot be built, two scores in one column
         return self
 
 

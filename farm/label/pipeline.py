@@ -207,11 +207,14 @@ def in_order(tables, n: int) -> dict[str, np.ndarray]:
     return {c: table.column(c).to_numpy()[order] for c in table.column_names if c != ROW}
 
 
-def score_dataset(ds, n: int, labels, log=None) -> dict[str, np.ndarray]:
-    """Every spec's columns over a (row, text) dataset of n rows, in input order."""
+def score_dataset(ds, n: int, labels, log=None, blocks: int | None = None) -> dict[str, np.ndarray]:
+    """Every spec's columns over a (row, text) dataset of n rows (in `blocks` blocks: no pool
+    gets more actors than that), in input order."""
     columns: dict[str, np.ndarray] = {}
     for spec in labels:
         check_pool(spec)
+        if blocks and spec.actors > blocks:  # an actor with no block would only cost its start
+            spec = spec.model_copy(update={"actors": blocks})
         start = time.perf_counter()
         got = in_order(list(iter_scores(ds, spec)), n)
         clash = sorted(set(got) & (set(columns) | set(RESERVED)))
@@ -230,8 +233,9 @@ def label_texts(texts, labels, log=None) -> dict[str, np.ndarray]:
     check_labels(labels)
     if not len(texts):
         return {}
+    block = rows_per_block(len(texts), labels)
     with ray_session():
-        return score_dataset(texts_dataset(texts, rows_per_block(len(texts), labels)), len(texts), labels, log)
+        return score_dataset(texts_dataset(texts, block), len(texts), labels, log, blocks=math.ceil(len(texts) / block))
 
 
 def label_records(records, labels) -> dict:
@@ -336,7 +340,7 @@ def label_input(data: Input, labels, log=None, progress: bool = False):
         with ray_session(progress):
             block = rows_per_block(n, labels)
             ds = hub_dataset(data.hf, data.text_column, block) if data.hf is not None else texts_dataset(data.texts, block)
-            columns = score_dataset(ds, n, labels, log)
+            columns = score_dataset(ds, n, labels, log, blocks=math.ceil(n / block))
     return pa.table({"id": data.ids, "text": data.texts, **{c: pa.array(v, pa.float64()) for c, v in columns.items()}})
 
 
