@@ -12,7 +12,7 @@ from farm.cli import WORKER_ENV, main
 from farm.data.records import Text
 from farm.label import pipeline
 from farm.label.pipeline import label_file, label_records
-from farm.label.scorers import DETOXIFY_COLUMNS, build, write_tiny_detoxify
+from farm.label.scorers import DETOXIFY_COLUMNS, DETOXIFY_RELEASED, build, write_tiny_detoxify
 from farm.spec import LabelSpec
 
 TEXTS = [
@@ -64,6 +64,9 @@ def test_detoxify_tiny_checkpoint(ckpt, tmp_path):
         np.testing.assert_array_equal(rewritten[column], got[column])
         np.testing.assert_allclose(one_by_one[column], got[column], atol=1e-5)  # padding changes float sums only
     assert build("detoxify", model=ckpt).fields([TEXTS[3]])["toxicity"].shape == (1,)  # Detoxify gives a float for one text
+    from detoxify.detoxify import MODEL_URLS
+
+    assert set(DETOXIFY_RELEASED) == set(MODEL_URLS)  # the names a study may give, checked without importing detoxify
 
 
 def test_vader_known_sentences():
@@ -93,6 +96,17 @@ def test_check_labels(labels, message):
         return
     with pytest.raises(ValueError, match=message):
         pipeline.check_labels(labels)
+
+
+def test_read_input_takes_only_its_columns(tmp_path):
+    src = tmp_path / "rows.jsonl"
+    rows = [{"id": 1, "text": "a", "extra": {"x": 1}}, {"id": "b", "text": None, "extra": [1, "y"]}, {"id": 3, "text": 7}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = pipeline.read_input(src, id_column="id")  # mixed-type ids become strings; other columns are never built
+    assert got.ids.to_pylist() == ["1", "b", "3"] and got.texts.to_pylist() == ["a", "", "7"]
+    pd.DataFrame({"body": ["x", None], "blob": [b"\0", b"\1"]}).to_parquet(tmp_path / "rows.parquet")
+    got = pipeline.read_input(tmp_path / "rows.parquet", text_column="body")
+    assert got.ids.to_pylist() == [0, 1] and got.texts.to_pylist() == ["x", ""]
 
 
 # ---------------------------------------------------------------- CLI (its own Ray: runs before the module's)

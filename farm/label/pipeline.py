@@ -276,39 +276,55 @@ def read_input(source, text_column: str = TEXT, id_column: str | None = None) ->
     if source.startswith("hub:"):
         return _read_hub(source[4:], text_column, id_column)
     path = Path(source).expanduser()
-    if not path.suffix.lower() in READABLE:
+    if path.suffix.lower() not in READABLE:
         raise InputError(f"{source}: not a readable file type (give {', '.join(READABLE)}, or hub:owner/name[:split])")
     if not path.is_file():
         raise InputError(f"{source}: no such file")
     try:
-        if path.suffix.lower() == ".parquet":
+        if path.suffix.lower() == ".parquet":  # only the two columns are read
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            names = pq.read_schema(path).names
+            _check_columns(names, source, text_column, id_column)
+            table = pq.read_table(path, columns=[c for c in (text_column, id_column) if c])
         else:
             from farm.data.sources import read_file_rows
 
             rows = read_file_rows(path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise InputError(f"{source}: expected a list of objects (one per row)")
-            names = list(dict.fromkeys(k for r in rows for k in r))
-            table = pa.table({k: pa.array([r.get(k) for r in rows]) for k in names}) if rows else pa.table({})
+            _check_columns(list(dict.fromkeys(k for r in rows for k in r)), source, text_column, id_column)
+            table = pa.table({c: _column([r.get(c) for r in rows]) for c in (text_column, id_column) if c})
+        return _from_table(table, source, text_column, id_column)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise InputError(f"{source}: cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return _from_table(table, source, text_column, id_column)
+
+
+def _check_columns(names: list[str], source: str, text_column: str, id_column: str | None) -> None:
+    for role, column in (("text", text_column), ("id", id_column)):
+        if column is not None and column not in names:
+            raise InputError(f"{source}: no {role} column {column!r}; its columns: {', '.join(names) or 'none'}")
+
+
+def _column(values: list):
+    """An arrow column of JSON/CSV values; mixed types (ids 1 and "a") become strings."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
 def _from_table(table, source: str, text_column: str, id_column: str | None) -> Input:
+    """Texts as strings (missing ones empty) and ids (the column, else row numbers) of a table
+    whose columns were checked."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    for role, column in (("text", text_column), ("id", id_column)):
-        if column is not None and column not in table.column_names:
-            raise InputError(f"{source}: no {role} column {column!r}; its columns: {', '.join(table.column_names) or 'none'}")
-    texts = pc.cast(table.column(text_column), pa.string()) if table.num_rows else pa.array([], pa.string())
-    texts = pc.fill_null(texts, "")
+    texts = pc.fill_null(pc.cast(table.column(text_column), pa.string()), "")
     ids = table.column(id_column) if id_column else pa.array(np.arange(table.num_rows, dtype=np.int64))
     if id_column and len(pc.unique(ids)) != len(ids):
         raise InputError(f"{source}: id column {id_column!r} has repeated values")
@@ -323,7 +339,8 @@ def _read_hub(name: str, text_column: str, id_column: str | None) -> Input:
         hf = datasets.load_dataset(repo, split=split or "train")
     except Exception as e:  # noqa: BLE001
         raise InputError(f"hub:{name}: cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    got = _from_table(hf.with_format("arrow")[:], f"hub:{name}", text_column, id_column)
+    _check_columns(hf.column_names, f"hub:{name}", text_column, id_column)
+    got = _from_table(hf.select_columns([c for c in (text_column, id_column) if c]).with_format("arrow")[:], f"hub:{name}", text_column, id_column)
     got.hf, got.text_column = hf, text_column
     return got
 

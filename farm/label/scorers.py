@@ -176,19 +176,19 @@ def auto(**kw):
 # Jigsaw's class names, as Detoxify renames them (its "original" model's heads).
 DETOXIFY_CLASSES = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
 DETOXIFY_COLUMNS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
+# detoxify.detoxify.MODEL_URLS's names, kept here so that checking a study file imports no torch.
+DETOXIFY_RELEASED = ("original", "unbiased", "multilingual", "original-small", "unbiased-small")
 
 
 def detoxify_source(model: str | None) -> dict:
     """Detoxify's constructor arguments for `model`: a released model name or a checkpoint file."""
-    from detoxify.detoxify import MODEL_URLS
-
     model = model or "original"
-    if model in MODEL_URLS:
+    if model in DETOXIFY_RELEASED:
         return {"model_type": model}
     path = Path(model).expanduser()
     if path.is_file():
         return {"checkpoint": str(path.resolve())}
-    raise ValueError(f"detoxify model {model!r} is neither a released model ({', '.join(MODEL_URLS)}) nor an existing checkpoint file")
+    raise ValueError(f"detoxify model {model!r} is neither a released model ({', '.join(DETOXIFY_RELEASED)}) nor an existing checkpoint file")
 
 
 class DetoxifyScorer:
