@@ -123,7 +123,7 @@ def cmd_plan(args) -> int:
     unique: dict[str, bool] = {}
     for t in trials:
         print(f"\n{t.id}")
-        for s in plans[t.id].stages:
+        for s in (*plans[t.id].labels, *plans[t.id].stages):
             done = store.done(s.kind, s.key)
             unique[s.key] = done
             share = f", shared by {len(s.users)} trials" if len(s.users) > 1 else ""
@@ -131,8 +131,8 @@ def cmd_plan(args) -> int:
         ev = plans[t.id].eval_key
         print(f"  {'eval':<10} {'eval':<9} {ev}  {'cached' if store.done('eval', ev) else 'to run'}")
     todo = sum(not d for d in unique.values())
-    runs = sum(len(plans[t.id].stages) for t in trials)
-    print(f"\n{len(unique)} distinct training stages ({runs} stage runs without reuse), {len(unique) - todo} cached, {todo} to run.")
+    runs = sum(len(plans[t.id].labels) + len(plans[t.id].stages) for t in trials)
+    print(f"\n{len(unique)} distinct stages ({runs} stage runs without reuse), {len(unique) - todo} cached, {todo} to run.")
     return 0
 
 
