@@ -302,7 +302,8 @@ def plot(spec, df: pd.DataFrame, summary: pd.DataFrame, axes: list[str]) -> byte
     for col in [x, *ys]:
         if col not in ok.columns:
             raise KeyError(col)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2 if spec.x else 2.2 + 0.35 * ok[x].nunique()), dpi=120)
+    width = max(6.5, 2.5 + 0.6 * len(ys)) if spec.kind == "heatmap" else 6.5  # room for a value in every cell
+    fig, ax = plt.subplots(figsize=(width, 4.2 if spec.x else 2.2 + 0.35 * ok[x].nunique()), dpi=120)
     {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, summary, axes, x, ys)
     ax.set_title(spec.title or f"{spec.y} by {x}", fontsize=10)
     fig.tight_layout()
@@ -367,7 +368,7 @@ def _heatmap(ax, ok, summary, axes, axis, ys):
     ax.set_xticks(range(len(ys)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(means)), [str(v) for v in means.index], fontsize=8)
     for (i, j), v in np.ndenumerate(means.to_numpy(float)):
-        ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=7, color="white")
+        ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white")
     ax.set(xlabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0], ylabel=axis)
 
 
@@ -381,7 +382,8 @@ def _bars(ax, ok, summary, axes, axis, ys):
         halves = [np.nan_to_num(ci_half_width(sd, n)) for _, sd, n in stats_]
         ax.bar(np.arange(len(xs)) + (k - (len(ys) - 1) / 2) * width, means, width, yerr=halves, capsize=3,
                label=metric.split("/", 1)[-1] if len(ys) > 1 else metric)
-    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    long = max(len(str(x)) for x in xs) > 8  # grid points ("sft=lima, dpo=hh") would overlap
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=25 if long else 0, ha="right" if long else "center", fontsize=8)
     ax.set(xlabel=axis, ylabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0])
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
