@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_stage_overhead.py
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/label_throughput.py
+	$(BIN)/python bench/batched_scoring.py
 
 clean:
 	rm -rf $(VENV) results/.store
