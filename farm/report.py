@@ -146,15 +146,11 @@ def wide_tables(spec, summary: pd.DataFrame, axes: list[str], metrics: list[str]
     out = [(f"{spec.title}: ours", ours, "mean ± 95% CI half-width (n seeds)")]
     published = [r for r in (reference.rows if reference else []) if matching(spec.metrics, list(r.metrics))]
     if published:
-        keys = _distinct_in_order(k for r in published for k in matching(spec.metrics, list(r.metrics)))
+        keys = list(dict.fromkeys(k for r in published for k in matching(spec.metrics, list(r.metrics))))
         rows = [{"published condition": r.label, "ours at": _point(r.axes), **{k.split("/", 1)[-1]: r.metrics.get(k, float("nan")) for k in keys}} for r in published]
         note = f"Published: {reference.source}. {reference.note}".strip()
         out.append((f"{spec.title}: published", pd.DataFrame(rows), note))
     return out
-
-
-def _distinct_in_order(items) -> list:
-    return list(dict.fromkeys(items))
 
 
 def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:

@@ -26,6 +26,7 @@ BUILT_MODELS = ("tiny-gpt2",)  # models built from a config instead of loaded
 LEGACY_HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 BUNDLED_TOKENIZERS = ("farm-bpe", "gpt2")
 DEFAULT_PROFILE = "embedded"
+LABEL = r"[A-Za-z0-9][A-Za-z0-9.+-]*"  # a grid or condition label: it becomes part of trial ids and metric names
 
 
 class StudyError(Exception):
@@ -414,7 +415,7 @@ class ConditionalSpec(Strict):
     @field_validator("conditions")
     @classmethod
     def _labels(cls, v):
-        bad = [k for k in v if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", k)]
+        bad = [k for k in v if not re.fullmatch(LABEL, k)]
         if bad:
             raise ValueError(f"conditions: label {bad[0]!r}: use letters, digits, '.', '+' or '-' (it names metrics)")
         return v
@@ -632,7 +633,7 @@ def _check_grid(grid: Any, where: str) -> dict[str, dict[str, Any]]:
     axes = {}
     for axis, values in grid.items():
         if isinstance(values, dict):
-            bad = [k for k in values if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", str(k))]
+            bad = [k for k in values if not re.fullmatch(LABEL, str(k))]
             if bad:
                 raise StudyError(f"{where}: grid.{axis}: label {bad[0]!r}: use letters, digits, '.', '+' or '-' (it becomes part of trial ids)")
             labelled = {str(k): v for k, v in values.items()}

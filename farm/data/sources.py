@@ -35,9 +35,16 @@ def asset_path(rel: str):
 
 
 def read_asset_lines(rel: str) -> list[str]:
+    """Lines of a bundled file (gunzipped if .gz). Split on newlines only: the bundled text holds
+    characters (U+2028, U+0085) that str.splitlines would also break at, inside JSON strings."""
     with asset_path(rel).open("rb") as f:
         raw = gzip.decompress(f.read()) if rel.endswith(".gz") else f.read()
-    return raw.decode("utf-8").splitlines()
+    return [line.rstrip("\r") for line in raw.decode("utf-8").split("\n")]
+
+
+def read_asset_json(rel: str):
+    """A bundled JSON document (gunzipped if .gz)."""
+    return json.loads("\n".join(read_asset_lines(rel)))
 
 
 def read_rows(source: Source, spec) -> list[dict]:
@@ -49,7 +56,7 @@ def read_rows(source: Source, spec) -> list[dict]:
         elif rel.endswith(".csv"):
             rows = list(csv.DictReader(read_asset_lines(rel)))
         else:
-            rows = json.loads("\n".join(read_asset_lines(rel)))
+            rows = read_asset_json(rel)
         rows = rows[: spec.limit] if spec.limit else rows
         return sample_rows(rows, spec, lambda keep: [rows[i] for i in keep])
     import datasets
@@ -306,12 +313,13 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
 
 
-def sentence_records(texts, id_prefix: str, scores=None) -> list[Text]:
-    """Cleaned sentences of at least MIN_WORDS words; ids "<prefix>/<text>#<sentence>" keep a
-    document's sentences on one side of the held-out split."""
+def sentence_records(docs, id_prefix: str, scores=None) -> list[Text]:
+    """Cleaned sentences of at least MIN_WORDS words from (doc id, sentences) pairs, with each
+    sentence's stored toxicity if `scores` ({doc id: [score per sentence]}) is given; ids
+    "<prefix>/<doc>#<sentence>" keep a document's sentences on one side of the held-out split."""
     out = []
-    for i, text in texts:
-        for j, sentence in enumerate(split_sentences(text) if scores is None else text):
+    for i, sentences in docs:
+        for j, sentence in enumerate(sentences):
             clean = clean_sentence(sentence)
             if len(clean.split()) >= MIN_WORDS:
                 meta = {} if scores is None else {"scores": {"toxicity": float(scores[i][j])}}
@@ -341,10 +349,10 @@ def _bundled_sentences(spec, rows):
     """Sentences from the bundled text: SafeNLP's ToxiGen and ImplicitHate statements (toxic and
     benign statements about groups) and the human and assistant turns of HH-RLHF."""
     if spec.subset in ("toxigen", "implicit_hate"):
-        texts = [(i, r["text"]) for i, r in positioned(rows)]
+        texts = [(i, split_sentences(r["text"])) for i, r in positioned(rows)]
     else:
-        turns = (re.split(r"\n\n(?:Human|Assistant):", r["chosen"]) for r in rows)
-        texts = [(f"{i}#{k}", t) for i, ts in enumerate(turns) for k, t in enumerate(ts) if t.strip()]  # grouped by transcript
+        turns = ((i, re.split(f"{re.escape(HUMAN)}|{re.escape(ASSISTANT)}", r["chosen"])) for i, r in positioned(rows))
+        texts = [(f"{i}#{k}", split_sentences(t)) for i, ts in turns for k, t in enumerate(ts) if t.strip()]  # grouped by transcript
     return sentence_records(texts, f"sentences/{spec.subset}")
 
 

@@ -32,7 +32,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from farm.data.sources import asset_path
+from farm.data.sources import asset_path, read_asset_lines
 from farm.eval.metrics import register
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,8 @@ def builtin_tasks_dir() -> Path:
 
 
 def read_bundled(rel: str) -> list[dict]:
-    """Rows of one bundled gzipped JSONL file (`rel` under farm/assets/benchmarks). Split on
-    newlines only: the text holds characters (U+2028, U+0085) that str.splitlines breaks at."""
-    with asset_path(f"{BUNDLE}/{rel}").open("rb") as f:
-        text = gzip.decompress(f.read()).decode("utf-8")
-    return [json.loads(line) for line in text.split("\n") if line.strip()]
+    """Rows of one bundled gzipped JSONL file (`rel` under farm/assets/benchmarks)."""
+    return [json.loads(line) for line in read_asset_lines(f"{BUNDLE}/{rel}") if line.strip()]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:

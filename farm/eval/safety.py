@@ -33,7 +33,6 @@ Differences from SafeNLP, all deliberate:
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import math
 import re
@@ -223,10 +222,9 @@ def statement_perplexities(model, tok, texts: list[str], batch_size: int = 32, m
 
 @functools.lru_cache(maxsize=None)
 def _read_set(name: str) -> tuple:
-    from farm.data.sources import asset_path
+    from farm.data.sources import read_asset_json
 
-    with asset_path(SETS[name]).open("rb") as f:
-        return tuple(json.loads(gzip.decompress(f.read()).decode("utf-8")))
+    return tuple(read_asset_json(SETS[name]))
 
 
 def load_set(name: str, limit: int | None = None) -> list[dict]:

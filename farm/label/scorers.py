@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from farm.data.sources import read_asset_lines
+from farm.data.sources import read_asset_json
 from farm.registry import scorers
 
 ROBERTA_HATE = "facebook/roberta-hate-speech-dynabench-r4-target"
@@ -111,7 +111,7 @@ class EmbeddedToxicity:
 
 
 def toxigen_statements() -> list[dict]:
-    return json.loads("\n".join(read_asset_lines("safenlp/toxiGen.json.gz")))
+    return read_asset_json("safenlp/toxiGen.json.gz")
 
 
 def train_embedded_toxicity() -> EmbeddedToxicity:
