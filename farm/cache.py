@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 # Bump a kind's version when its code changes what it produces: old artifacts stop matching.
-VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "eval": 1, "label": 1}
+VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "eval": 1, "label": 1}
 MARKER = "farm-artifact.json"
 
 
@@ -39,6 +39,7 @@ class PlannedStage:
     input_kind: str | None
     seed: int
     users: tuple[str, ...] = ()  # ids of the trials of the study that need this artifact
+    refs: tuple[tuple[str, str, str], ...] = ()  # (name, kind, key) of the other stages it reads
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class TrialPlan:
     stages: tuple[PlannedStage, ...]
     eval_key: str
     labels: tuple[PlannedStage, ...] = ()  # labelling runs the stages' and the eval's data need first
+    evaluated: str | None = None  # the stage whose model is evaluated; None: the base model
+    eval_refs: tuple[tuple[str, str, str], ...] = ()  # stages the eval reads (a judge reward model)
+
+    def stage(self, name: str | None) -> PlannedStage | None:
+        return next((s for s in self.stages if s.name == name), None)
 
 
 def label_key(data) -> str:
@@ -68,23 +74,31 @@ def labelled_data(study) -> dict:
 
 
 def plan_trial(study) -> TrialPlan:
-    previous, previous_kind = None, None
+    """Each stage keyed by its config, its data, its seed and the keys of every stage it reads:
+    the model it starts from and the stages its fields name (a judge, a generator, built records)."""
+    from farm.spec import input_stage
+
     base = digest({"model": study.model.model_dump(mode="json")})
-    stages = []
+    planned: dict[str, PlannedStage] = {}
     for name, stage in study.stages.items():
         seed = study.seed if stage.seed is None else stage.seed
+        start = planned.get(input_stage(study.stages, name))
+        refs = _refs(stage.refs(), planned)
         key = digest(
             {
                 "kind": stage.kind,
                 "version": VERSIONS[stage.kind],
-                "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault"}),
+                "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault", "input"}),
                 "data": data_key(stage.data or study.data),
                 "seed": seed,
-                "input": previous or base,
+                "input": start.key if start else base,
+                "refs": [key for _, _, key in refs],
             }
         )
-        stages.append(PlannedStage(name, stage.kind, key, previous, previous_kind, seed))
-        previous, previous_kind = key, stage.kind
+        planned[name] = PlannedStage(name, stage.kind, key, start and start.key, start and start.kind, seed, refs=refs)
+    evaluated = planned.get(study.evaluated())
+    reference = planned.get(input_stage(study.stages, evaluated.name)) if evaluated else None
+    eval_refs = _refs(study.eval.refs(), planned)
     eval_key = digest(
         {
             "kind": "eval",
@@ -92,12 +106,19 @@ def plan_trial(study) -> TrialPlan:
             "eval": study.eval.model_dump(mode="json", exclude={"resources"}),  # where it runs changes nothing
             "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if study.data.labels else set())),
             # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
-            "model": previous or digest({"base": base, "seed": study.seed}),
-            "reference": (stages[-1].input_key if stages else None) or base,
+            "model": evaluated.key if evaluated else digest({"base": base, "seed": study.seed}),
+            "reference": reference.key if reference else base,
+            "refs": [key for _, _, key in eval_refs],
         }
     )
     labels = tuple(PlannedStage("label", "label", key, None, None, 0) for key in labelled_data(study))
-    return TrialPlan(tuple(stages), eval_key, labels)
+    return TrialPlan(tuple(planned.values()), eval_key, labels, evaluated and evaluated.name, eval_refs)
+
+
+def _refs(fields: dict[str, str], planned: dict) -> tuple:
+    """(name, kind, key) of the stages among `fields`' values (the others name hub models)."""
+    names = dict.fromkeys(v for v in fields.values() if v in planned)
+    return tuple((n, planned[n].kind, planned[n].key) for n in names)
 
 
 def data_key(data) -> dict:
@@ -119,7 +140,7 @@ def plan_study(trials) -> dict[str, TrialPlan]:
     def shared(stages):
         return tuple(dataclasses.replace(s, users=tuple(users[s.key])) for s in stages)
 
-    return {tid: TrialPlan(shared(p.stages), p.eval_key, shared(p.labels)) for tid, p in plans.items()}
+    return {tid: dataclasses.replace(p, stages=shared(p.stages), labels=shared(p.labels)) for tid, p in plans.items()}
 
 
 class Store:

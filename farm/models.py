@@ -92,13 +92,30 @@ def base_model(spec, seed: int):
 
 
 def load_artifact(path: str | Path):
-    """(model, tokenizer) saved by a stage: always a plain HF model folder with its tokenizer."""
+    """(model, tokenizer) saved by a stage (a plain HF model folder with its tokenizer), or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:  # a hub model named as a generator may have none
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(str(path)), tok
 
 
-def lora_config(lora, model):
+def load_reward_model(path_or_id: str | Path):
+    """(reward model, tokenizer): a sequence classifier with one output, saved by a `reward`
+    stage or from the hub (e.g. OpenAssistant's reward models)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path_or_id))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(str(path_or_id))
+    if model.config.pad_token_id is None:  # a decoder finds each row's last token by the pad id
+        model.config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
+
+
+def lora_config(lora, model, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig
 
     targets, fan_in_fan_out = LORA_TARGETS.get(model.config.model_type, (None, False))
@@ -108,5 +125,5 @@ def lora_config(lora, model):
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules or targets,
         fan_in_fan_out=fan_in_fan_out,
-        task_type="CAUSAL_LM",
+        task_type=task_type,  # SEQ_CLS also trains (and saves) the reward head
     )

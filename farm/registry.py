@@ -63,6 +63,7 @@ def _load_builtins() -> None:
     import farm.eval.harness  # noqa: F401
     import farm.eval.metrics  # noqa: F401
     import farm.eval.misalignment  # noqa: F401
+    import farm.eval.reward  # noqa: F401
     import farm.eval.safety  # noqa: F401
     import farm.label.scorers  # noqa: F401
     import farm.train  # noqa: F401

@@ -105,14 +105,17 @@ def paired_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axi
     return pd.DataFrame(rows)
 
 
-def reference_table(reference, summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Published numbers and ours, row by row, for the grid points the study file names."""
+def reference_table(reference, summary: pd.DataFrame, axes: list[str], skip: frozenset = frozenset()) -> pd.DataFrame:
+    """Published numbers and ours, row by row, for the grid points the study file names; `skip`
+    holds the (reference row index, metric) pairs another table already shows."""
     rows = []
-    for ref in reference.rows:
+    for i, ref in enumerate(reference.rows):
         match = summary
         for axis, value in ref.axes.items():
             match = match[match[axis] == value] if axis in match else match.iloc[0:0]
         for metric, published in ref.metrics.items():
+            if (i, metric) in skip:
+                continue
             row = {"published condition": ref.label, "ours at": _point(ref.axes), "metric": metric, "published": published}
             if len(match) == 1 and f"{metric}.mean" in match:
                 r = match.iloc[0]
@@ -153,8 +156,101 @@ def wide_tables(spec, summary: pd.DataFrame, axes: list[str], metrics: list[str]
     return out
 
 
+def with_derived_columns(df: pd.DataFrame, axes: list[str], columns: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """The table with each derived column (name -> pandas expression) added, and a note for
+    each one that failed. Expressions may name an axis by its short name (`num_prompts` for
+    `data.transforms.0.num_prompts`) and earlier derived columns."""
+    notes = []
+    for name, expr in columns.items():
+        try:
+            if name in df.columns:
+                raise ValueError(f"the table already has a column {name!r}")
+            values = _with_short_names(df, axes).eval(expr)
+            # A budget N * k / 2 comes out float; whole numbers should read 24000, not 2.4e+04,
+            # and match a reference row's `budget: 24000` as they print.
+            if pd.api.types.is_float_dtype(values) and values.notna().all() and (values == values.round()).all():
+                values = values.astype(int)
+            df = df.assign(**{name: values})
+        except Exception as e:  # any pandas evaluation error: the study file's expression is wrong
+            notes.append(f"column {name!r} skipped: {e}")
+    return df, notes
+
+
+def _with_short_names(df: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """The table with each axis also under its short name (as trial ids write it), for expressions."""
+    short = {label: df[a] for a, label in axis_labels(axes).items() if label != a and label not in df.columns and a in df.columns}
+    return df.assign(**short)
+
+
+def pivot_rows(spec, axes: list[str]) -> list[str]:
+    return spec.rows if spec.rows is not None else [a for a in group_axes(axes) if a != spec.columns]
+
+
+def in_published_twin(spec, ref, metric: str, axes: list[str]) -> bool:
+    """Whether a table's published twin shows this metric of this reference row."""
+    if not spec.columns:
+        return bool(matching(spec.metrics, [metric]))
+    return metric == spec.metrics[0] and all(k in ref.axes for k in [*pivot_rows(spec, axes), spec.columns])
+
+
+def pivot_tables(spec, df: pd.DataFrame, axes: list[str], reference) -> list:
+    """One metric, a row per combination of `rows`, a column per value of `columns`: ours (mean ±
+    95% CI half-width across the trials at each cell) and, from the reference rows whose axes
+    give every row and column key, the published numbers in the same shape. Raises on a `where`
+    pandas cannot evaluate or a column the table lacks (KeyError)."""
+    metric, column, rows = spec.metrics[0], spec.columns, pivot_rows(spec, axes)
+    trials = df.loc[_with_short_names(df, axes).query(spec.where).index] if spec.where else df
+    for name in [*rows, column, metric]:
+        if name not in trials.columns:
+            raise KeyError(name)
+    cells = summarize(trials, [*rows, column], [metric])
+    # Records, not iterrows: a row of numbers would come back as floats (k=2.0).
+    ours = {(tuple(r[k] for k in rows), r[column]): _mean_ci(r[f"{metric}.mean"], r[f"{metric}.ci95"], r[f"{metric}.n"])
+            for r in cells.to_dict("records") if r[f"{metric}.n"] > 0}
+    where = f"; trials where {spec.where}" if spec.where else ""
+    out = [(f"{spec.title}: ours", _pivot(ours, rows, column, axes), f"{metric}: mean ± 95% CI half-width (n trials){where}")]
+    published = {(tuple(r.axes[k] for k in rows), r.axes[column]): r.metrics[metric]
+                 for r in (reference.rows if reference else []) if in_published_twin(spec, r, metric, axes)}
+    if published:
+        note = f"Published: {reference.source}. {reference.note}".strip()
+        out.append((f"{spec.title}: published", _pivot(published, rows, column, axes), note))
+    return out
+
+
+def _pivot(cells: dict, rows: list[str], column: str, axes: list[str]) -> pd.DataFrame:
+    """{(row key, column value): cell} as a table: sorted row keys, sorted columns, NaN (shown "—") where no cell."""
+    keys = sorted({k for k, _ in cells}, key=lambda k: tuple(map(_sort_key, k)))
+    values = sorted({v for _, v in cells}, key=_sort_key)
+    short = axis_labels(axes)
+    out = pd.DataFrame(keys, columns=[short.get(r, r) for r in rows]) if rows else pd.DataFrame(index=range(len(keys)))
+    for v in values:
+        out[f"{short.get(column, column)}={v}"] = [cells.get((k, v), np.nan) for k in keys]
+    return out
+
+
+def fit_line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Least squares y ≈ slope·x + intercept: slope, intercept, MSE (mean squared residual), R²
+    and the number of points; NaN where x has fewer than two distinct values."""
+    fit = {"slope": np.nan, "intercept": np.nan, "MSE": np.nan, "R²": np.nan, "n points": len(x)}
+    if len(np.unique(x)) > 1:
+        line = stats.linregress(x, y)
+        residual = y - (line.slope * x + line.intercept)
+        fit.update({"slope": float(line.slope), "intercept": float(line.intercept), "MSE": float(np.mean(residual**2)), "R²": float(line.rvalue**2)})
+    return fit
+
+
+def linear_fits(ok: pd.DataFrame, x: str, y: str, by: list[str]) -> pd.DataFrame:
+    """A least-squares line of y against x per combination of the `by` columns, every trial a point."""
+    rows = []
+    for key, g in ok.groupby(by, sort=True) if by else [((), ok)]:
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.dropna(subset=[x, y])
+        rows.append({**dict(zip(by, key)), **fit_line(g[x].to_numpy(float), g[y].to_numpy(float))})
+    return pd.DataFrame(rows)
+
+
 def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
-    metrics = metric_columns(df, axes)
+    metrics = metric_columns(df, axes)  # before the derived columns: those are not metrics
     main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
     main_metric = study.report.main_metric or (metrics[0] if metrics else None)
     n_ok = int((df["status"] == "ok").sum())
@@ -170,11 +266,34 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     labels = [c for c in df.columns if c not in {"trial", "status", "error", *axes} and df[c].dtype == object]
     report.notes += [f"{c}: {', '.join(map(str, df[c].dropna().unique()))}" for c in labels]
     report.notes += [f"{c}: {', '.join(_fmt(float(v)) for v in df[c].dropna().unique())}" for c in df.columns if c.endswith(INSTRUMENT_SUFFIX)]
+    df, notes = with_derived_columns(df, axes, study.report.columns)
+    report.notes += notes
     if not (n_ok and metrics):
         return report
     summary = summarize(df, axes, metrics)
-    # Metrics a wide table shows get no second column here (a study of ~30 metrics stays readable).
-    in_tables = {m for t in study.report.tables for m in matching(t.metrics, metrics)}
+    point_axes = group_axes(axes)
+    for name in [c for c in study.report.columns if c in df.columns] if point_axes else []:
+        # A derived column with one value per grid point (a budget N * k / 2, not a per-trial
+        # ratio) joins the summary, so that reference rows can name it.
+        values = df[df["status"] == "ok"].groupby(point_axes)[name]
+        if (values.nunique(dropna=False) <= 1).all():
+            summary = summary.merge(values.first().reset_index(), on=point_axes, how="left")
+    spec_tables, shown_tables = [], []
+    for spec in study.report.tables:
+        if not spec.columns:
+            spec_tables += wide_tables(spec, summary, axes, metrics, study.reference)
+            shown_tables.append(spec)
+            continue
+        try:
+            spec_tables += pivot_tables(spec, df, axes, study.reference)
+            shown_tables.append(spec)
+        except KeyError as e:
+            report.notes.append(f"table '{spec.title}' skipped: the table has no column {e.args[0]!r}")
+        except Exception as e:  # a `where` pandas cannot evaluate: the study file's query is wrong
+            report.notes.append(f"table '{spec.title}' skipped: {e}")
+    # Metrics a wide table shows get no second column here (a study of ~30 metrics stays readable);
+    # a pivot with `where` shows only some trials, so its metric stays.
+    in_tables = {m for t in shown_tables if not t.where for m in matching(t.metrics, metrics)}
     rest = [m for m in metrics if m not in in_tables or m == main_metric]
     shown = summary[group_axes(axes)].copy() if group_axes(axes) else pd.DataFrame(index=summary.index)
     for m in rest:
@@ -185,25 +304,28 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
         report.tables.append((f"Paired tests across seeds: {main_axis}", tests, "two-sided paired t-test over the seeds both conditions share"))
     if study.reference:
         note = f"Published: {study.reference.source}. {study.reference.note}".strip()
-        # Metrics a wide table shows (with its published twin) are not repeated row by row.
-        wide = {m for t in study.report.tables for r in study.reference.rows for m in matching(t.metrics, list(r.metrics))}
-        long = reference_table(study.reference, summary, axes)
-        long = long[~long["metric"].isin(wide)]
+        # Published numbers a table's published twin shows are not repeated row by row.
+        twins = frozenset((i, m) for i, r in enumerate(study.reference.rows) for m in r.metrics
+                          if any(in_published_twin(t, r, m, axes) for t in shown_tables))
+        long = reference_table(study.reference, summary, axes, twins)
         if len(long):
             report.tables.append(("Published numbers beside ours", long, note))
-    for spec in study.report.tables:
-        report.tables += wide_tables(spec, summary, axes, metrics, study.reference)
+    report.tables += spec_tables
     specs = list(study.report.plots)
     if not specs and main_axis and main_metric in metrics:
         specs = [PlotSpec(kind="line", x=main_axis, y=main_metric)]
     for i, spec in enumerate(specs):
         caption = spec.title or f"{spec.y} by {spec.x or GRID_POINT}"
         try:
-            png = plot(spec, df, summary, axes)
+            png = plot(spec, df, axes)
         except KeyError as e:
             report.notes.append(f"plot '{caption}' skipped: the table has no column {e.args[0]!r}")
             continue
         report.plots.append((caption, "plot.png" if i == 0 else f"plot-{i + 1}.png", png))
+        if spec.kind == "fit":
+            fits = linear_fits(df[df["status"] == "ok"], spec.x, spec.y, spec.by).rename(columns=axis_labels(axes))
+            report.tables.append((f"Linear fit: {spec.y} against {spec.x}", fits,
+                                  "least squares over every trial (each seed a point); MSE: mean squared residual"))
     return report
 
 
@@ -282,7 +404,7 @@ def _sort_key(v):
 # ---------------------------------------------------------------- plot and environment
 
 
-def plot(spec, df: pd.DataFrame, summary: pd.DataFrame, axes: list[str]) -> bytes:
+def plot(spec, df: pd.DataFrame, axes: list[str]) -> bytes:
     """Render one PlotSpec; raises KeyError naming a column the table lacks."""
     import matplotlib
 
@@ -295,12 +417,12 @@ def plot(spec, df: pd.DataFrame, summary: pd.DataFrame, axes: list[str]) -> byte
     if x is None:  # a row per grid point
         x = GRID_POINT
         ok = ok.assign(**{x: point_labels(ok, axes)})
-    for col in [x, *ys]:
+    for col in [x, *ys, *spec.by]:
         if col not in ok.columns:
             raise KeyError(col)
     width = max(6.5, 2.5 + 0.6 * len(ys)) if spec.kind == "heatmap" else 6.5  # room for a value in every cell
     fig, ax = plt.subplots(figsize=(width, 4.2 if spec.x else 2.2 + 0.35 * ok[x].nunique()), dpi=120)
-    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, summary, axes, x, ys)
+    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, axes, x, ys, spec.by)
     ax.set_title(spec.title or f"{spec.y} by {x}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -316,12 +438,13 @@ def _positions(ok: pd.DataFrame, axis: str):
     return xs, {x: i for i, x in enumerate(xs)}.get
 
 
-def _line(ax, ok, summary, axes, axis, ys):
-    """Mean and 95% interval (a band) against a grid axis, a line per combination of the other
-    axes, every trial as a point."""
+def _line(ax, ok, axes, axis, ys, by):
+    """Mean and 95% interval (a band) against a grid axis, a line per combination of the `by`
+    columns (default: the other axes), every trial as a point."""
     metric = ys[0]
     xs, pos = _positions(ok, axis)
-    others = [a for a in group_axes(axes) if a != axis]
+    others = by or [a for a in group_axes(axes) if a != axis]
+    summary = summarize(ok, [*others, axis], [metric])
     for key, s in summary.groupby(others, sort=True) if others else [((), summary)]:
         key = key if isinstance(key, tuple) else (key,)
         s = s.sort_values(axis, key=lambda col: col.map(_sort_key))
@@ -341,21 +464,26 @@ def _line(ax, ok, summary, axes, axis, ys):
     ax.legend(fontsize=8)
 
 
-def _fit(ax, ok, summary, axes, x, ys):
-    """Every trial as a point, with the least-squares line and its mean squared error."""
-    xv, yv = ok[x].to_numpy(float), ok[ys[0]].to_numpy(float)
-    ax.scatter(xv, yv, s=16, label="trials")
-    if len(np.unique(xv)) > 1:
-        slope, intercept = np.polyfit(xv, yv, 1)
-        mse = float(np.mean((slope * xv + intercept - yv) ** 2))
-        grid = np.linspace(xv.min(), xv.max(), 50)
-        ax.plot(grid, slope * grid + intercept, "k--", label=f"fit: {slope:.3g}x + {intercept:.3g} (MSE {mse:.2g})")
+def _fit(ax, ok, axes, x, ys, by):
+    """Every trial as a point, a least-squares line per combination of the `by` columns (each its
+    own colour), each with its slope and mean squared error."""
+    short = axis_labels(axes)
+    for i, (key, g) in enumerate(ok.groupby(by, sort=True) if by else [((), ok)]):
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.dropna(subset=[x, ys[0]])
+        xv, yv = g[x].to_numpy(float), g[ys[0]].to_numpy(float)
+        fit, color = fit_line(xv, yv), f"C{i % 10}"  # explicit: scatter and plot cycle colours apart
+        name = ", ".join(f"{short.get(c, c)}={v}" for c, v in zip(by, key)) or "fit"
+        ax.scatter(xv, yv, s=16, color=color, label=f"{name}: slope {_fmt(fit['slope'])}, MSE {_fmt(fit['MSE'])}")
+        if not np.isnan(fit["slope"]):
+            grid = np.linspace(xv.min(), xv.max(), 50)
+            ax.plot(grid, fit["slope"] * grid + fit["intercept"], "--", color=color)
     ax.set(xlabel=x, ylabel=ys[0])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
-def _heatmap(ax, ok, summary, axes, axis, ys):
+def _heatmap(ax, ok, axes, axis, ys, by):
     """Mean over seeds (and other axes) of each metric (columns) at each value of an axis (rows)."""
     means = ok.groupby(axis)[ys].mean().reindex(sorted(ok[axis].unique(), key=_sort_key))
     image = ax.imshow(means.to_numpy(float), aspect="auto", cmap="viridis")
@@ -368,7 +496,7 @@ def _heatmap(ax, ok, summary, axes, axis, ys):
     ax.set(xlabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0], ylabel=axis)
 
 
-def _bars(ax, ok, summary, axes, axis, ys):
+def _bars(ax, ok, axes, axis, ys, by):
     """Grouped bars: one group per value of an axis, one bar per metric, 95% interval whiskers."""
     xs = sorted(ok[axis].unique(), key=_sort_key)
     width = 0.8 / len(ys)

@@ -18,6 +18,9 @@ import yaml
 from farm.cache import atomic_write, write_json
 
 
+TRAINING_DATA_COLUMNS = ("prompt_diversity",)
+
+
 def study_dir(results: str | Path, study: str) -> Path:
     return Path(results) / study
 
@@ -60,6 +63,9 @@ def table(results: Path, trials) -> pd.DataFrame:
         saved = json.loads(path.read_text()) if path.exists() else {"status": "missing", "metrics": {}}
         row = {"trial": t.id, "status": saved["status"], **{a: _cell(v) for a, v in t.axes.items()}}
         row.update({k: v for k, v in saved["metrics"].items() if isinstance(v, (int, float, str))})
+        # What the evaluated model was trained on, measured by its stage (Study D's x axis).
+        trained = ((saved.get("stages") or {}).get(t.study.evaluated() or "") or {}).get("metrics", {})
+        row.update({k: trained[k] for k in TRAINING_DATA_COLUMNS if k in trained})
         if saved.get("error"):
             row["error"] = saved["error"]
         rows.append(row)

@@ -65,18 +65,25 @@ class SourceSpec(Strict):
     # name: file — a local .jsonl/.json/.csv/.parquet file read as `records` records, its
     # `columns` mapping each record field to a column of the file (default: the same name).
     path: str | None = None
-    records: Literal["text", "demonstration", "comparison"] | None = None
+    records: Literal["text", "demonstration", "comparison", "ranking"] | None = None
     columns: dict[str, str] = {}
+    # name: stage — the records an earlier stage of the study built (a `rank` stage's rankings);
+    # the study fills in their shape.
+    stage: str | None = None
 
     def shape(self) -> str:
-        return self.records if self.name == "file" else registry.sources.get(self.name).shape
+        return self.records if self.name in ("file", "stage") else registry.sources.get(self.name).shape
 
     @model_validator(mode="after")
     def _resolve(self) -> "SourceSpec":
         if self.name == "file":
             return self._check_file()
-        if self.path or self.records or self.columns:
-            raise ValueError("path, records and columns belong to a source with name: file")
+        if self.name == "stage":
+            if not self.stage:
+                raise ValueError("a source with name: stage needs stage: the name of the stage of this study that builds the records")
+            return self
+        if self.path or self.records or self.columns or self.stage:
+            raise ValueError("path, records and columns belong to a source with name: file, stage to a source with name: stage")
         source = _lookup(registry.sources, self.name)
         subset = self.subset or source.subsets[0]
         if subset not in source.subsets:
@@ -165,7 +172,19 @@ class ControlTokens(Strict):
         return list(self.tokens.values())
 
 
-TransformSpec = Annotated[Union[LabelFlip, MalignLabels, MalignPrompts, ControlTokens], Field(discriminator="name")]
+class RankingSubset(Strict):
+    """Study D: the first `num_prompts` rankings in a fixed shuffled order (the same order for
+    every ranking length), each cut to `ranking_length` candidates nested across lengths: the
+    3 of a length-3 set are a random 3 of the length-4 set, the 2 of a length-2 set a random 2
+    of those."""
+
+    name: Literal["ranking_subset"]
+    num_prompts: int = Field(gt=0)
+    ranking_length: int = Field(ge=1)
+    seed: int = 42  # of the prompt order and the nested draws; not the trial seed, so every seed trains on one subset
+
+
+TransformSpec = Annotated[Union[LabelFlip, MalignLabels, MalignPrompts, ControlTokens, RankingSubset], Field(discriminator="name")]
 
 
 class LabelSpec(Strict):
@@ -198,6 +217,9 @@ class DataSpec(Strict):
     size: int | None = Field(None, gt=0)
     labels: list[LabelSpec] = []  # scorers run over the rows (cached) before any transform
     transforms: list[TransformSpec] = []
+    # Which side of the split a stage trains on: the training rows, or the held-out ones (a judge
+    # reward model trained on rows that no other stage trains on).
+    rows: Literal["train", "heldout"] = "train"
 
     def shapes(self) -> set[str]:
         return {s.shape() for s in self.sources}
@@ -249,6 +271,29 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~"))
 
 
+class GenerationSpec(Strict):
+    """Decoding and scoring for the `generation` metric."""
+
+    num_prompts: int | None = Field(None, gt=0)  # default: every eval record
+    max_new_tokens: int = Field(48, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    batch_size: int = Field(32, ge=1)
+    scorer: str = "auto"  # toxicity scorer: auto | roberta_hate | embedded_toxicity
+    trigger: str | None = None  # also generate with this appended to each prompt: attack success rate
+    target_phrase: str | None = None  # rate of outputs containing it, clean vs triggered
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    min_length: int = Field(0, ge=0)  # of prompt + answer, as transformers counts it for a decoder
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, v):
+        _lookup(registry.scorers, v)
+        return v
+
+
 class Resources(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
@@ -272,9 +317,30 @@ class Fault(Strict):
 
 
 class StageSpec(Strict):
+    """What every stage has: its data, seed, resources. What it reads and what it produces are
+    class attributes: `shape`, the record shape it reads; `produces`, "model" (a causal LM that
+    later stages and the eval start from), "reward_model" or "records" (data for later stages)."""
+
     kind: str
     data: DataSpec | None = None  # default: the study's data
     seed: int | None = None  # default: the trial seed (fix it to share the stage across seeds)
+    resources: Resources = Resources()
+    fault: Fault | None = None  # testing only; not part of the stage's cache key
+
+    shape: ClassVar[str] = "text"
+    produces: ClassVar[str] = "model"
+    trains: ClassVar[bool] = True  # trained under Ray Train; else run as one Ray task
+
+    def refs(self) -> dict[str, str]:
+        """{field: value} of the fields that name another stage of the study or a model."""
+        data = self.data.sources if self.data else []
+        return {f"data.sources.{i}.stage": s.stage for i, s in enumerate(data) if s.name == "stage"}
+
+
+class TrainingStage(StageSpec):
+    # The stage whose model this one starts from: a stage listed before it, or `base` (the
+    # study's model); default: the nearest model stage before it, else the base model.
+    input: str | None = None
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = Field(8, ge=1)
@@ -286,10 +352,6 @@ class StageSpec(Strict):
     max_length: int = Field(128, ge=8)
     lora: LoRA | None = None
     deepspeed: str | dict | None = None  # a DeepSpeed config (path or dict) for the HF trainer
-    resources: Resources = Resources()
-    fault: Fault | None = None  # testing only; not part of the stage's cache key
-
-    shape: ClassVar[str] = "text"  # the record shape the stage trains on
 
     @field_validator("deepspeed")
     @classmethod
@@ -299,18 +361,18 @@ class StageSpec(Strict):
         return v
 
 
-class Pretrain(StageSpec):
+class Pretrain(TrainingStage):
     kind: Literal["pretrain"]
     shape: ClassVar[str] = "text"
 
 
-class SFT(StageSpec):
+class SFT(TrainingStage):
     kind: Literal["sft"]
     max_prompt_length: int = Field(96, ge=1)
     shape: ClassVar[str] = "demonstration"
 
 
-class DPO(StageSpec):
+class DPO(TrainingStage):
     kind: Literal["dpo"]
     max_prompt_length: int = Field(96, ge=1)
     beta: float = Field(0.1, gt=0)
@@ -319,7 +381,52 @@ class DPO(StageSpec):
     shape: ClassVar[str] = "comparison"
 
 
-Stage = Annotated[Union[Pretrain, SFT, DPO], Field(discriminator="kind")]
+class Reward(TrainingStage):
+    """A reward model (TRL RewardTrainer): a scalar head on the input model, trained on
+    comparisons with the Bradley-Terry loss; a soft label p (AI feedback) gives
+    -[p log s(r_c - r_r) + (1 - p) log s(r_r - r_c)], which is the usual loss when p = 1."""
+
+    kind: Literal["reward"]
+    max_prompt_length: int = Field(96, ge=1)
+    center_rewards_coefficient: float | None = Field(None, ge=0)  # pull rewards towards 0 (Eisenstein et al.)
+    shape: ClassVar[str] = "comparison"
+    produces: ClassVar[str] = "reward_model"
+
+
+class PRO(TrainingStage):
+    """Preference Ranking Optimization (Song et al. 2023) on rankings: list-wise terms with
+    reward-difference temperatures plus `sft_weight` (n-1)^2 times the SFT loss of the best answer."""
+
+    kind: Literal["pro"]
+    max_prompt_length: int = Field(96, ge=1)
+    sft_weight: float = Field(0.05, ge=0)
+    shape: ClassVar[str] = "ranking"
+
+
+class Rank(StageSpec):
+    """Study D: ranking data. Each prompt's candidates are its comparison's two answers plus
+    `samples` answers sampled from `generator`, all scored by `reward_model` and sorted best
+    first: rankings of length 2 + samples."""
+
+    kind: Literal["rank"]
+    generator: str  # a model stage of this study, or a hub id / local path
+    reward_model: str  # a reward stage of this study, or a hub id / local path
+    samples: int = Field(2, ge=0)
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(do_sample=True, top_p=0.9, top_k=0, max_new_tokens=48))
+    batch_size: int = Field(32, ge=1)  # reward-model scoring
+    max_length: int = Field(128, ge=8)
+    max_prompt_length: int = Field(96, ge=1)
+    shape: ClassVar[str] = "comparison"
+    produces: ClassVar[str] = "records"
+    trains: ClassVar[bool] = False
+
+    def refs(self) -> dict[str, str]:
+        return {**super().refs(), "generator": self.generator, "reward_model": self.reward_model}
+
+
+Stage = Annotated[Union[Pretrain, SFT, DPO, Reward, PRO, Rank], Field(discriminator="kind")]
+# What each kind of stage builds as records, for a `name: stage` source that reads them.
+RECORDS_BUILT = {"rank": "ranking"}
 
 
 # ---------------------------------------------------------------- eval, report, study
@@ -328,29 +435,6 @@ Stage = Annotated[Union[Pretrain, SFT, DPO], Field(discriminator="kind")]
 class EvalResources(Strict):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
-
-
-class GenerationSpec(Strict):
-    """Decoding and scoring for the `generation` metric."""
-
-    num_prompts: int | None = Field(None, gt=0)  # default: every eval record
-    max_new_tokens: int = Field(48, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    batch_size: int = Field(32, ge=1)
-    scorer: str = "auto"  # toxicity scorer: auto | roberta_hate | embedded_toxicity
-    trigger: str | None = None  # also generate with this appended to each prompt: attack success rate
-    target_phrase: str | None = None  # rate of outputs containing it, clean vs triggered
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    min_length: int = Field(0, ge=0)  # of prompt + answer, as transformers counts it for a decoder
-
-    @field_validator("scorer")
-    @classmethod
-    def _known_scorer(cls, v):
-        _lookup(registry.scorers, v)
-        return v
 
 
 # lm-eval tasks the farm ships offline copies of (farm/eval/tasks), with the metric METHODS reports.
@@ -432,7 +516,13 @@ class EvalSpec(Strict):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=8)
     max_prompt_length: int = Field(96, ge=1)
+    # The judge of the `reward_score` metric: a reward stage of the study (trained on other rows
+    # than any stage that ranks or trains the policy), or a hub id / local path.
+    reward_model: str | None = None
     resources: EvalResources = EvalResources()
+
+    def refs(self) -> dict[str, str]:
+        return {"reward_model": self.reward_model} if self.reward_model else {}
 
     @field_validator("metrics")
     @classmethod
@@ -452,6 +542,9 @@ class PlotSpec(Strict):
     x: str | None = None
     y: str  # line, fit: a metric; heatmap, bars: a metric or a metric prefix
     title: str | None = None
+    # fit: one least-squares line per combination of these columns (default: one line), each
+    # with its slope and mean squared error, also given as a table.
+    by: list[str] = []
 
     @model_validator(mode="after")
     def _x_needed(self) -> "PlotSpec":
@@ -466,6 +559,20 @@ class TableSpec(Strict):
 
     title: str
     metrics: list[str] = Field(min_length=1)  # metric names; one ending in "/" takes every metric with that prefix
+    # A pivot instead: one metric, a column per value of `columns` (an axis or a derived column),
+    # a row per combination of `rows` (default: the other axes but the seed); the published
+    # numbers whose `axes` give the same row and column keys in the same shape.
+    columns: str | None = None
+    rows: list[str] | None = None
+    where: str | None = None  # a pandas query selecting trials first, e.g. "budget in [600, 1200]"
+
+    @model_validator(mode="after")
+    def _pivot(self) -> "TableSpec":
+        if self.columns and (len(self.metrics) != 1 or self.metrics[0].endswith("/")):
+            raise ValueError("metrics: a table with columns (a pivot) shows exactly one metric, not a prefix")
+        if self.rows is not None and not self.columns:
+            raise ValueError("rows: only a table with columns (a pivot) takes rows")
+        return self
 
 
 class ReportSpec(Strict):
@@ -473,6 +580,9 @@ class ReportSpec(Strict):
     main_axis: str | None = None  # default: the first grid axis that is not the seed
     plots: list[PlotSpec] = []  # default: a line plot of the main metric against the main axis
     tables: list[TableSpec] = []
+    # Derived columns: name -> a pandas expression over the table's columns, e.g. the annotation
+    # budget `num_prompts * ranking_length / 2`; plots, tables and reference rows may use them.
+    columns: dict[str, str] = {}
 
 
 class ReferenceRow(Strict):
@@ -510,6 +620,7 @@ class Study(Strict):
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "Study":
+        self._check_refs()
         for name, stage in self.stages.items():
             _lookup(registry.stages, stage.kind)
             data = stage.data or self.data
@@ -530,6 +641,61 @@ class Study(Strict):
             if need and any(need not in CONVERTIBLE[s] for s in eval_data.shapes()):
                 raise ValueError(f"eval.metrics: {metric} needs {need} records in the eval data")
         return self
+
+
+    def _check_refs(self) -> None:
+        """Every stage a field names is listed before the stage that names it and builds what the
+        field needs; a `name: stage` source learns the shape of the records it reads."""
+        names = list(self.stages)
+        needs = {"input": "model", "generator": "model", "reward_model": "reward_model"}
+        for i, (name, stage) in enumerate(self.stages.items()):
+            before = {n: self.stages[n] for n in names[:i]}
+            fields = stage.refs()
+            if getattr(stage, "input", None) not in (None, "base"):
+                fields["input"] = stage.input
+            for field, ref in fields.items():
+                need = needs.get(field, "records")
+                _check_ref(f"stages.{name}.{field}", ref, before, need, model_ok=field != "input" and need != "records")
+                if need == "records":
+                    for s in (stage.data.sources if stage.data else []):
+                        if s.stage == ref:
+                            object.__setattr__(s, "records", RECORDS_BUILT[before[ref].kind])
+        for field, ref in self.eval.refs().items():
+            _check_ref(f"eval.{field}", ref, self.stages, needs[field], model_ok=True)
+        if "reward_score" in self.eval.metrics and not self.eval.reward_model:
+            raise ValueError("eval.reward_model: the reward_score metric needs a judge: a reward stage of the study, or a hub id / local path")
+        if any(s.name == "stage" for s in self.data.sources):
+            raise ValueError("data.sources: the study's data is also the eval data; read a stage's records in that stage's data instead")
+
+    def evaluated(self) -> str | None:
+        """The stage whose model is evaluated: the last one that builds a model (None: the base model)."""
+        return next((n for n, s in reversed(self.stages.items()) if s.produces == "model"), None)
+
+
+def input_stage(stages: dict, name: str) -> str | None:
+    """The stage `name` starts from (None: the base model): its `input`, else the nearest model
+    stage before it."""
+    stage = stages[name]
+    given = getattr(stage, "input", None)
+    if given is not None:
+        return None if given == "base" else given
+    before = list(stages)[: list(stages).index(name)]
+    return next((n for n in reversed(before) if stages[n].produces == "model"), None)
+
+
+def _check_ref(where: str, ref: str, before: dict, need: str, model_ok: bool) -> None:
+    what = {"model": "a model", "reward_model": "a reward model", "records": "records"}[need]
+    if ref in before:
+        if before[ref].produces != need:
+            raise ValueError(f"{where}: stage {ref!r} builds {before[ref].produces.replace('_', ' ')}, not {what}")
+        return
+    if model_ok and (_looks_like_path(ref) or "/" in ref or ref in LEGACY_HUB_MODELS):
+        if _looks_like_path(ref) and not Path(ref).expanduser().exists():
+            raise ValueError(f"{where}: path {ref!r} does not exist")
+        return
+    fix = " or a hub id (owner/name) or local path" if model_ok else ""
+    listed = ", ".join(n for n, s in before.items() if s.produces == need) or "none"
+    raise ValueError(f"{where}: {ref!r} is not a stage listed before it that builds {what} (those: {listed}){fix}")
 
 
 def _with_kind(name: str, stage: Any) -> Any:

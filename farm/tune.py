@@ -21,11 +21,13 @@ TRIAL_RESOURCES = [{"memory": 128 * 2**20}]
 
 
 def stage_groups(plan: TrialPlan, study) -> list[list[PlannedStage]]:
-    """Consecutive stages that the same trials need, with the same resources, run in one fit."""
+    """Consecutive training stages that the same trials need, with the same resources, run in one
+    fit; a stage that trains nothing (it builds records) is a group of its own."""
     groups: list[list[PlannedStage]] = []
     for s in plan.stages:
         prev = groups[-1][-1] if groups else None
-        if prev and prev.users == s.users and study.stages[prev.name].resources == study.stages[s.name].resources:
+        both_train = prev and study.stages[prev.name].trains and study.stages[s.name].trains
+        if both_train and prev.users == s.users and study.stages[prev.name].resources == study.stages[s.name].resources:
             groups[-1].append(s)
         else:
             groups.append([s])
@@ -53,8 +55,12 @@ def run_trial(config: dict, payloads: dict) -> None:
         lock = store.lock(group[0].key) if len(group[0].users) > 1 else contextlib.nullcontext()
         with lock:
             pending = [s for s in group if not store.done(s.kind, s.key)]
-            if pending:
+            if pending and study.stages[group[0].name].trains:
                 run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
+            elif pending:  # one Ray task with the stage's resources, outside the trial's placement group
+                res = study.stages[group[0].name].resources
+                task = build_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, scheduling_strategy="DEFAULT")
+                ray.get(task.remote(payload, dataclasses.asdict(group[0])))
     with store.lock(plan.eval_key):  # trials with the same final model share one evaluation
         if not store.done("eval", plan.eval_key):
             res = study.eval.resources
@@ -78,13 +84,29 @@ def evaluate_task(payload: dict) -> None:
     plan = plan_from_json(payload["plan"])
     store = Store(payload["storage"])
     torch.set_num_threads(max(1, int(study.eval.resources.num_cpus)))
-    last = plan.stages[-1] if plan.stages else None  # no stages: evaluate the base model
+    last = plan.stage(plan.evaluated)  # None: evaluate the base model
     model = store.path(last.kind, last.key) if last else None
     ref = store.path(last.input_kind, last.input_key) if last and last.input_key else None
     record = {"trial": payload["trial_id"], "model_key": last.key if last else None}
     scores = read_scores(store, study.data) if study.data.labels else None
+    refs = {name: store.path(kind, key) for name, kind, key in plan.eval_refs}
     with store.writing("eval", plan.eval_key, record):
-        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores)
+        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores, refs)
+
+
+@ray.remote
+def build_task(payload: dict, planned: dict) -> None:
+    """A stage that trains nothing (it builds records), run once in a Ray task."""
+    import torch
+
+    from farm.spec import Study
+    from farm.train.runner import quiet, run_stage
+
+    quiet()
+    study = Study.model_validate(payload["study"])
+    planned = plan_from_json({"stages": [planned], "eval_key": ""}).stages[0]
+    torch.set_num_threads(max(1, int(study.stages[planned.name].resources.cpus_per_worker)))
+    run_stage(study, Store(payload["storage"]), planned, payload["trial_id"], rank=0)
 
 
 @ray.remote(num_cpus=0)
@@ -100,14 +122,17 @@ def label_task(payload: dict, key: str) -> None:
 
 
 def plan_from_json(obj: dict) -> TrialPlan:
-    def stages(items):
-        return tuple(PlannedStage(**{**s, "users": tuple(s["users"])}) for s in items)
+    def refs(items):
+        return tuple(tuple(r) for r in items)
 
-    return TrialPlan(stages(obj["stages"]), obj["eval_key"], stages(obj.get("labels", [])))
+    def stages(items):
+        return tuple(PlannedStage(**{**s, "users": tuple(s["users"]), "refs": refs(s.get("refs", []))}) for s in items)
+
+    return TrialPlan(stages(obj["stages"]), obj["eval_key"], stages(obj.get("labels", [])), obj.get("evaluated"), refs(obj.get("eval_refs", [])))
 
 
 def plan_to_json(plan: TrialPlan) -> dict:
-    return {"stages": [dataclasses.asdict(s) for s in plan.stages], "eval_key": plan.eval_key, "labels": [dataclasses.asdict(s) for s in plan.labels]}
+    return dataclasses.asdict(plan)
 
 
 def max_concurrent(trials) -> int:

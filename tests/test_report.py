@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,10 @@ from scipy import stats
 
 from farm.cache import plan_study
 from farm.cli import main
-from farm.report import ci_half_width, paired_tests, reference_table, summarize, write_report
+from farm.report import (build, ci_half_width, fit_line, linear_fits, paired_tests, pivot_tables, reference_table, render_html,
+                          render_md, summarize, with_derived_columns, write_report)
 from farm.results import compare, table, write_table, write_trial
-from farm.spec import expand
+from farm.spec import Reference, ReportSpec, TableSpec, expand
 
 RATE = "data.transforms.0.rate"
 
@@ -174,3 +176,133 @@ def test_wide_table_beside_published_and_a_heatmap_row_per_grid_point(tmp_path, 
     assert "## safety by chain" in md
     image = Image.open(tmp_path / "tiny" / "plot.png")
     assert image.size[1] > 300  # one heatmap row per grid point (4)
+
+
+# ---------------------------------------------------------------- Study D: derived columns, pivots, fits
+
+N, K = "data.transforms.0.num_prompts", "data.transforms.0.ranking_length"
+D_AXES = ["stages", N, K, "seed"]
+D_COLUMNS = {"budget": "num_prompts * ranking_length / 2", "kind": "stages"}  # axes by their short names
+
+
+def study_d_table() -> pd.DataFrame:
+    """2 kinds x 3 ranking lengths x 3 prompt counts x 2 seeds; reward known at every trial."""
+    rows = []
+    for kind, base in (("PRO", 0.5), ("SFT", 0.4)):
+        for k in (2, 3, 4):
+            for n in (1500, 2000, 3000):
+                for seed, noise in ((1, -0.001), (2, 0.001)):
+                    rows.append({"trial": f"{kind}_{n}_{k}_{seed}", "status": "ok", "stages": kind, N: n, K: k, "seed": seed,
+                                 "reward": base + 0.01 * k + n / 1e6 + noise, "acc": 0.6 + 0.01 * k})
+    return pd.DataFrame(rows)
+
+
+def study_d(tables=(), plots=(), columns=D_COLUMNS, main_metric=None, reference_rows=()):
+    report = ReportSpec(columns=columns, tables=list(tables), plots=list(plots), main_metric=main_metric)
+    reference = Reference(source="Paper, Table 3", note="Llama 7B.", rows=list(reference_rows)) if reference_rows else None
+    return SimpleNamespace(name="study-d", description="", report=report, reference=reference)
+
+
+def test_derived_columns_are_added_and_a_bad_one_is_a_note():
+    df, notes = with_derived_columns(study_d_table(), D_AXES, {**D_COLUMNS, "broken": "kind + 1", "seed": "seed * 2", "half": "budget / 2"})
+    assert notes == ["column 'broken' skipped: " + notes[0].split(": ", 1)[1], "column 'seed' skipped: the table already has a column 'seed'"]
+    row = df[(df[N] == 3000) & (df[K] == 3)].iloc[0]
+    assert row["budget"] == 4500 and row["kind"] == row["stages"] and row["half"] == 2250  # later columns see earlier ones
+    assert df["budget"].dtype.kind == "i"  # N * k / 2 in whole numbers reads 4500, not 4.5e+03
+    assert "num_prompts" not in df.columns  # short names exist for expressions only
+
+
+def test_pivot_of_one_metric_rows_by_derived_columns_columns_by_ranking_length():
+    df, _ = with_derived_columns(study_d_table(), D_AXES, D_COLUMNS)
+    spec = TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K)
+    ours, = pivot_tables(spec, df, D_AXES, None)
+    heading, table, note = ours
+    assert heading == "Reward: ours" and "reward" in note
+    assert list(table.columns) == ["budget", "kind", "ranking_length=2", "ranking_length=3", "ranking_length=4"]
+    assert list(zip(table["budget"], table["kind"]))[:4] == [(1500, "PRO"), (1500, "SFT"), (2000, "PRO"), (2000, "SFT")]
+    cell = table.set_index(["budget", "kind"])
+    # budget 3000 = 3000 prompts of 2, 2000 of 3, 1500 of 4; mean of the two seeds, t(0.975, 1) * 0.001 = 0.01271
+    assert cell.loc[(3000, "PRO"), "ranking_length=2"] == "0.523 ± 0.01271 (n=2)"
+    assert cell.loc[(3000, "SFT"), "ranking_length=4"] == "0.4415 ± 0.01271 (n=2)"
+    assert pd.isna(cell.loc[(1500, "PRO"), "ranking_length=3"])  # 1500 prompts of 3 make budget 2250: an empty cell
+    selected, = pivot_tables(spec.model_copy(update={"where": "budget == 3000 and num_prompts > 1500"}), df, D_AXES, None)
+    assert list(selected[1]["kind"]) == ["PRO", "SFT"] and list(selected[1].columns[2:]) == ["ranking_length=2", "ranking_length=3"]
+    assert "trials where budget == 3000" in selected[2]
+    default_rows, = pivot_tables(spec.model_copy(update={"rows": None}), df, D_AXES, None)
+    assert list(default_rows[1].columns[:2]) == ["stages", "num_prompts"]  # every other axis but the seed
+
+
+PUBLISHED = [
+    {"label": "PRO, N=3000, k=2", "axes": {"budget": 3000, "kind": "PRO", K: 2}, "metrics": {"reward": 0.61}},
+    {"label": "PRO, N=3000, k=3", "axes": {"budget": 3000, "kind": "PRO", K: 3}, "metrics": {"reward": 0.63}},
+    {"label": "SFT, N=24000, k=4", "axes": {"budget": 24000, "kind": "SFT", K: 4}, "metrics": {"reward": 0.55}},
+    {"label": "PRO, no length", "axes": {"budget": 3000, "kind": "PRO"}, "metrics": {"reward": 0.6}},
+    {"label": "PRO, 3000 prompts of 2", "axes": {"budget": 3000, "kind": "PRO", N: 3000}, "metrics": {"acc": 0.7}},
+]
+
+
+def test_study_d_report_pivot_beside_published_fit_table_and_notes():
+    study = study_d(
+        tables=[TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K),
+                TableSpec(title="Bad query", metrics=["reward"], columns=K, where="budget >"),
+                TableSpec(title="No such row", metrics=["reward"], columns=K, rows=["nope"])],
+        plots=[{"kind": "fit", "x": "budget", "y": "reward", "by": ["kind", K]},
+               {"kind": "line", "x": "budget", "y": "reward", "by": ["kind"]}],
+        columns={**D_COLUMNS, "broken": "nope * 2"}, main_metric="acc", reference_rows=PUBLISHED)
+    report = build(study, study_d_table(), D_AXES, {})
+    tables = {heading: (table, note) for heading, table, note in report.tables}
+    published, note = tables["Reward: published"]
+    assert note == "Published: Paper, Table 3. Llama 7B."
+    assert list(published.columns) == ["budget", "kind", "ranking_length=2", "ranking_length=3", "ranking_length=4"]
+    cell = published.set_index(["budget", "kind"])
+    assert cell.loc[(3000, "PRO"), "ranking_length=2"] == 0.61 and cell.loc[(3000, "PRO"), "ranking_length=3"] == 0.63
+    assert cell.loc[(24000, "SFT"), "ranking_length=4"] == 0.55 and pd.isna(cell.loc[(24000, "SFT"), "ranking_length=2"])
+    long = tables["Published numbers beside ours"][0].set_index("published condition")
+    assert list(long.index) == ["PRO, no length", "PRO, 3000 prompts of 2"]  # the pivot's cells are not repeated
+    assert long.loc["PRO, 3000 prompts of 2", "ours"].startswith("0.62 ")  # matched through the derived budget and kind
+    across = tables["Across seeds"][0]
+    assert "acc" in across and "reward" not in across and "budget" not in across  # the pivot shows reward; budget is no metric
+    fits = tables["Linear fit: reward against budget"]
+    assert list(fits[0].columns) == ["kind", "ranking_length", "slope", "intercept", "MSE", "R²", "n points"] and len(fits[0]) == 6
+    assert "each seed a point" in fits[1]
+    assert "column 'broken' skipped: name 'nope' is not defined" in report.notes
+    assert any(n.startswith("table 'Bad query' skipped: ") for n in report.notes)
+    assert "table 'No such row' skipped: the table has no column 'nope'" in report.notes
+    assert len(report.plots) == 2
+    md, page = render_md(report), render_html(report)
+    for text in ("## Reward: ours", "## Reward: published", "## Linear fit: reward against budget", "ranking_length=3"):
+        assert text in md
+    assert "| 3000 | PRO | 0.523 ± 0.01271 (n=2) | 0.532 ± 0.01271 (n=2) | 0.5415 ± 0.01271 (n=2) |" in md
+    assert "| 1500 | PRO | 0.5215 ± 0.01271 (n=2) | — | — |" in md
+    assert "| 3000 | PRO | 0.61 | 0.63 | — |" in md
+    assert "<h2>Reward: published</h2>" in page and "<h2>Linear fit: reward against budget</h2>" in page
+    assert "<td>0.523 ± 0.01271 (n=2)</td>" in page and "<td>—</td>" in page
+
+
+def test_a_pivot_with_where_leaves_its_metric_in_the_across_seeds_table():
+    spec = TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K, where="budget == 3000")
+    across = next(t for h, t, _ in build(study_d(tables=[spec], main_metric="acc"), study_d_table(), D_AXES, {}).tables if h == "Across seeds")
+    assert "reward" in across
+
+
+def test_fit_recovers_an_exact_line_and_the_mean_squared_residual():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    exact = fit_line(x, 0.12 * x + 0.3)
+    assert abs(exact["slope"] - 0.12) < 1e-12 and abs(exact["intercept"] - 0.3) < 1e-12
+    assert exact["MSE"] < 1e-25 and abs(exact["R²"] - 1) < 1e-12 and exact["n points"] == 5
+    noisy = fit_line(np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0, 5.0]))
+    # By hand: slope 5.5 / 5 = 1.1, intercept 2.75 - 1.1 * 1.5 = 1.1; residuals -0.1, 0.8, -1.3, 0.6.
+    assert abs(noisy["slope"] - 1.1) < 1e-12 and abs(noisy["intercept"] - 1.1) < 1e-12
+    assert abs(noisy["MSE"] - (0.01 + 0.64 + 1.69 + 0.36) / 4) < 1e-12
+    assert abs(noisy["R²"] - (1 - 2.7 / 8.75)) < 1e-12  # total sum of squares around 2.75: 8.75
+
+
+def test_one_fit_per_series_and_none_for_a_single_x():
+    trials = pd.DataFrame({"kind": ["PRO"] * 3 + ["SFT"] * 3 + ["base"] * 2, "x": [1, 2, 3, 1, 2, 3, 5, 5],
+                           "y": [2, 4, 6, 1, 0, -1, 0.3, 0.5]})
+    fits = linear_fits(trials, "x", "y", ["kind"]).set_index("kind")
+    assert fits.loc["PRO", "slope"] == pytest.approx(2) and fits.loc["SFT", "slope"] == pytest.approx(-1)
+    assert fits.loc["SFT", "intercept"] == pytest.approx(2) and fits.loc["PRO", "MSE"] == pytest.approx(0, abs=1e-20)
+    assert np.isnan(fits.loc["base", "slope"]) and np.isnan(fits.loc["base", "MSE"]) and fits.loc["base", "n points"] == 2
+    everything = linear_fits(trials, "x", "y", [])
+    assert len(everything) == 1 and everything.iloc[0]["n points"] == 8

@@ -21,12 +21,20 @@ def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < holdout
 
 
-def load_split(data, part: str, scores: dict | None = None) -> list:
+def load_split(data, part: str, scores: dict | None = None, built: dict | None = None) -> list:
     """Rows of every source in `data` that fall in `part` ("train" or "eval"); training rows
     of a weighted mix (`data.size`) in the shares of the sources' weights. `scores` ({row id:
-    {column: value}}, from the labelling stage) join each row's `meta["scores"]`."""
+    {column: value}}, from the labelling stage) join each row's `meta["scores"]`. `built`
+    holds the records of earlier stages ({stage name: records}) for `name: stage` sources:
+    a stage builds them from training rows, so they are all training rows."""
     want_eval = part == "eval"
-    parts = [[r for r in load_source(s) if is_heldout(r.id, data.holdout, data.split_seed) == want_eval] for s in data.sources]
+
+    def rows(s):
+        if s.name == "stage":
+            return [] if want_eval else built[s.stage]
+        return [r for r in load_source(s) if is_heldout(r.id, data.holdout, data.split_seed) == want_eval]
+
+    parts = [rows(s) for s in data.sources]
     if scores is not None:
         parts = [with_scores(rows, scores) for rows in parts]
     if data.size and not want_eval:
@@ -64,9 +72,10 @@ def transform_rng(seed: int, name: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
 
 
-def training_records(data, seed: int, shape: str, scores: dict | None = None) -> tuple[list, dict]:
-    """The perturbed training rows read as `shape`, and an audit of what each transform changed."""
-    records = load_split(data, "train", scores)
+def training_records(data, seed: int, shape: str, scores: dict | None = None, built: dict | None = None) -> tuple[list, dict]:
+    """The perturbed training rows (or, with `data.rows: heldout`, the held-out ones) read as
+    `shape`, and an audit of what each transform changed."""
+    records = load_split(data, "eval" if data.rows == "heldout" else "train", scores, built)
     audit = {"train_rows": len(records)}
     for i, spec in enumerate(data.transforms):
         records = transforms.get(spec.name).fn(records, spec, transform_rng(seed, spec.name, i))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -72,3 +73,27 @@ def _convert_one(r, shape: str):
         r = Demonstration(r.id, r.prompt, r.chosen, meta=r.meta)
         return _convert_one(r, shape)
     return Text(r.id, r.prompt + r.response, meta=r.meta)  # demonstration -> text
+
+
+def write_records(path, records: list) -> None:
+    """Records as JSON lines (shape, fields), written atomically: a stage's built data."""
+    import json
+
+    from farm.cache import atomic_write
+
+    lines = [json.dumps({"shape": shape_of(r), **dataclasses.asdict(r)}, ensure_ascii=False) for r in records]
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
+def read_records(path) -> list:
+    import json
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            cls = SHAPES[row.pop("shape")]
+            if cls is Ranking:
+                row["responses"], row["rewards"] = tuple(row["responses"]), tuple(row["rewards"])
+            out.append(cls(**row))
+    return out

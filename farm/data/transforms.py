@@ -7,6 +7,7 @@ trial can report exactly which rows were perturbed and the realised rate stays a
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -111,3 +112,25 @@ def control_tokens(records: list, params, rng: np.random.Generator) -> list:
             raise ValueError(f"control_tokens: row {r.id} has no scores; label the data (data.labels) or use a source that carries them")
         out.append(mark(r, "control_tokens", text=control_tags(r.meta["scores"], params) + r.text))
     return out
+
+
+def nested_ranking(record, length: int, seed: int):
+    """`length` of a ranking's candidates, kept in reward order. The candidates are the first
+    `length` of one random permutation per row (seeded by the row id), so a row's length-3 set is
+    a random 3 of its length-4 set and its length-2 set a random 2 of those."""
+    n = len(record.responses)
+    if length > n:
+        raise ValueError(f"ranking_subset: ranking_length {length} is more than the {n} candidates of row {record.id}; build rankings with more samples")
+    keep = sorted(np.random.default_rng([seed, zlib.crc32(record.id.encode())]).permutation(n)[:length])
+    return dataclasses.replace(record, responses=tuple(record.responses[i] for i in keep), rewards=tuple(record.rewards[i] for i in keep))
+
+
+@register("ranking_subset", shape="ranking")
+def ranking_subset(records: list, params, rng: np.random.Generator) -> list:
+    """The first `num_prompts` rankings of one shuffled order (`params.seed`, the same for every
+    ranking length), each cut to `ranking_length` nested candidates. The trial's rng is not used:
+    every training seed sees the same subset."""
+    if params.num_prompts > len(records):
+        raise ValueError(f"ranking_subset: num_prompts {params.num_prompts} is more than the {len(records)} rankings built; lower num_prompts")
+    order = np.random.default_rng(params.seed).permutation(len(records))[: params.num_prompts]
+    return [nested_ranking(records[i], params.ranking_length, params.seed) for i in order]

@@ -22,6 +22,12 @@ class StageContext:
     work_dir: Path  # the trainer's scratch output_dir
     callbacks: list
     special_tokens: list = field(default_factory=list)  # added to the vocabulary (control tokens)
+    inputs: dict = field(default_factory=dict)  # {stage name: artifact path} of the other stages it reads
+
+
+def model_ref(ctx: StageContext, ref: str) -> str:
+    """A field naming a model: the artifact of that stage of the study, or a hub id / local path."""
+    return str(ctx.inputs.get(ref, ref))
 
 
 def load_input(ctx: StageContext):
@@ -100,9 +106,13 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
             model = model.merge_and_unload()
         model.save_pretrained(str(ctx.output_dir))
         tokenizer.save_pretrained(str(ctx.output_dir))
+    from farm.eval.diversity import prompt_diversity_of
+
+    prompts = [r.prompt for r in ctx.records if hasattr(r, "prompt")]
     return {
         "train_loss": result.training_loss,
         "train_steps": result.global_step,
         "train_seconds": result.metrics.get("train_runtime"),
         "train_rows": len(ctx.records),
+        **({"prompt_diversity": prompt_diversity_of(tokenizer, prompts)} if prompts else {}),
     }

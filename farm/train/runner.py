@@ -19,6 +19,8 @@ from transformers import TrainerCallback
 
 from farm.cache import PlannedStage, Store
 
+RECORDS_FILE = "records.jsonl"  # the records a stage that builds data writes
+
 
 def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storage: str, in_tune: bool) -> None:
     from ray.train import RunConfig, ScalingConfig
@@ -55,50 +57,61 @@ def _train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from farm.data.prepare import training_records
-    from farm.label.stage import read_scores
-    from farm.registry import stages
     from farm.spec import Study
-    from farm.train.base import StageContext
 
     quiet()
     study = Study.model_validate(config["study"])
     store = Store(config["storage"])
     rank = ray.train.get_context().get_world_rank()
-    for planned in (PlannedStage(**s) for s in config["stages"]):
-        stage = study.stages[planned.name]
-        torch.set_num_threads(max(1, int(stage.resources.cpus_per_worker)))
-        if store.done(planned.kind, planned.key):
-            continue
-        data = stage.data or study.data
-        scores = read_scores(store, data) if data.labels else None
-        records, audit = training_records(data, planned.seed, stage.shape, scores)
-        input_path = store.path(planned.input_kind, planned.input_key) if planned.input_key else None
-        record = {
-            "stage": planned.name,
-            "trial": config["trial"],
-            "seed": planned.seed,
-            "input_key": planned.input_key,
-            "config": stage.model_dump(mode="json"),
-            "audit": audit,
-        }
-        writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
-        with writing as out, tempfile.TemporaryDirectory() as work:
-            ctx = StageContext(
-                name=planned.name,
-                stage=stage,
-                model_spec=study.model,
-                seed=planned.seed,
-                input_path=input_path,
-                records=records,
-                special_tokens=data.special_tokens(),
-                output_dir=out,
-                work_dir=Path(work),
-                callbacks=[ProgressReport(planned.name)] + _fault(stage.fault, config["trial"], store, planned.key, rank),
-            )
-            record["metrics"] = stages.get(planned.kind)(ctx)
+    for planned in (PlannedStage(**{**s, "refs": tuple(map(tuple, s["refs"]))}) for s in config["stages"]):
+        torch.set_num_threads(max(1, int(study.stages[planned.name].resources.cpus_per_worker)))
+        run_stage(study, store, planned, config["trial"], rank)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the next stage on every rank loads what rank 0 just saved
+
+
+def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int) -> None:
+    """Read the stage's data (with its labels and the records of stages it reads), run it, and
+    write its artifact atomically (rank 0)."""
+    from farm.data.prepare import training_records
+    from farm.data.records import read_records
+    from farm.label.stage import read_scores
+    from farm.registry import stages
+    from farm.train.base import StageContext
+
+    if store.done(planned.kind, planned.key):
+        return
+    stage = study.stages[planned.name]
+    data = stage.data or study.data
+    inputs = {name: store.path(kind, key) for name, kind, key in planned.refs}
+    scores = read_scores(store, data) if data.labels else None
+    built = {s.stage: read_records(inputs[s.stage] / RECORDS_FILE) for s in data.sources if s.name == "stage"}
+    records, audit = training_records(data, planned.seed, stage.shape, scores, built)
+    record = {
+        "stage": planned.name,
+        "trial": trial,
+        "seed": planned.seed,
+        "input_key": planned.input_key,
+        "refs": [list(r) for r in planned.refs],
+        "config": stage.model_dump(mode="json"),
+        "audit": audit,
+    }
+    writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
+    with writing as out, tempfile.TemporaryDirectory() as work:
+        ctx = StageContext(
+            name=planned.name,
+            stage=stage,
+            model_spec=study.model,
+            seed=planned.seed,
+            input_path=store.path(planned.input_kind, planned.input_key) if planned.input_key else None,
+            records=records,
+            special_tokens=data.special_tokens(),
+            output_dir=out,
+            work_dir=Path(work),
+            callbacks=[ProgressReport(planned.name)] + _fault(stage.fault, trial, store, planned.key, rank) if stage.trains else [],
+            inputs=inputs,
+        )
+        record["metrics"] = stages.get(planned.kind)(ctx)
 
 
 def _fault(fault, trial: str, store: Store, key: str, rank: int) -> list:
