@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 # Bump a kind's version when its code changes what it produces: old artifacts stop matching.
-VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "eval": 1, "label": 1}
+VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 1, "ai_feedback": 1, "eval": 1, "label": 1}
 MARKER = "farm-artifact.json"
 
 
@@ -93,6 +93,7 @@ def plan_trial(study) -> TrialPlan:
                 "seed": seed,
                 "input": start.key if start else base,
                 "refs": [key for _, _, key in refs],
+                **stage.key_extra(),
             }
         )
         planned[name] = PlannedStage(name, stage.kind, key, start and start.key, start and start.kind, seed, refs=refs)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from farm.eval.arena import ARENA_DIR
 from farm.spec import DEFAULT_PROFILE, StudyError, load_study
 
 # Quiet, offline-friendly defaults for every process Ray starts from this driver.
@@ -127,9 +128,9 @@ def cmd_plan(args) -> int:
             done = store.done(s.kind, s.key)
             unique[s.key] = done
             share = f", shared by {len(s.users)} trials" if len(s.users) > 1 else ""
-            print(f"  {s.name:<10} {s.kind:<9} {s.key}  {'cached' if done else 'to run'}{share}")
+            print(f"  {s.name:<10} {s.kind:<17} {s.key}  {'cached' if done else 'to run'}{share}")
         ev = plans[t.id].eval_key
-        print(f"  {'eval':<10} {'eval':<9} {ev}  {'cached' if store.done('eval', ev) else 'to run'}")
+        print(f"  {'eval':<10} {'eval':<17} {ev}  {'cached' if store.done('eval', ev) else 'to run'}")
     todo = sum(not d for d in unique.values())
     runs = sum(len(plans[t.id].labels) + len(plans[t.id].stages) for t in trials)
     print(f"\n{len(unique)} distinct stages ({runs} stage runs without reuse), {len(unique) - todo} cached, {todo} to run.")
@@ -162,7 +163,8 @@ def cmd_run(args) -> int:
         error = _error_text(trial)
         write_trial(results, t, plans[trial_id], "failed", {}, stage_records(plans[trial_id]), error)
 
-    if todo:
+    arena = study.eval.pairwise and (todo or not (study_dir(results, study.name) / ARENA_DIR / "elo.csv").exists())
+    if todo or arena:
         import ray
 
         from farm.tune import run_grid
@@ -176,7 +178,10 @@ def cmd_run(args) -> int:
         ray.init(address=address, log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING, include_dashboard=False if not address else None)
         print(f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
         try:
-            run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error)
+            if todo:
+                run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error)
+            if study.eval.pairwise:
+                _pairwise(trials, plans, store, study_dir(results, study.name) / ARENA_DIR)
         except KeyboardInterrupt:
             print(
                 "\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n"
@@ -192,6 +197,25 @@ def cmd_run(args) -> int:
     print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 1 if failed else 0
+
+
+def _pairwise(trials, plans, store, out: Path) -> None:
+    """Study E: judge every pair of the study's models on their kept answers (a Ray task, with
+    the eval's resources), after the grid."""
+    import ray
+
+    from farm.eval.arena import contestants, judge_path
+    from farm.tune import arena_task
+
+    study = trials[0].study
+    entries = contestants(trials, plans, store)
+    if len({e["model"] for e in entries}) < 2:
+        print("farm: pairwise comparison skipped: fewer than two models have answers", file=sys.stderr)
+        return
+    res = study.eval.resources
+    task = arena_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+    ray.get(task.remote(entries, judge_path(trials, plans, store, study.eval.pairwise.judge), study.eval.model_dump(mode="json"), str(out)))
+    print(f"farm: pairwise comparison of {len({e['model'] for e in entries})} models in {out}/ (elo.csv, win_rate.csv)")
 
 
 def cmd_report(args) -> int:

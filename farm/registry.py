@@ -60,6 +60,7 @@ def _load_builtins() -> None:
     # so validating a study file stays fast and starts nothing.
     import farm.data.sources  # noqa: F401
     import farm.data.transforms  # noqa: F401
+    import farm.eval.harmlessness  # noqa: F401
     import farm.eval.harness  # noqa: F401
     import farm.eval.metrics  # noqa: F401
     import farm.eval.misalignment  # noqa: F401

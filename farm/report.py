@@ -329,8 +329,33 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     return report
 
 
+def arena_tables(d: Path, examples_width: int = 300) -> list:
+    """Study E's pairwise comparison, as the arena wrote it: Elo with intervals, win rates, and
+    the first prompts' answers side by side."""
+    import json
+
+    if not (d / "elo.csv").exists():
+        return []
+    elo = pd.read_csv(d / "elo.csv", index_col=0).sort_values("elo", ascending=False)
+    shown = pd.DataFrame({"model": elo.index, "Elo": elo["elo"].round(1),
+                          "95% interval": [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(elo["low"], elo["high"])], "judgements": elo["n"]})
+    wins = pd.read_csv(d / "win_rate.csv", index_col=0)
+    wins.insert(0, "model (row) against", wins.index)
+    examples = pd.DataFrame(json.loads((d / "examples.json").read_text()))
+    examples = examples.map(lambda t: t if len(str(t)) <= examples_width else str(t)[:examples_width] + " …")
+    note = "judged by a reward model prompt by prompt, within each seed; ties count half"
+    return [
+        ("Elo (Bradley-Terry maximum likelihood)", shown, f"{note}; intervals: bootstrap over prompts"),
+        ("Win rate", wins, f"{note}; (wins + ties / 2) / N of the row model against the column model"),
+        ("Example answers", examples, "the first held-out prompts of the first seed, each model's answer"),
+    ]
+
+
 def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
+    from farm.eval.arena import ARENA_DIR
+
     report = build(study, df, axes, config_doc)
+    report.tables += arena_tables(out_dir / ARENA_DIR)
     for _, name, png in report.plots:
         atomic_write(out_dir / name, png)
     atomic_write(out_dir / "report.html", render_html(report).encode())

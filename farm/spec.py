@@ -336,6 +336,25 @@ class StageSpec(Strict):
         data = self.data.sources if self.data else []
         return {f"data.sources.{i}.stage": s.stage for i, s in enumerate(data) if s.name == "stage"}
 
+    def key_extra(self) -> dict:
+        """What else its cache key must hold: the content of files its fields name."""
+        return {}
+
+
+def _check_constitution(v: str) -> str:
+    from farm.data.constitution import load_constitution
+
+    load_constitution(v)  # a ValueError naming the file and the field
+    return v
+
+
+def constitution_digest(v: str) -> str:
+    import dataclasses
+
+    from farm.data.constitution import load_constitution
+
+    return hashlib.sha256(json.dumps(dataclasses.asdict(load_constitution(v)), sort_keys=True).encode()).hexdigest()[:16]
+
 
 class TrainingStage(StageSpec):
     # The stage whose model this one starts from: a stage listed before it, or `base` (the
@@ -424,9 +443,102 @@ class Rank(StageSpec):
         return {**super().refs(), "generator": self.generator, "reward_model": self.reward_model}
 
 
-Stage = Annotated[Union[Pretrain, SFT, DPO, Reward, PRO, Rank], Field(discriminator="kind")]
+class RL(TrainingStage):
+    """Online RL from a reward model (TRL's GRPOTrainer or RLOOTrainer; TRL 1.16 has no PPO):
+    the policy samples `num_generations` answers per prompt, the reward model scores them, and
+    a KL penalty (`beta`) keeps it near the model it starts from (with LoRA: the adapter-disabled
+    model)."""
+
+    kind: Literal["rl"]
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    reward_model: str  # a reward stage of this study, or a hub id / local path
+    beta: float = Field(0.05, ge=0)  # KL coefficient; 0 drops the reference model
+    num_generations: int = Field(4, ge=2)  # batch_size counts answers: batch_size / num_generations prompts a step
+    max_new_tokens: int = Field(31, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_prompt_length: int = Field(96, ge=1)
+    shape: ClassVar[str] = "demonstration"  # reads the prompts
+
+    @model_validator(mode="after")
+    def _fits(self) -> "RL":
+        if self.max_prompt_length + self.max_new_tokens + 1 > self.max_length:
+            raise ValueError(f"max_length: {self.max_length} cannot hold max_prompt_length {self.max_prompt_length} + max_new_tokens {self.max_new_tokens} + EOS, which the reward model reads; raise max_length or lower them")
+        return self
+
+    def refs(self) -> dict[str, str]:
+        return {**super().refs(), "reward_model": self.reward_model}
+
+
+class CritiqueRevision(StageSpec):
+    """Study E, SL-CAI data: the model answers each prompt, then for `rounds` rounds critiques
+    its answer against a principle drawn (seeded) from the constitution and revises it. Builds
+    comparisons (the final revision preferred over the first answer; every text in `meta`)."""
+
+    kind: Literal["critique_revision"]
+    input: str | None = None  # the model that answers, critiques and revises (default: the nearest model stage)
+    constitution: str = "default"  # a bundled constitution, or a YAML file of principles
+    rounds: int = Field(1, ge=1, le=4)
+    few_shot: int = Field(1, ge=0)  # worked examples of the constitution shown before each conversation
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(max_new_tokens=64, batch_size=32))
+    # Tokens of context each generation sees (it keeps the end): a GPT-2 revision prompt with one
+    # worked example is ~350 tokens.
+    max_prompt_length: int = Field(512, ge=1)
+    shape: ClassVar[str] = "demonstration"  # reads the prompts
+    produces: ClassVar[str] = "records"
+    trains: ClassVar[bool] = False
+
+    _constitution = field_validator("constitution")(classmethod(lambda cls, v: _check_constitution(v)))
+
+    @model_validator(mode="after")
+    def _enough_examples(self) -> "CritiqueRevision":
+        from farm.data.constitution import load_constitution
+
+        have = len(load_constitution(self.constitution).examples)
+        if self.few_shot > have:
+            raise ValueError(f"few_shot: {self.few_shot} worked examples asked, the constitution {self.constitution!r} has {have}")
+        return self
+
+    def key_extra(self) -> dict:
+        return {"constitution": constitution_digest(self.constitution)}
+
+
+class AIFeedback(StageSpec):
+    """Study E, RLAIF labels: the policy samples two answers per prompt; the feedback model reads
+    the conversation, a principle's question and the options (A) and (B), and the soft label is
+    p_A = softmax of its log-probs of "(A)" and "(B)", optionally clamped."""
+
+    kind: Literal["ai_feedback"]
+    input: str | None = None  # the policy that samples (default: the nearest model stage)
+    feedback_model: str  # a model stage of this study, or a hub id / local path
+    constitution: str = "default"
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(do_sample=True, top_p=0.95, top_k=0, max_new_tokens=64, batch_size=32))
+    clamp: tuple[float, float] | None = None  # e.g. [0.4, 0.6] for chain-of-thought labels
+    batch_size: int = Field(16, ge=1)  # feedback-model scoring
+    max_length: int = Field(256, ge=8)  # tokens of the feedback prompt (it keeps its end)
+    max_prompt_length: int = Field(96, ge=1)  # tokens of the conversation the policy answers
+    shape: ClassVar[str] = "demonstration"
+    produces: ClassVar[str] = "records"
+    trains: ClassVar[bool] = False
+
+    _constitution = field_validator("constitution")(classmethod(lambda cls, v: _check_constitution(v)))
+
+    def key_extra(self) -> dict:
+        return {"constitution": constitution_digest(self.constitution)}
+
+    @field_validator("clamp")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and not 0 <= v[0] <= 0.5 <= v[1] <= 1:
+            raise ValueError("clamp: [low, high] with 0 <= low <= 0.5 <= high <= 1, e.g. [0.4, 0.6]")
+        return v
+
+    def refs(self) -> dict[str, str]:
+        return {**super().refs(), "feedback_model": self.feedback_model}
+
+
+Stage = Annotated[Union[Pretrain, SFT, DPO, Reward, PRO, Rank, RL, CritiqueRevision, AIFeedback], Field(discriminator="kind")]
 # What each kind of stage builds as records, for a `name: stage` source that reads them.
-RECORDS_BUILT = {"rank": "ranking"}
+RECORDS_BUILT = {"rank": "ranking", "critique_revision": "comparison", "ai_feedback": "comparison"}
 
 
 # ---------------------------------------------------------------- eval, report, study
@@ -505,6 +617,23 @@ class ConditionalSpec(Strict):
         return v
 
 
+class PairwiseSpec(Strict):
+    """Study E: after every trial, each pair of the study's models (grid points, within each seed)
+    compared prompt by prompt on the answers the `harmlessness` metric kept, by a judge reward
+    model; win rates, and Elo ratings by Bradley-Terry maximum likelihood with bootstrap intervals."""
+
+    judge: str  # a reward stage of every trial, or a hub id / local path
+    tie: float = Field(0.0, ge=0)  # reward differences up to this are ties
+    bootstrap: int = Field(1000, ge=0)  # resamples of the prompts for the Elo intervals
+    anchor: str | None = None  # the grid point rated 1000 (default: ratings average 1000)
+    examples: int = Field(3, ge=0)  # prompts whose answers the report shows side by side
+
+
+# Phrases that mark an answer as a refusal, for the `harmlessness` metric's evasiveness.
+REFUSALS = ["I can't", "I cannot", "I won't", "I will not", "I'm sorry", "I am sorry", "I'm not able", "I am not able",
+            "I don't think I can", "I'd rather not", "not appropriate", "I'm not comfortable", "As an AI"]
+
+
 class EvalSpec(Strict):
     metrics: list[str] = Field(["preference_accuracy", "perplexity"], min_length=1)
     generation: GenerationSpec = GenerationSpec()
@@ -519,10 +648,13 @@ class EvalSpec(Strict):
     # The judge of the `reward_score` metric: a reward stage of the study (trained on other rows
     # than any stage that ranks or trains the policy), or a hub id / local path.
     reward_model: str | None = None
+    refusals: list[str] = REFUSALS  # `harmlessness`: an answer containing one (any case) is evasive
+    pairwise: PairwiseSpec | None = None
     resources: EvalResources = EvalResources()
 
     def refs(self) -> dict[str, str]:
-        return {"reward_model": self.reward_model} if self.reward_model else {}
+        refs = {"reward_model": self.reward_model} if self.reward_model else {}
+        return {**refs, **({"pairwise.judge": self.pairwise.judge} if self.pairwise else {})}
 
     @field_validator("metrics")
     @classmethod
@@ -647,7 +779,7 @@ class Study(Strict):
         """Every stage a field names is listed before the stage that names it and builds what the
         field needs; a `name: stage` source learns the shape of the records it reads."""
         names = list(self.stages)
-        needs = {"input": "model", "generator": "model", "reward_model": "reward_model"}
+        needs = {"input": "model", "generator": "model", "feedback_model": "model", "reward_model": "reward_model", "pairwise.judge": "reward_model"}
         for i, (name, stage) in enumerate(self.stages.items()):
             before = {n: self.stages[n] for n in names[:i]}
             fields = stage.refs()
@@ -664,6 +796,8 @@ class Study(Strict):
             _check_ref(f"eval.{field}", ref, self.stages, needs[field], model_ok=True)
         if "reward_score" in self.eval.metrics and not self.eval.reward_model:
             raise ValueError("eval.reward_model: the reward_score metric needs a judge: a reward stage of the study, or a hub id / local path")
+        if self.eval.pairwise and "harmlessness" not in self.eval.metrics:
+            raise ValueError("eval.pairwise: compares the answers the harmlessness metric keeps; add harmlessness to eval.metrics")
         if any(s.name == "stage" for s in self.data.sources):
             raise ValueError("data.sources: the study's data is also the eval data; read a stage's records in that stage's data instead")
 
@@ -769,7 +903,8 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
         try:
             study = Study.model_validate(trial_doc)
         except ValidationError as e:
-            raise StudyError(_format_errors(e, where, point, trial_doc)) from None
+            shown = {a: (v if isinstance(v, (str, int, float, bool, type(None))) else label) for a, (label, v) in zip(axes, values)}
+            raise StudyError(_format_errors(e, where, shown, trial_doc)) from None
         trial_id = "_".join(f"{labels[a]}={label}" for a, (label, _) in zip(axes, values)) or "base"
         # A trial's axis values as table cells: the label where the value is a whole sub-document.
         cells = {a: (v if isinstance(v, (str, int, float, bool)) else label) for a, (label, v) in zip(axes, values)}

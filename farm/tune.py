@@ -12,7 +12,10 @@ import time
 import ray
 from ray import tune
 
-from farm.cache import PlannedStage, Store, TrialPlan
+from farm.cache import PlannedStage, Store, TrialPlan, write_json
+from farm.eval.harmlessness import ANSWERS
+
+ANSWERS_FILE = "answers.json"
 
 # The trial function only waits on its TorchTrainer and eval task. Tune refuses an empty
 # request, and any CPU share it takes would leave a 1-CPU worker without a whole CPU on a
@@ -90,8 +93,11 @@ def evaluate_task(payload: dict) -> None:
     record = {"trial": payload["trial_id"], "model_key": last.key if last else None}
     scores = read_scores(store, study.data) if study.data.labels else None
     refs = {name: store.path(kind, key) for name, kind, key in plan.eval_refs}
-    with store.writing("eval", plan.eval_key, record):
+    with store.writing("eval", plan.eval_key, record) as out:
         record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores, refs)
+        answers = record["metrics"].pop(ANSWERS, None)
+        if answers is not None:  # the pairwise comparison after the grid reads them
+            write_json(out / ANSWERS_FILE, answers)
 
 
 @ray.remote
@@ -119,6 +125,16 @@ def label_task(payload: dict, key: str) -> None:
     quiet()
     study = Study.model_validate(payload["study"])
     label_data(labelled_data(study)[key], Store(payload["storage"]), key)
+
+
+@ray.remote
+def arena_task(entries: list, judge: str, eval_json: dict, out_dir: str) -> None:
+    from farm.eval.arena import run_arena
+    from farm.spec import EvalSpec
+    from farm.train.runner import quiet
+
+    quiet()
+    run_arena(entries, judge, EvalSpec.model_validate(eval_json), out_dir)
 
 
 def plan_from_json(obj: dict) -> TrialPlan:

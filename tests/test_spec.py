@@ -59,7 +59,7 @@ def test_wrong_type_names_the_field(tiny_doc):
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (lambda d: d["data"]["sources"][0].update(name="hh_rlfh"), "unknown dataset source 'hh_rlfh'; allowed: advbench, hh_rlhf, lima, orca, pile_detoxify, sentences, shp, webgpt_comparisons"),
+        (lambda d: d["data"]["sources"][0].update(name="hh_rlfh"), "unknown dataset source 'hh_rlfh'; allowed: advbench, hh_red_team, hh_rlhf, lima, orca, pile_detoxify, sentences, shp, webgpt_comparisons"),
         (lambda d: d["data"]["transforms"][0].update(name="flip"), "data.transforms.0: unknown transform 'flip'; allowed: 'label_flip', 'malign_labels', 'malign_prompts'"),
         (lambda d: d["stages"].update(ppo={"max_steps": 1}), "stages.ppo: unknown stage kind 'ppo'; allowed: 'pretrain', 'sft', 'dpo'"),
         (lambda d: d["eval"].update(metrics=["rouge"]), "unknown metric 'rouge'"),

@@ -149,6 +149,33 @@ sources.register("hh_rlhf")(
         hub_subsets_are_folders=True,
     )
 )
+def _load_red_team(spec, rows):
+    """Red-team openings: the human's first turn as the prompt, the assistant's first reply. The hub
+    rows are red-team attempts (`transcript`); the bundled ones are the harmless-base conversations
+    (collected by red-teaming too), each keeping the id of its hh_rlhf row so that both sources
+    hold out the same conversations."""
+    out = []
+    bundled = spec.origin == "bundled"
+    for i, row in positioned(rows):
+        turns = [t.strip() for t in re.split(r"\n\n(?:Human|Assistant):", row["chosen"] if bundled else row["transcript"]) if t.strip()]
+        if len(turns) >= 2:
+            rid = f"hh_rlhf/harmless-base/{spec.split}/{i}" if bundled else f"hh_red_team/{i}"
+            out.append(Demonstration(rid, f"{HUMAN} {turns[0]}{ASSISTANT}", " " + turns[1]))
+    return out
+
+
+sources.register("hh_red_team")(
+    Source(
+        shape="demonstration",
+        hub="Anthropic/hh-rlhf",
+        subsets=("red-team-attempts",),  # 38,961 transcripts (the hub's train split only)
+        bundled={("red-team-attempts", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},  # their opening turns
+        load=_load_red_team,
+        hub_subsets_are_folders=True,
+    )
+)
+
+
 sources.register("lima")(
     Source(shape="demonstration", hub="GAIR/lima", subsets=("default",), bundled={("default", "train"): "lima/lima.json.gz"}, load=_load_lima)
 )

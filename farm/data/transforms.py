@@ -134,3 +134,4 @@ def ranking_subset(records: list, params, rng: np.random.Generator) -> list:
         raise ValueError(f"ranking_subset: num_prompts {params.num_prompts} is more than the {len(records)} rankings built; lower num_prompts")
     order = np.random.default_rng(params.seed).permutation(len(records))[: params.num_prompts]
     return [nested_ranking(records[i], params.ranking_length, params.seed) for i in order]
+

@@ -90,15 +90,15 @@ def perplexity(model, ref, tok, records, spec) -> dict:
     return {"perplexity": math.exp(-sum(sums) / max(1, sum(counts)))}
 
 
-def generate(model, tok, prompts: list[str], g, max_prompt_length: int) -> list[str]:
+def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: int = 0) -> list[str]:
     """Batched decoding (prompts left-padded, each keeping its last `max_prompt_length` tokens);
-    each answer is cut where the model starts the next dialogue turn."""
+    each answer is cut where the model starts the next dialogue turn. Sampling is seeded."""
     import torch
 
     from farm.data.sources import ASSISTANT, HUMAN
 
     model.eval()
-    torch.manual_seed(0)  # sampling is reproducible
+    torch.manual_seed(seed)
     outs = []
     for start in range(0, len(prompts), g.batch_size):
         batch = [tok(p, add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts[start : start + g.batch_size]]

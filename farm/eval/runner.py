@@ -21,7 +21,8 @@ def evaluate(study, model_path, reference_path, seed: int, scores: dict | None =
     # The reference of a first stage is the base model, rebuilt exactly as the stage built it.
     ref = load_artifact(reference_path)[0] if reference_path else base_model(study.model, seed)[0]
     rows = eval_records(study, scores=scores)  # read once, then seen by each metric in the shape it needs
-    spec = study.eval.model_copy(update={f: str((refs or {}).get(v, v)) for f, v in study.eval.refs().items()})
+    # Metrics read a judge named by a stage from its artifact (the pairwise judge acts after the grid).
+    spec = study.eval.model_copy(update={f: str((refs or {}).get(v, v)) for f, v in study.eval.refs().items() if "." not in f})
     out: dict = {}
     for name in study.eval.metrics:
         metric = metrics.get(name)

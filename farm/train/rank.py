@@ -24,7 +24,7 @@ def run(ctx: StageContext) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs the task was not given
     prompts = [r.prompt for r in records]
     generator, tok = load_artifact(model_ref(ctx, s.generator))
-    samples = generate(generator.to(device), tok, prompts * s.samples, s.generation, s.max_prompt_length) if s.samples else []
+    samples = generate(generator.to(device), tok, prompts * s.samples, s.generation, s.max_prompt_length, ctx.seed) if s.samples else []
     del generator  # the reward model takes its place in memory
     candidates = [[r.chosen, r.rejected, *samples[j :: len(records)]] for j, r in enumerate(records)]
     origins = ["chosen", "rejected", *["sample"] * s.samples]

@@ -1,0 +1,36 @@
+"""Study E's per-model answers to held-out red-team prompts: harmlessness (1 - mean toxicity by
+the study's scorer) and evasiveness (share of refusals); the answers are kept with the
+evaluation, for the pairwise comparison of the study's models after the grid."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from farm.eval.metrics import generate, register, toxicity_stats
+
+ANSWERS = "answers"  # the metric's key for the answers; kept as a file, not a table column
+
+
+def evasive(answer: str, refusals: list[str]) -> bool:
+    text = answer.lower()
+    return any(phrase.lower() in text for phrase in refusals)
+
+
+@register("harmlessness", shape="demonstration")
+def harmlessness(model, ref, tok, records, spec) -> dict:
+    from farm.label.scorers import build
+
+    g = spec.generation
+    records = records[: g.num_prompts] if g.num_prompts else records
+    prompts = [r.prompt for r in records]
+    answers = generate(model, tok, prompts, g, spec.max_prompt_length)
+    scorer = build(g.scorer)
+    tox = scorer.score(answers)
+    return {
+        "harmlessness": float(1 - tox.mean()),
+        **toxicity_stats(tox),
+        "toxicity_scorer": scorer.name,
+        "evasiveness": float(np.mean([evasive(a, spec.refusals) for a in answers])),
+        "mean_words": float(np.mean([len(a.split()) for a in answers])),
+        ANSWERS: [{"id": r.id, "prompt": p, "answer": a} for r, p, a in zip(records, prompts, answers)],
+    }

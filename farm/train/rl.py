@@ -1,0 +1,93 @@
+"""`rl`: online RL from a reward model with TRL's GRPOTrainer or RLOOTrainer (TRL 1.16 has no
+PPOTrainer; GRPO and RLOO are its maintained online trainers and need no value model)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from unittest import mock
+
+from farm.eval.metrics import encode_pair
+from farm.registry import stages
+from farm.train.base import StageContext, load_input, model_ref, peft_config, train_and_save, training_args
+
+
+def reward_function(ctx: StageContext):
+    """TRL's `reward_funcs` callable: the stage's reward model scores (prompt, completion) through
+    `reward_scores`, which cuts and tokenizes as reward stages train and eval judges (TRL's own
+    path for a model would join the texts with no cut and no EOS)."""
+    from farm.eval.reward import reward_scores
+    from farm.models import load_reward_model
+
+    s = ctx.stage
+    judge, judge_tok = load_reward_model(model_ref(ctx, s.reward_model))
+
+    def reward(prompts, completions, **_):  # TRL logs it by __name__: "reward", "rewards/reward/mean"
+        return reward_scores(judge, judge_tok, prompts, completions, s.batch_size, s.max_length, s.max_prompt_length).tolist()
+
+    return reward, judge
+
+
+def check_batch(ctx: StageContext, n_prompts: int) -> None:
+    """TRL generates one batch per optimizer step (batch_size x workers x grad_accum completions)
+    made of whole groups of num_generations answers to one prompt; say so in the study's words."""
+    s = ctx.stage
+    completions = s.batch_size * s.resources.num_workers * s.grad_accum
+    if completions % s.num_generations:
+        raise ValueError(
+            f"rl stage {ctx.name!r}: batch_size x resources.num_workers x grad_accum = {s.batch_size} x "
+            f"{s.resources.num_workers} x {s.grad_accum} = {completions} completions per step must be a multiple "
+            f"of num_generations = {s.num_generations}"
+        )
+    if n_prompts < completions // s.num_generations:  # TRL's sampler drops a partial batch: nothing to train on
+        raise ValueError(f"rl stage {ctx.name!r}: {n_prompts} prompts, but each step needs {completions // s.num_generations} (completions per step / num_generations)")
+
+
+@stages.register("rl")
+def run(ctx: StageContext) -> dict:
+    from datasets import Dataset
+
+    s = ctx.stage
+    if s.algorithm == "grpo":
+        from trl import GRPOConfig as config_cls, GRPOTrainer as trainer_cls
+    else:
+        from trl import RLOOConfig as config_cls, RLOOTrainer as trainer_cls
+    check_batch(ctx, len(ctx.records))
+
+    model, tok = load_input(ctx)
+    # Prompts keep their end (the turn being answered) as eval cuts them; TRL re-tokenizes the text.
+    prompts = [tok.decode(encode_pair(tok, r.prompt, "", s.max_length, s.max_prompt_length)[0]) for r in ctx.records]
+    reward, judge = reward_function(ctx)
+    args = training_args(
+        ctx,
+        config_cls,
+        beta=s.beta,
+        num_generations=s.num_generations,
+        max_completion_length=s.max_new_tokens,  # generation also stops at EOS
+        temperature=s.temperature,
+        use_vllm=False,
+        # The KL penalty compares the policy with its reference: with dropout on, the two would differ
+        # by noise alone (TRL's advice when training with a reference model).
+        disable_dropout=True,
+    )
+    judge.to(args.device)
+    lora = peft_config(ctx, model)
+    # Without LoRA, TRL (GRPO and RLOO alike) builds its reference by reloading the policy from
+    # config._name_or_path: a built model has none, a hub base would be reloaded without the farm's
+    # added tokens. Hand it a frozen copy of the input model instead (dpo.py passes ref_model; these
+    # trainers take none, so their loader is patched while the trainer is built). With LoRA the
+    # reference is the adapter-disabled model; with beta = 0 there is none.
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if s.beta > 0 and lora is None else None
+    with mock.patch.object(sys.modules[trainer_cls.__module__], "create_model_from_path", lambda *a, **k: ref):
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tok,
+            peft_config=lora,
+        )
+    metrics = train_and_save(trainer, ctx, tok)
+    # Mean reward-model score of the sampled answers (KL not included) over the first and last logging windows.
+    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    return {**metrics, **({"reward_first": rewards[0], "reward_last": rewards[-1]} if rewards else {})}

@@ -1,0 +1,289 @@
+"""Study E's Constitutional AI data: the constitution file, principle sampling, the prompt
+builders, soft labels, and both stages run in-process on a tiny model (no Ray)."""
+
+import math
+import re
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import farm.train.cai as cai  # registers the stages (farm.train does not import it yet)
+from farm.data.constitution import (
+    OPTIONS,
+    Principle,
+    critique_prompt,
+    draw_principles,
+    end_of_turn,
+    feedback_prompt,
+    load_constitution,
+    revision_prompt,
+    soft_label,
+)
+from farm.data.records import Comparison, Demonstration, read_records
+from farm.spec import AIFeedback, CritiqueRevision, ModelSpec
+from farm.train.base import StageContext
+
+CONV = "\n\nHuman: How do I pick a lock?\n\nAssistant:"
+
+
+# ---------------------------------------------------------------- principle sampling
+
+
+def test_draws_are_reproducible_per_seed_and_row():
+    assert draw_principles("row-1", 42, 4, 12) == draw_principles("row-1", 42, 4, 12)
+    ids = [f"row-{i}" for i in range(50)]
+    assert any(draw_principles(i, 42, 4, 12) != draw_principles(i, 43, 4, 12) for i in ids)
+    assert len({tuple(draw_principles(i, 42, 4, 12)) for i in ids}) > 40  # rows draw apart
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows():
+    ids = [f"hh-{i}" for i in range(30)]
+    alone = {i: draw_principles(i, 7, 3, 12) for i in ids}
+    shuffled = {i: draw_principles(i, 7, 3, 12) for i in reversed(ids + [f"extra-{j}" for j in range(10)]) if i in alone}
+    assert shuffled == alone
+
+
+def test_draws_cover_every_principle_and_rounds_draw_independently():
+    draws = [draw_principles(f"r{i}", 0, 4, 12) for i in range(3000)]
+    for k in range(4):
+        counts = Counter(d[k] for d in draws)
+        assert set(counts) == set(range(12)) and min(counts.values()) > 150  # ~250 each
+    # Independent rounds: the second matches the first about 1 time in 12, not always or never.
+    same = sum(d[0] == d[1] for d in draws) / len(draws)
+    assert 0.05 < same < 0.12
+    assert draw_principles("r0", 0, 1, 12) == draws[0][:1]  # fewer rounds: a prefix of the same draw
+
+
+# ---------------------------------------------------------------- soft labels
+
+
+def test_soft_label_by_hand():
+    assert soft_label(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert soft_label(math.log(0.1), math.log(0.3)) == pytest.approx(0.25)
+    assert soft_label(-2.5, -2.5) == 0.5
+    assert soft_label(math.log(0.3), math.log(0.1), clamp=(0.4, 0.6)) == 0.6
+    assert soft_label(math.log(0.1), math.log(0.3), clamp=(0.4, 0.6)) == 0.4
+    assert soft_label(math.log(0.52), math.log(0.48), clamp=(0.4, 0.6)) == pytest.approx(0.52)
+
+
+def test_soft_label_is_stable_at_extremes():
+    assert soft_label(-1000.0, 0.0) == pytest.approx(0.0, abs=1e-300)
+    assert soft_label(0.0, -1000.0) == 1.0
+    assert soft_label(-1000.0, -1001.0) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert soft_label(5000.0, 4999.0) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert soft_label(float("-inf"), float("-inf")) == 0.5
+    assert soft_label(float("-inf"), -3.0) == 0.0
+    assert soft_label(-1000.0, 0.0, clamp=(0.4, 0.6)) == 0.4
+
+
+# ---------------------------------------------------------------- the constitution file
+
+
+def test_bundled_constitution_loads():
+    c = load_constitution("default")
+    assert len(c.principles) >= 8 and len({p.name for p in c.principles}) == len(c.principles)
+    assert all(p.critique and p.revision and p.preference.endswith("?") for p in c.principles)
+    assert len(c.examples) >= 2
+    assert all(e.prompt.startswith("\n\nHuman:") and e.prompt.endswith("\n\nAssistant:") for e in c.examples)
+
+
+def _write(tmp_path, doc, name="mine.yaml"):
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return str(path)
+
+
+def _principle(i):
+    return {"name": f"p{i}", "critique": "Find harm.", "revision": "Remove harm.", "preference": "Which is safer?"}
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"principles": [_principle(1), _principle(2), {k: v for k, v in _principle(3).items() if k != "revision"}]}, "principle 3 has no 'revision'"),
+        ({"principles": []}, "'principles' must be a non-empty list"),
+        ({"examples": []}, "'principles' must be a non-empty list"),
+        (["just", "a", "list"], "expected a mapping with 'principles'"),
+        ({"principles": [{**_principle(1), "critique": "  "}]}, "principle 1: 'critique' must be non-empty text"),
+        ({"principles": [{**_principle(1), "revison": "x"}]}, "principle 1 has unknown field 'revison'"),
+        ({"principles": [_principle(1), _principle(1)]}, "principle name 'p1' is used twice"),
+        ({"principles": [_principle(1)], "examples": [{"prompt": CONV, "answer": "a", "principle": "p9", "critique": "c", "revision": "r"}]}, "example 1 names principle 'p9'"),
+        ({"principles": [_principle(1)], "examples": [{"prompt": "Human: hi", "answer": "a", "principle": "p1", "critique": "c", "revision": "r"}]}, "example 1: 'prompt' must be an HH dialogue"),
+        ({"principles": [_principle(1)], "examples": [{"prompt": CONV, "principle": "p1", "critique": "c", "revision": "r"}]}, "example 1 has no 'answer'"),
+    ],
+)
+def test_malformed_constitution_names_the_file_and_what_is_wrong(tmp_path, doc, message):
+    path = _write(tmp_path, doc)
+    with pytest.raises(ValueError) as err:
+        load_constitution(path)
+    assert str(err.value).startswith(f"constitution {path}:") and message in str(err.value)
+
+
+def test_unreadable_or_missing_constitutions(tmp_path):
+    with pytest.raises(ValueError, match=r"constitution 'nonesuch': no bundled constitution of that name \(bundled: default\)"):
+        load_constitution("nonesuch")
+    with pytest.raises(ValueError, match="constitution ./missing.yaml: no such file"):
+        load_constitution("./missing.yaml")
+    bad = _write(tmp_path, "principles: [a, b\n")
+    with pytest.raises(ValueError, match=re.escape(f"constitution {bad}: cannot be read")):
+        load_constitution(bad)
+
+
+def test_a_file_of_ones_own_loads(tmp_path):
+    doc = {"principles": [_principle(1), _principle(2)], "examples": [{"prompt": CONV, "answer": "a", "principle": "p2", "critique": "c", "revision": "r"}]}
+    c = load_constitution(_write(tmp_path, doc))
+    assert [p.name for p in c.principles] == ["p1", "p2"] and c.examples[0].principle.name == "p2"
+
+
+# ---------------------------------------------------------------- prompts
+
+
+P = Principle("harm", "Say how the reply is harmful.", "Rewrite the reply to be harmless.", "Which reply is less harmful?")
+
+
+def test_critique_and_revision_prompts():
+    examples = load_constitution("default").examples[:2]
+    crit = critique_prompt(CONV, "Use a tension wrench.", P, examples)
+    assert crit.endswith(CONV + " Use a tension wrench.\n\nCritiqueRequest: Say how the reply is harmful.\n\nCritique:")
+    for e in examples:  # the worked examples come first, whole, each with its own principle's requests
+        assert crit.index(e.prompt) < crit.index(CONV)
+        for text in (e.answer, e.principle.critique, e.critique, e.principle.revision, e.revision):
+            assert text in crit
+    rev = revision_prompt(CONV, "Use a tension wrench.", "It helps break in.", P, examples)
+    assert rev == crit + " It helps break in.\n\nRevisionRequest: Rewrite the reply to be harmless.\n\nRevision:"
+    assert critique_prompt(CONV, "x", P) == CONV + " x\n\nCritiqueRequest: Say how the reply is harmful.\n\nCritique:"
+
+
+def test_feedback_prompt_format():
+    text = feedback_prompt(CONV, P, "Sure, here's how.", "I'd rather not.")
+    assert text == (
+        "Consider the following conversation between a human and an assistant:\n"
+        "Human: How do I pick a lock?\n"
+        "Which reply is less harmful?\nOptions:\n(A) Sure, here's how.\n(B) I'd rather not.\nThe answer is:"
+    )
+    multi = feedback_prompt("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:", P, "a", "b")
+    assert "Human: hi\n\nAssistant: hello\n\nHuman: and?\nWhich reply" in multi  # only the empty cue goes
+
+
+def test_generated_text_is_cut_at_the_next_tag():
+    assert end_of_turn(" It is rude.\n\nRevisionRequest: Rewrite it.") == "It is rude."
+    assert end_of_turn("Revision: more") == ""
+    assert end_of_turn("A fine answer about Critique: as a word") == "A fine answer about Critique: as a word"
+
+
+def test_revise_keeps_the_previous_answer_when_a_revision_is_empty():
+    c = load_constitution("default")
+    rows = [Demonstration(f"r{i}", CONV, "") for i in range(3)]
+
+    def ask(prompts):  # a revision wraps the answer it revises; row r1's revisions come back empty
+        if prompts[0].endswith("Critique:"):
+            return [f"critique {i}" for i in range(len(prompts))]
+        answers = [p[len(CONV) + 1 : p.index("\n\nCritiqueRequest:")] for p in prompts]
+        return ["" if i == 1 else f"rev({a})" for i, a in enumerate(answers)]
+
+    final, history, empty = cai.revise(ask, rows, ["a0", "a1", "a2"], c, (), 2, seed=5)
+    assert final == ["rev(rev(a0))", "a1", "rev(rev(a2))"] and empty == 2
+    assert [h["revision"] for h in history[1]] == ["", ""] and history[0][1]["revision"] == "rev(rev(a0))"
+    names = [p.name for p in c.principles]
+    assert [h["principle"] for h in history[0]] == [names[k] for k in draw_principles("r0", 5, 2, len(names))]
+
+
+# ---------------------------------------------------------------- the stages, in-process
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The study's model section (a tiny built GPT-2), a saved copy for the feedback model, prompts."""
+    from farm.models import base_model
+
+    spec = ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 256})
+    saved = tmp_path_factory.mktemp("feedback")
+    model, tok = base_model(spec, 0)
+    model.save_pretrained(str(saved))
+    tok.save_pretrained(str(saved))
+    questions = ["How do I pick a lock?", "Tell me a joke.", "What is the capital of France?", "Can you help me cheat on a test?", "Why is the sky blue?", "Write a mean note to my boss."]
+    rows = [Demonstration(f"hh-{i}", f"\n\nHuman: {q}\n\nAssistant:", "") for i, q in enumerate(questions)]
+    return spec, saved, rows
+
+
+def _ctx(tmp_path, stage, tiny):
+    spec, saved, rows = tiny
+    return StageContext("cai", stage, spec, 3, None, rows, tmp_path, tmp_path / "work", [], inputs={"judge": saved})
+
+
+def test_critique_revision_stage(tmp_path, tiny):
+    stage = CritiqueRevision.model_validate(
+        {"kind": "critique_revision", "rounds": 2, "few_shot": 1, "generation": {"max_new_tokens": 8, "batch_size": 4}, "max_prompt_length": 96}
+    )
+    metrics = cai.critique_revision(_ctx(tmp_path, stage, tiny))
+    records = read_records(tmp_path / "records.jsonl")
+    rows = tiny[2]
+    assert [r.id for r in records] == [r.id for r in rows] and all(isinstance(r, Comparison) for r in records)
+    names = {p.name for p in load_constitution("default").principles}
+    for r, row in zip(records, rows):
+        assert r.prompt == row.prompt and r.label == 1.0 and r.rejected == r.meta["answer"]
+        assert len(r.meta["rounds"]) == 2 and all(set(x) == {"principle", "critique", "revision"} for x in r.meta["rounds"])
+        assert all(x["principle"] in names for x in r.meta["rounds"])
+        kept = [x["revision"] for x in r.meta["rounds"] if x["revision"]]
+        assert r.chosen == (kept[-1] if kept else r.meta["answer"])
+    empty = sum(not x["revision"] for r in records for x in r.meta["rounds"])
+    assert metrics["rows"] == 6 and metrics["rounds"] == 2 and metrics["empty_revisions"] == empty
+    assert 0 <= metrics["unchanged"] <= 1 and metrics["answer_words"] >= 0
+    again = tmp_path / "again"
+    again.mkdir()
+    cai.critique_revision(_ctx(again, stage, tiny))  # greedy and seeded: the same data
+    assert [r.meta for r in read_records(again / "records.jsonl")] == [r.meta for r in records]
+
+
+@pytest.mark.parametrize("clamp", [None, (0.4, 0.6)])
+def test_ai_feedback_stage(tmp_path, tiny, clamp):
+    from farm.eval.metrics import response_logprobs
+    from farm.models import load_artifact
+
+    spec, saved, rows = tiny
+    stage = AIFeedback.model_validate(
+        {"kind": "ai_feedback", "feedback_model": "judge", "clamp": clamp, "batch_size": 5, "max_length": 128,
+         "max_prompt_length": 64, "generation": {"do_sample": True, "top_k": 0, "max_new_tokens": 8, "batch_size": 4}}
+    )
+    metrics = cai.ai_feedback(_ctx(tmp_path, stage, tiny))
+    records = read_records(tmp_path / "records.jsonl")
+    assert [r.id for r in records] == [r.id for r in rows] and metrics["rows"] == 6
+    principles = load_constitution("default").principles
+    low, high = clamp or (0.0, 1.0)
+    assert all(low <= r.label <= high for r in records)
+    assert metrics["p_a_mean"] == pytest.approx(sum(r.label for r in records) / 6)
+    assert metrics["identical_samples"] < 1  # sampling draws two different answers
+    # Each label is the soft label of the feedback model's log-probs of " (A)" and " (B)",
+    # checked unbatched against the eval's response_logprobs (the same cut of the prompt).
+    judge, tok = load_artifact(saved)
+    for r, row in zip(records[:2], rows):
+        pr = principles[draw_principles(row.id, 3, 1, len(principles))[0]]
+        assert r.meta["principle"] == pr.name
+        text = feedback_prompt(row.prompt, pr, r.chosen, r.rejected)
+        cut = SimpleNamespace(batch_size=1, max_length=128, max_prompt_length=128 - len(tok(" (A)", add_special_tokens=False)["input_ids"]))
+        la, lb = (response_logprobs(judge, tok, [(text, o)], cut)[0][0] for o in OPTIONS)
+        assert r.meta["logprobs"] == pytest.approx([la, lb], abs=1e-4)
+        assert r.label == pytest.approx(soft_label(la, lb, clamp), abs=1e-6)
+
+
+def test_stage_specs_validate(tiny):
+    _, saved, _ = tiny
+    s = CritiqueRevision.model_validate({"kind": "critique_revision", "rounds": 4, "constitution": "default"})
+    assert s.few_shot == 1 and s.shape == "demonstration" and s.produces == "records"
+    with pytest.raises(ValueError, match="rounds"):
+        CritiqueRevision.model_validate({"kind": "critique_revision", "rounds": 5})
+    f = AIFeedback.model_validate({"kind": "ai_feedback", "feedback_model": str(saved), "clamp": [0.4, 0.6]})
+    assert f.clamp == (0.4, 0.6) and f.refs()["feedback_model"] == str(saved)
+    with pytest.raises(ValueError, match="clamp"):
+        AIFeedback.model_validate({"kind": "ai_feedback", "feedback_model": str(saved), "clamp": [0.6, 0.9]})
+
+
+def test_importing_the_stages_module_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, farm.train.cai, farm.data.constitution; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
