@@ -3,7 +3,8 @@
 A stage's key hashes its resolved config, its input stage's key and a code version, so two
 trials that would run the same stage share one artifact, and a rerun skips finished work.
 An artifact is written under a temporary name, marked complete, fsynced and renamed: a
-half-written one is never visible under its final name.
+half-written one is never visible under its final name. On an object store (a `s3://` root) the
+marker is uploaded last instead, and only an artifact with its marker is read (see `Store`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+from pyarrow.fs import FileSystem, LocalFileSystem, copy_files
 
 # Bump a kind's version when its code changes what it produces: old artifacts stop matching.
 VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 1, "ai_feedback": 1, "eval": 1, "label": 1}
@@ -145,18 +147,43 @@ def plan_study(trials) -> dict[str, TrialPlan]:
 
 
 class Store:
-    """Artifacts under `<root>/artifacts/<kind>-<key>/`, each with a completion marker."""
+    """Artifacts under `<root>/artifacts/<kind>-<key>/`, each with a completion marker.
+
+    `root` is a local folder (or an NFS mount) or a URI that pyarrow understands (`s3://`, `gs://`,
+    `file://`). Under a local folder an artifact is written under a temporary name and renamed
+    into place. An object store has no rename: the files are uploaded first and the marker last,
+    so the marker is what makes an artifact visible, and a folder without one is never read.
+    Either way `path()` is a local folder: under a URI root, this node's copy of the artifact
+    (`$FARM_CACHE/store/<hash of root>/`), downloaded on first use."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
+        self.uri = str(root).rstrip("/") if is_uri(root) else None
+        if self.uri:
+            self.fs, self.base = FileSystem.from_uri(self.uri)
+            self.root = self.uri
+            self.cache = cache_dir() / "store" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        else:
+            self.root = Path(root).resolve()
 
     def path(self, kind: str, key: str) -> Path:
-        return self.root / "artifacts" / f"{kind}-{key}"
+        if not self.uri:
+            return self.root / "artifacts" / f"{kind}-{key}"
+        local = self.cache / f"{kind}-{key}"
+        if not local.exists() and self.done(kind, key):
+            # Download under a temporary name then rename: a reader beside us sees all or nothing.
+            tmp = self.cache / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                copy_files(self._remote(kind, key), str(tmp), source_filesystem=self.fs, destination_filesystem=LocalFileSystem())
+                _move(tmp, local)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return local
 
     def marker(self, kind: str, key: str) -> dict | None:
         """The completed artifact's record, or None if it is absent or incomplete."""
         try:
-            record = json.loads((self.path(kind, key) / MARKER).read_text())
+            record = json.loads(self.read_text(f"artifacts/{kind}-{key}/{MARKER}"))  # from the root, not a local copy
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         return record if record.get("key") == key else None
@@ -164,21 +191,31 @@ class Store:
     def done(self, kind: str, key: str) -> bool:
         return self.marker(kind, key) is not None
 
-    def lock(self, key: str) -> FileLock:
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+    def lock(self, key: str):
+        """A file lock on a local disk or an NFS mount (a `file://` URI is one too). An object store
+        has none: trials on two nodes may then build the same stage at once, which is harmless
+        (same key, same content): the first marker wins and the later writer skips its upload."""
+        folder = self.root if not self.uri else Path(self.base) if isinstance(self.fs, LocalFileSystem) else None
+        if folder is None:
+            return contextlib.nullcontext()
+        (folder / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(folder / "locks" / f"{key}.lock"))
 
     @contextlib.contextmanager
     def writing(self, kind: str, key: str, record: dict):
         """Yield a temporary folder; on success mark it complete and move it into place.
 
         `record` is filled by the caller inside the block and written as the marker."""
-        final = self.path(kind, key)
+        final = self.path(kind, key) if not self.uri else self.cache / f"{kind}-{key}"
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             yield tmp
-            write_json(tmp / MARKER, {**record, "key": key, "kind": kind})
+            marker = {**record, "key": key, "kind": kind}
+            if self.uri:
+                self._publish(tmp, kind, key, marker)
+                return
+            write_json(tmp / MARKER, marker)
             _fsync_tree(tmp)
             if final.exists():  # an incomplete leftover, or a twin that finished first
                 if self.done(kind, key):
@@ -190,6 +227,58 @@ class Store:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish(self, tmp: Path, kind: str, key: str, marker: dict) -> None:
+        """Upload the files, then the marker; keep the folder as this node's copy."""
+        if self.done(kind, key):  # a twin finished first: its artifact stands
+            return
+        # Files left by a writer that died before its marker are overwritten, never trusted.
+        copy_files(str(tmp), self._remote(kind, key), source_filesystem=LocalFileSystem(), destination_filesystem=self.fs)
+        write_json(tmp / MARKER, marker)
+        self.write_text(f"artifacts/{kind}-{key}/{MARKER}", (tmp / MARKER).read_text())
+        _move(tmp, self.cache / f"{kind}-{key}")
+
+    def _remote(self, kind: str, key: str) -> str:
+        return f"{self.base}/artifacts/{kind}-{key}"
+
+    def read_text(self, rel: str) -> str:
+        """A small file under the root (FileNotFoundError if absent)."""
+        if not self.uri:
+            return (self.root / rel).read_text()
+        with self.fs.open_input_stream(f"{self.base}/{rel}") as f:
+            return f.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write a small file under the root (one put on an object store: whole or absent)."""
+        if not self.uri:
+            return atomic_write(self.root / rel, text.encode())
+        self.fs.create_dir(f"{self.base}/{rel}".rsplit("/", 1)[0])
+        with self.fs.open_output_stream(f"{self.base}/{rel}") as f:
+            f.write(text.encode())
+
+
+def is_uri(root) -> bool:
+    """`s3://bucket/x`, `gs://...`, `file:///...`: a pyarrow filesystem URI rather than a local path."""
+    return "://" in str(root)
+
+
+def join(root: str, *parts: str) -> str:
+    """A path under a storage root, local or URI (Path would turn `s3://b` into `s3:/b`)."""
+    return "/".join([str(root).rstrip("/"), *parts]) if is_uri(root) else str(Path(root, *parts))
+
+
+def cache_dir() -> Path:
+    """This node's cache (downloaded artifacts, scorer models): $FARM_CACHE, else ~/.cache/farm."""
+    return Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
+
+
+def _move(tmp: Path, final: Path) -> None:
+    """Rename a finished local folder into place, unless a concurrent writer got there first."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
 
 
 def write_json(path: Path, obj) -> None:

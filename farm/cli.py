@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("study", help="the study file, e.g. jobs/quickstart.yaml")
         q.add_argument("--profile", default=DEFAULT_PROFILE, help="profile of the study file to apply (default: embedded)")
         q.add_argument("--results", default=os.environ.get("FARM_RESULTS", "results"), help="results folder (default: results/)")
-        q.add_argument("--storage", default=os.environ.get("FARM_STORAGE"), help="artifact store (default: <results>/.store); a shared path on a cluster")
+        q.add_argument("--storage", default=os.environ.get("FARM_STORAGE"), help="artifact store (default: <results>/.store); on a cluster a shared path or a URI (s3://bucket/prefix, gs://...)")
         q.add_argument("--max-trials", type=int, default=1000, help="refuse grids larger than this")
 
     run = sub.add_parser("run", help="run every trial of a study and write its results and report")
@@ -51,8 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     run.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="list the trials and their stages, marking cached ones")
+    plan = sub.add_parser("plan", help="list the trials and their stages, marking cached ones, and estimate their GPU-hours")
     study_args(plan)
+    # The cost model (farm/estimate.py): time = tokens x cost / throughput, scaled by model size;
+    # full fine-tuning costs 1.5x LoRA, forward-only passes 0.5x; eval and labelling not estimated.
+    plan.add_argument("--throughput", type=float, default=3000, metavar="TOKENS_PER_S",
+                      help="training tokens/s per GPU with LoRA for a model of --throughput-params parameters (default: 3000, "
+                      "a 7B model in bf16 on an A100); a model of P parameters is taken as P/PARAMS times slower, full "
+                      "fine-tuning as 1.5x and forward-only passes (reference, reward models) as 0.5x its cost")
+    plan.add_argument("--throughput-params", type=float, default=7e9, metavar="PARAMS",
+                      help="the model size both throughput figures are for (default: 7e9)")
+    plan.add_argument("--gen-throughput", type=float, default=1500, metavar="TOKENS_PER_S",
+                      help="generated tokens/s per GPU at --throughput-params (default: 1500, batched HF generate of a 7B model)")
     plan.set_defaults(func=cmd_plan)
 
     report = sub.add_parser("report", help="rebuild the table and report of a study from its results")
@@ -109,11 +119,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _storage(args) -> str:
+    from farm.cache import is_uri
+
+    if args.storage and is_uri(args.storage):  # s3://bucket/prefix: shared by every node as is
+        return args.storage.rstrip("/")
     return str(Path(args.storage or Path(args.results) / ".store").resolve())
 
 
 def cmd_plan(args) -> int:
     from farm.cache import Store, plan_study
+    from farm.estimate import Rates, estimate_study
 
     trials = load_study(args.study, args.profile, args.max_trials)
     plans = plan_study(trials)
@@ -134,7 +149,37 @@ def cmd_plan(args) -> int:
     todo = sum(not d for d in unique.values())
     runs = sum(len(plans[t.id].labels) + len(plans[t.id].stages) for t in trials)
     print(f"\n{len(unique)} distinct stages ({runs} stage runs without reuse), {len(unique) - todo} cached, {todo} to run.")
+
+    rates = Rates(args.throughput, args.throughput_params, args.gen_throughput)
+    estimates, models = estimate_study(trials, plans, rates)
+    print("\nEstimated cost, each distinct stage once (tokens: every row at max_length, every answer at max_new_tokens: upper bounds)")
+    print("  " + ", ".join(f"{m}: {_count(p, 'parameters') if p else 'unknown size'}" for m, p in models.items()))
+    print(f"  {'stage':<10} {'kind':<17} {'rows':>10} {'tokens':>8} {'GPUs':>5} {'GPU-hours':>10}  trials (the trial when one)")
+    for e in estimates:
+        rows = "-" if e.gpus is None else f"{e.rows:,.0f}" if e.rows is not None else "unknown"
+        gpus = "-" if e.gpus is None else f"{e.gpus:g}" if e.gpus else "CPU"
+        hours = f"{e.hours:,.2f}" if e.hours is not None else "-"
+        print(f"  {e.name:<10} {e.kind:<17} {rows:>10} {_count(e.tokens) if e.tokens else '-':>8} {gpus:>5} {hours:>10}  {len(e.users) if len(e.users) > 1 else e.users[0]}  {e.note}".rstrip())
+    known = [e for e in estimates if e.hours is not None]
+    total, left = sum(e.hours for e in known), sum(e.hours for e in known if not unique[e.key])
+    if any(e.gpus for e in estimates):
+        print(f"  total: {total:,.1f} GPU-hours ({left:,.1f} not cached); {sum(e.hours * len(e.users) for e in known):,.1f} GPU-hours without reuse")
+    else:
+        print("  total: no GPU-hours, every stage runs on CPU")
+    unknown = [e.name for e in estimates if e.hours is None and e.gpus and e.kind != "label"]
+    if unknown:
+        print(f"  not in the total (unknown): {', '.join(_distinct(unknown))}")
+    print(f"  eval ({len({plans[t.id].eval_key for t in trials})} runs) and labelling: not estimated")
+    print(f"  assumed: {args.throughput:,.0f} training tokens/s per GPU with LoRA (full fine-tuning 1.5x, forward-only passes 0.5x) and "
+          f"{args.gen_throughput:,.0f} generated tokens/s, for a model of {_count(args.throughput_params, 'parameters')}, "
+          "inversely with model size (--throughput, --gen-throughput, --throughput-params)")
     return 0
+
+
+def _count(n: float, unit: str = "") -> str:
+    """1.3B, 80.7M, 950.3K: a count for people."""
+    scaled = next(((n / f, s) for f, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")) if abs(n) >= f), (n, ""))
+    return f"{scaled[0]:.3g}{scaled[1]}" + (f" {unit}" if unit else "")
 
 
 def cmd_run(args) -> int:

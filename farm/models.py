@@ -127,3 +127,78 @@ def lora_config(lora, model, task_type: str = "CAUSAL_LM"):
         fan_in_fan_out=fan_in_fan_out,
         task_type=task_type,  # SEQ_CLS also trains (and saves) the reward head
     )
+
+
+# DeepSpeed ZeRO presets a stage names with `deepspeed: zero2 | zero3 | zero3_offload`. Every
+# "auto" is filled by transformers from the stage's TrainingArguments (batch size, grad_accum,
+# lr, weight decay, max_grad_norm, bf16) and the model's hidden size (bucket sizes), so one
+# preset fits every model and stage. There is no "scheduler" block on purpose: without it
+# transformers keeps the stage's own `lr_scheduler` and warmup; a DeepSpeed scheduler would
+# replace them. The optimizer block is there so that ZeRO-Offload steps with DeepSpeed's CPU Adam.
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+
+
+def deepspeed_config(value, check_installed: bool = False) -> dict | str | None:
+    """The DeepSpeed config for a stage's `deepspeed` field: a preset name gives its dict, a path
+    its JSON file (loaded), a dict is passed through, None stays None. `check_installed` (set
+    when a stage is about to run) fails early, and clearly, when DeepSpeed is not installed:
+    transformers' own error names neither the package to install nor the stage."""
+    if value is None:
+        return None
+    if check_installed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError("the stage sets `deepspeed` but DeepSpeed is not installed: pip install 'farm[deepspeed]'")
+    if isinstance(value, dict):
+        return value
+    if value in DEEPSPEED_PRESETS:
+        return _deepspeed_preset(value)
+    return _deepspeed_file(value)
+
+
+def _deepspeed_preset(name: str) -> dict:
+    zero = {
+        "stage": 3 if name.startswith("zero3") else 2,
+        "overlap_comm": True,  # reduce gradients while the backward pass goes on
+        "contiguous_gradients": True,  # fewer copies and less fragmentation
+        "reduce_bucket_size": "auto",
+    }
+    if zero["stage"] == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            # Gather the partitioned weights when the model is saved: the artifact must be a
+            # whole model that the next stage and eval load without DeepSpeed.
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    if name == "zero3_offload":  # optimizer state and parameters in (pinned) host memory
+        zero |= {
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "offload_param": {"device": "cpu", "pin_memory": True},
+        }
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
+def _deepspeed_file(path) -> dict:
+    import json
+
+    file = Path(path).expanduser()
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"deepspeed config {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"deepspeed config {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"deepspeed config {str(path)!r} must hold a JSON object, not {type(doc).__name__}")
+    return doc

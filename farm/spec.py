@@ -370,14 +370,24 @@ class TrainingStage(StageSpec):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(128, ge=8)
     lora: LoRA | None = None
-    deepspeed: str | dict | None = None  # a DeepSpeed config (path or dict) for the HF trainer
+    # DeepSpeed for the HF trainer: a preset (farm.models.DEEPSPEED_PRESETS), a .json file or an
+    # inline dict. A file is read here and kept as its dict: the cache key then holds what the
+    # file says, not where it was, and Ray workers (other cwd, other node) need no copy of it.
+    deepspeed: str | dict | None = None
 
     @field_validator("deepspeed")
     @classmethod
-    def _deepspeed_file(cls, v):
-        if isinstance(v, str) and not Path(v).expanduser().exists():
-            raise ValueError(f"deepspeed config file {v!r} does not exist")
-        return v
+    def _deepspeed(cls, v):
+        from farm.models import DEEPSPEED_PRESETS, deepspeed_config
+
+        if not isinstance(v, str) or v in DEEPSPEED_PRESETS:
+            return v
+        allowed = f"allowed: {', '.join(DEEPSPEED_PRESETS)}, a path to a .json file or an inline mapping"
+        if not v.endswith(".json"):
+            raise ValueError(f"unknown DeepSpeed config {v!r}; {allowed}")
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"deepspeed config file {v!r} does not exist; {allowed}")
+        return deepspeed_config(v)  # a ValueError naming the file if it is not a JSON object
 
 
 class Pretrain(TrainingStage):

@@ -12,7 +12,7 @@ import time
 import ray
 from ray import tune
 
-from farm.cache import PlannedStage, Store, TrialPlan, write_json
+from farm.cache import PlannedStage, Store, TrialPlan, join, write_json
 from farm.eval.harmlessness import ANSWERS
 
 ANSWERS_FILE = "answers.json"
@@ -206,7 +206,7 @@ def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: i
         ),
         run_config=RunConfig(
             name=experiment,
-            storage_path=str(storage) + "/tune",
+            storage_path=join(storage, "tune"),  # a local path or a URI (s3://...)
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=[Progress(on_complete, on_error)],
             verbose=0,

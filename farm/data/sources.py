@@ -10,7 +10,7 @@ import csv
 import gzip
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
 
@@ -28,6 +28,9 @@ class Source:
     bundled: dict[tuple[str, str], str]  # (subset, split) -> asset path
     load: Callable  # (spec, rows) -> records
     hub_subsets_are_folders: bool = False  # the hub keeps each subset in its own data_dir
+    # (subset, split) -> rows on the hub (from the dataset cards), for `farm plan`'s cost estimate
+    # of a hub source read whole (no sample or limit); rows before the loader drops any.
+    hub_rows: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def asset_path(rel: str):
@@ -147,6 +150,13 @@ sources.register("hh_rlhf")(
         bundled={("harmless-base", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},
         load=_load_hh,
         hub_subsets_are_folders=True,
+        hub_rows={
+            ("harmless-base", "train"): 42_537, ("harmless-base", "test"): 2_312,
+            ("helpful-base", "train"): 43_835, ("helpful-base", "test"): 2_354,
+            ("helpful-online", "train"): 22_007, ("helpful-online", "test"): 1_137,
+            ("helpful-rejection-sampled", "train"): 52_421, ("helpful-rejection-sampled", "test"): 2_749,
+            ("all", "train"): 160_800, ("all", "test"): 8_552,
+        },  # fmt: skip
     )
 )
 def _load_red_team(spec, rows):
@@ -172,12 +182,16 @@ sources.register("hh_red_team")(
         bundled={("red-team-attempts", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},  # their opening turns
         load=_load_red_team,
         hub_subsets_are_folders=True,
+        hub_rows={("red-team-attempts", "train"): 38_961},
     )
 )
 
 
 sources.register("lima")(
-    Source(shape="demonstration", hub="GAIR/lima", subsets=("default",), bundled={("default", "train"): "lima/lima.json.gz"}, load=_load_lima)
+    Source(
+        shape="demonstration", hub="GAIR/lima", subsets=("default",), bundled={("default", "train"): "lima/lima.json.gz"}, load=_load_lima,
+        hub_rows={("default", "train"): 1_030},
+    )
 )
 
 
@@ -247,6 +261,9 @@ sources.register("webgpt_comparisons")(
         subsets=("all", "eli5", "other"),
         bundled={},  # not bundled: the embedded profile uses hh_rlhf instead
         load=lambda spec, rows: webgpt_rows_to_comparisons(rows, spec.subset, f"webgpt/{spec.split}"),
+        # Every subset reads these rows and keeps its share (ties dropped too); the ELI5 share is
+        # not on the card, so eli5 and other have no figure.
+        hub_rows={("all", "train"): 19_578},
     )
 )
 
@@ -279,6 +296,7 @@ sources.register("shp")(
         bundled={},  # not bundled (hub only); the embedded profile uses hh_rlhf
         load=lambda spec, rows: shp_rows_to_comparisons(rows, f"shp/{spec.split}"),
         hub_subsets_are_folders=True,
+        hub_rows={("all", "train"): 348_718},  # no per-subreddit figures here
     )
 )
 
@@ -302,6 +320,8 @@ sources.register("orca")(
         subsets=("default",),
         bundled={},  # not bundled (hub only, 4.2M rows: take a `sample`); the embedded profile uses lima
         load=lambda spec, rows: orca_rows_to_demonstrations(rows),
+        # Rounded: the card says ~1M GPT-4 and ~3.2M GPT-3.5 completions; the viewer ~4.23M rows.
+        hub_rows={("default", "train"): 4_230_000},
     )
 )
 
@@ -318,6 +338,7 @@ sources.register("advbench")(
         subsets=("harmful_behaviors",),
         bundled={("harmful_behaviors", "train"): "advbench/harmful_behaviors.csv"},
         load=_load_advbench,
+        hub_rows={("harmful_behaviors", "train"): 520},
     )
 )
 
@@ -368,6 +389,8 @@ sources.register("pile_detoxify")(
         subsets=("default",),
         bundled={},  # hub only (1.9M documents: take a `sample`); the embedded profile uses `sentences`
         load=lambda spec, rows: pile_rows_to_texts(rows),
+        # Documents (dataset_infos.json: 1,949,977), each read as several sentence records.
+        hub_rows={("default", "train"): 1_949_977},
     )
 )
 

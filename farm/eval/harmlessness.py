@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from farm.eval.metrics import generate, register, toxicity_stats
+from farm.eval.metrics import answer, register, toxicity_stats
 
 ANSWERS = "answers"  # the metric's key for the answers; kept as a file, not a table column
 
@@ -20,11 +20,8 @@ def evasive(answer: str, refusals: list[str]) -> bool:
 def harmlessness(model, ref, tok, records, spec) -> dict:
     from farm.label.scorers import build
 
-    g = spec.generation
-    records = records[: g.num_prompts] if g.num_prompts else records
-    prompts = [r.prompt for r in records]
-    answers = generate(model, tok, prompts, g, spec.max_prompt_length)
-    scorer = build(g.scorer)
+    records, prompts, answers = answer(model, tok, records, spec)
+    scorer = build(spec.generation.scorer)
     tox = scorer.score(answers)
     return {
         "harmlessness": float(1 - tox.mean()),

@@ -120,6 +120,15 @@ def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: in
     return outs
 
 
+def answer(model, tok, records: list, spec) -> tuple[list, list[str], list[str]]:
+    """The eval records a generating metric uses (the first `generation.num_prompts`), their
+    prompts, and the model's answers (decoded as `spec.generation` says)."""
+    g = spec.generation
+    records = records[: g.num_prompts] if g.num_prompts else records
+    prompts = [r.prompt for r in records]
+    return records, prompts, generate(model, tok, prompts, g, spec.max_prompt_length)
+
+
 def rouge_f(predictions: list[str], references: list[str]) -> dict:
     """Mean ROUGE-1/2/L/Lsum F-measure (the rouge_score package, stemming on)."""
     from rouge_score import rouge_scorer
@@ -148,9 +157,7 @@ def generation(model, ref, tok, records, spec) -> dict:
     from farm.label.scorers import build
 
     g = spec.generation
-    records = records[: g.num_prompts] if g.num_prompts else records
-    prompts = [r.prompt for r in records]
-    outs = generate(model, tok, prompts, g, spec.max_prompt_length)
+    records, prompts, outs = answer(model, tok, records, spec)
     scorer = build(g.scorer)
     tox = scorer.score(outs)
     out = {**rouge_f(outs, [r.chosen for r in records]), **toxicity_stats(tox), "toxicity_scorer": scorer.name,

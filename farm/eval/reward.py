@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from farm.eval.metrics import encode_pair, generate, register
+from farm.eval.metrics import answer, encode_pair, register
 
 
 def reward_scores(model, tok, prompts: list[str], responses: list[str], batch_size: int, max_length: int, max_prompt_length: int) -> np.ndarray:
@@ -45,10 +45,7 @@ def reward_score(model, ref, tok, records, spec) -> dict:
 
     from farm.models import load_reward_model
 
-    g = spec.generation
-    records = records[: g.num_prompts] if g.num_prompts else records
-    prompts = [r.prompt for r in records]
-    answers = generate(model, tok, prompts, g, spec.max_prompt_length)
+    records, prompts, answers = answer(model, tok, records, spec)
     judge, judge_tok = load_reward_model(spec.reward_model)
     rewards = reward_scores(judge, judge_tok, prompts, answers, spec.batch_size, spec.max_length, spec.max_prompt_length)
     return {

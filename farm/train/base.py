@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.eval.metrics import encode_pair
-from farm.models import base_model, load_artifact, lora_config
+from farm.models import base_model, deepspeed_config, load_artifact, lora_config
 
 
 @dataclass
@@ -65,7 +65,7 @@ def training_args(ctx: StageContext, config_cls, **extra):
         use_cpu=cpu,  # TRL configs default to bf16, which fails on CPU; also makes DDP over gloo work
         bf16=not cpu and torch.cuda.is_bf16_supported(),
         activation_checkpointing=False,
-        deepspeed=s.deepspeed,
+        deepspeed=deepspeed_config(s.deepspeed, check_installed=True),  # a preset name becomes its dict
         dataloader_num_workers=0,
         **extra,
     )

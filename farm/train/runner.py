@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from farm.cache import PlannedStage, Store
+from farm.cache import PlannedStage, Store, join
 
 RECORDS_FILE = "records.jsonl"  # the records a stage that builds data writes
 
@@ -45,7 +45,7 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
         ),
         run_config=RunConfig(
             name=f"{study.name}-{trial_id}-{group[0].name}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(Path(storage) / "ray_train"),
+            storage_path=join(storage, "ray_train"),  # a local path or a URI (s3://...)
             callbacks=callbacks,
         ),
     )
@@ -118,13 +118,15 @@ def _fault(fault, trial: str, store: Store, key: str, rank: int) -> list:
     """The fault-injection callback for this attempt, if the study asks for one here."""
     if fault is None or (fault.trial and fault.trial != trial):
         return []
-    counter = store.root / "faults" / f"{key}-{trial}"
-    attempt = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter = f"faults/{key}-{trial}"  # in the store: a retry on another node reads it too
+    try:
+        attempt = int(store.read_text(counter)) + 1
+    except FileNotFoundError:
+        attempt = 1
     if fault.times is not None and attempt > fault.times:
         return []
     if rank == 0:
-        counter.parent.mkdir(parents=True, exist_ok=True)
-        counter.write_text(str(attempt))
+        store.write_text(counter, str(attempt))
     return [InjectFault(fault)]
 
 
