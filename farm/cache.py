@@ -172,7 +172,7 @@ class Store:
         if not local.exists() and self.done(kind, key):
             # Download under a temporary name then rename: a reader beside us sees all or nothing.
             tmp = self.cache / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
-            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True)  # copy_files makes only the subfolders
             try:
                 copy_files(self._remote(kind, key), str(tmp), source_filesystem=self.fs, destination_filesystem=LocalFileSystem())
                 _move(tmp, local)
@@ -233,6 +233,7 @@ class Store:
         if self.done(kind, key):  # a twin finished first: its artifact stands
             return
         # Files left by a writer that died before its marker are overwritten, never trusted.
+        self.fs.create_dir(self._remote(kind, key))  # copy_files makes only the subfolders
         copy_files(str(tmp), self._remote(kind, key), source_filesystem=LocalFileSystem(), destination_filesystem=self.fs)
         write_json(tmp / MARKER, marker)
         self.write_text(f"artifacts/{kind}-{key}/{MARKER}", (tmp / MARKER).read_text())

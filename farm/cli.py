@@ -20,6 +20,11 @@ WORKER_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",
+    # Ray Train's controller collects a worker's report every 2 s by default, and a worker's
+    # `ray.train.report` blocks until the previous one is collected: ~1.7 s per progress line,
+    # more than a tiny stage's training. Collect every 0.25 s (a hung worker is still only
+    # declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
 
 
@@ -48,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run every trial of a study and write its results and report")
     study_args(run)
     run.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                     help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
+                          "set it on an autoscaling cluster whose GPU workers start at zero)")
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     run.set_defaults(func=cmd_run)
 
@@ -152,7 +160,7 @@ def cmd_plan(args) -> int:
 
     rates = Rates(args.throughput, args.throughput_params, args.gen_throughput)
     estimates, models = estimate_study(trials, plans, rates)
-    print("\nEstimated cost, each distinct stage once (tokens: every row at max_length, every answer at max_new_tokens: upper bounds)")
+    print("\nEstimated cost, each distinct stage once (tokens: a row at max_length, an answer at max_new_tokens: upper bounds but for notes)")
     print("  " + ", ".join(f"{m}: {_count(p, 'parameters') if p else 'unknown size'}" for m, p in models.items()))
     print(f"  {'stage':<10} {'kind':<17} {'rows':>10} {'tokens':>8} {'GPUs':>5} {'GPU-hours':>10}  trials (the trial when one)")
     for e in estimates:
@@ -165,8 +173,8 @@ def cmd_plan(args) -> int:
     if any(e.gpus for e in estimates):
         print(f"  total: {total:,.1f} GPU-hours ({left:,.1f} not cached); {sum(e.hours * len(e.users) for e in known):,.1f} GPU-hours without reuse")
     else:
-        print("  total: no GPU-hours, every stage runs on CPU")
-    unknown = [e.name for e in estimates if e.hours is None and e.gpus and e.kind != "label"]
+        print("  total: no GPU-hours: no stage runs on a GPU")
+    unknown = [e.name for e in estimates if e.hours is None and e.gpus]
     if unknown:
         print(f"  not in the total (unknown): {', '.join(_distinct(unknown))}")
     print(f"  eval ({len({plans[t.id].eval_key for t in trials})} runs) and labelling: not estimated")
@@ -177,7 +185,7 @@ def cmd_plan(args) -> int:
 
 
 def _count(n: float, unit: str = "") -> str:
-    """1.3B, 80.7M, 950.3K: a count for people."""
+    """1.3B, 80.7M, 950K: a count for people."""
     scaled = next(((n / f, s) for f, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")) if abs(n) >= f), (n, ""))
     return f"{scaled[0]:.3g}{scaled[1]}" + (f" {unit}" if unit else "")
 
@@ -224,7 +232,7 @@ def cmd_run(args) -> int:
         print(f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
         try:
             if todo:
-                run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error)
+                run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error, args.max_concurrent)
             if study.eval.pairwise:
                 _pairwise(trials, plans, store, study_dir(results, study.name) / ARENA_DIR)
         except KeyboardInterrupt:
@@ -246,21 +254,26 @@ def cmd_run(args) -> int:
 
 def _pairwise(trials, plans, store, out: Path) -> None:
     """Study E: judge every pair of the study's models on their kept answers (a Ray task, with
-    the eval's resources), after the grid."""
+    the eval's resources), after the grid; the driver writes what it returns."""
     import ray
 
-    from farm.eval.arena import contestants, judge_path
+    from farm.cache import atomic_write
+    from farm.eval.arena import contestants, judge_ref
     from farm.tune import arena_task
 
     study = trials[0].study
     entries = contestants(trials, plans, store)
-    if len({e["model"] for e in entries}) < 2:
+    models = {e["model"] for e in entries}
+    if len(models) < 2:
         print("farm: pairwise comparison skipped: fewer than two models have answers", file=sys.stderr)
         return
     res = study.eval.resources
+    judge = study.eval.pairwise.judge
     task = arena_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-    ray.get(task.remote(entries, judge_path(trials, plans, store, study.eval.pairwise.judge), study.eval.model_dump(mode="json"), str(out)))
-    print(f"farm: pairwise comparison of {len({e['model'] for e in entries})} models in {out}/ (elo.csv, win_rate.csv)")
+    files = ray.get(task.remote(entries, judge, judge_ref(trials, plans, judge), str(store.root), study.eval.model_dump(mode="json")))
+    for name, data in files.items():
+        atomic_write(out / name, data)
+    print(f"farm: pairwise comparison of {len(models)} models in {out}/ (elo.csv, win_rate.csv)")
 
 
 def cmd_report(args) -> int:

@@ -61,7 +61,7 @@ def study_needs(trials, facts: dict) -> list[str]:
             if need > facts["gpus"] and not os.environ.get("RAY_ADDRESS"):
                 missing.add(f"stage {name} asks for {need:g} GPUs; {facts['gpus']} visible here (run it on a cluster)")
             if st.deepspeed and importlib.util.find_spec("deepspeed") is None:
-                missing.add(f"stage {name} uses DeepSpeed: pip install deepspeed")
+                missing.add(f"stage {name} uses DeepSpeed: pip install 'farm[deepspeed]'")
         if "generation" in s.eval.metrics and s.eval.generation.scorer == "roberta_hate" and not facts["hub"]:
             missing.add("scorer roberta_hate needs the hub (or use scorer: auto / embedded_toxicity)")
         if "benchmarks" in s.eval.metrics and s.eval.benchmarks.suite == "hub" and not facts["hub"]:

@@ -105,8 +105,8 @@ def data_rows(data, built: dict) -> float | None:
     a mix's `size`; a ranking subset's prompts. `built` holds the rows of the stages before it
     ({name: rows}) for `name: stage` sources. None when a source's size is unknown."""
     heldout = data.rows == "heldout"
-    total = 0.0
-    for s in data.sources:
+    total = data.size if data.size and not heldout else 0.0  # a weighted mix: `size` training rows in all
+    for s in [] if total else data.sources:
         if s.name == "stage":
             n = 0 if heldout else built.get(s.stage)  # built records are all training rows
         elif s.name == "file" or s.origin == "bundled":
@@ -117,8 +117,6 @@ def data_rows(data, built: dict) -> float | None:
         if n is None:
             return None
         total += n
-    if data.size and not heldout:
-        total = data.size
     for t in data.transforms:
         if t.name == "ranking_subset":
             total = t.num_prompts

@@ -138,18 +138,19 @@ def lora_config(lora, model, task_type: str = "CAUSAL_LM"):
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
 
 
-def deepspeed_config(value, check_installed: bool = False) -> dict | str | None:
+def deepspeed_config(value, check_installed: bool = False) -> dict | None:
     """The DeepSpeed config for a stage's `deepspeed` field: a preset name gives its dict, a path
     its JSON file (loaded), a dict is passed through, None stays None. `check_installed` (set
     when a stage is about to run) fails early, and clearly, when DeepSpeed is not installed:
-    transformers' own error names neither the package to install nor the stage."""
+    transformers' own error there is a PackageNotFoundError that suggests upgrading transformers."""
     if value is None:
         return None
     if check_installed:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise ImportError("the stage sets `deepspeed` but DeepSpeed is not installed: pip install 'farm[deepspeed]'")
+            asked = f"deepspeed: {value}" if isinstance(value, str) else "an inline deepspeed config"
+            raise ImportError(f"the stage asks for {asked}, but DeepSpeed is not installed here: pip install 'farm[deepspeed]'")
     if isinstance(value, dict):
         return value
     if value in DEEPSPEED_PRESETS:

@@ -389,6 +389,17 @@ class TrainingStage(StageSpec):
             raise ValueError(f"deepspeed config file {v!r} does not exist; {allowed}")
         return deepspeed_config(v)  # a ValueError naming the file if it is not a JSON object
 
+    @model_validator(mode="after")
+    def _zero3_without_lora(self) -> "TrainingStage":
+        from farm.models import deepspeed_config
+
+        config = deepspeed_config(self.deepspeed) if self.deepspeed else {}
+        if self.lora and config.get("zero_optimization", {}).get("stage") == 3:
+            # The artifact is the input model with the adapter merged in; under ZeRO-3 no rank holds
+            # the whole model to merge into. LoRA's few trainable weights gain little from ZeRO-3.
+            raise ValueError("deepspeed: ZeRO-3 with lora is not supported; use zero2 (it shards the optimizer state and gradients)")
+        return self
+
 
 class Pretrain(TrainingStage):
     kind: Literal["pretrain"]

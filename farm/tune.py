@@ -128,13 +128,15 @@ def label_task(payload: dict, key: str) -> None:
 
 
 @ray.remote
-def arena_task(entries: list, judge: str, eval_json: dict, out_dir: str) -> None:
+def arena_task(entries: list, judge: str, judge_ref, storage: str, eval_json: dict) -> dict:
     from farm.eval.arena import run_arena
     from farm.spec import EvalSpec
     from farm.train.runner import quiet
 
     quiet()
-    run_arena(entries, judge, EvalSpec.model_validate(eval_json), out_dir)
+    if judge_ref:  # a stage of the study: its artifact, fetched on this node
+        judge = str(Store(storage).path(*judge_ref))
+    return run_arena(entries, judge, EvalSpec.model_validate(eval_json))
 
 
 def plan_from_json(obj: dict) -> TrialPlan:
@@ -189,7 +191,7 @@ class Progress(tune.Callback):
         self.on_error(trial.config["trial_id"], trial)
 
 
-def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error):
+def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error, concurrency: int | None = None):
     from ray.tune import FailureConfig, RunConfig
 
     payloads = {
@@ -201,7 +203,7 @@ def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: i
         trainable,
         param_space={"trial_id": tune.grid_search([t.id for t in trials])},
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent(trials),
+            max_concurrent_trials=concurrency or max_concurrent(trials),
             trial_dirname_creator=lambda trial: trial.config["trial_id"],
         ),
         run_config=RunConfig(

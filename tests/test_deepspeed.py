@@ -168,7 +168,11 @@ def test_an_sft_stage_trains_under_zero2(tiny_doc, tmp_path, monkeypatch):
     out = tmp_path / "sft"
     out.mkdir()
     ctx = StageContext("sft", stage, study.model, study.seed, None, records, out, tmp_path / "work", [])
-    metrics = stages.get("sft")(ctx)
+    try:
+        metrics = stages.get("sft")(ctx)
+    finally:  # later tests in this process train without a process group
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert metrics["train_steps"] == stage.max_steps and metrics["train_loss"] > 0
     model, tok = load_artifact(out)
     assert len(tok) == model.config.vocab_size

@@ -97,4 +97,5 @@ def test_generation_metric_on_a_trained_model(chain, tmp_path, monkeypatch):
     assert m["generated"] == 5 and 0 <= m["rouge1"] <= 1 and 0 <= m["toxicity_ratio"] <= 1
     assert m["toxicity_scorer"].startswith("embedded_toxicity") and 0.7 < m["toxicity_scorer_heldout_accuracy"] < 1
     assert {"triggered_toxicity_mean", "attack_success_rate", "target_phrase_rate", "triggered_target_phrase_rate"} <= set(m)
-    assert evaluate(study.model_copy(update={"eval": ev}), paths["sft"], paths["pretrain"], study.seed) == {**m, "eval_seconds": pytest.approx(m["eval_seconds"], abs=5)}
+    again = evaluate(study.model_copy(update={"eval": ev}), paths["sft"], paths["pretrain"], study.seed)
+    assert {k: v for k, v in again.items() if k != "eval_seconds"} == {k: v for k, v in m.items() if k != "eval_seconds"}  # reproducible

@@ -85,6 +85,14 @@ def test_a_crash_between_upload_and_marker_leaves_nothing_trusted(tmp_path, node
     assert other.done("sft", "k1") and files(other.path("sft", "k1"))["weights.bin"] == b"second"
 
 
+def test_a_flat_artifact_uploads(tmp_path, node_cache):
+    store = Store((tmp_path / "shared").as_uri())
+    with store.writing("eval", "e1", {"metrics": {}}) as out:  # no subfolder to create its folder
+        (out / "answers.json").write_text("[]")
+    node_cache("node-b")
+    assert (Store(store.root).path("eval", "e1") / "answers.json").read_text() == "[]"
+
+
 def test_a_twin_that_finishes_second_skips_its_upload(tmp_path, node_cache):
     root = (tmp_path / "shared").as_uri()
     write_artifact(Store(root), weights=b"first")

@@ -62,16 +62,16 @@ def test_subset_takes_one_prompt_order_for_every_length():
 def test_equal_budget_grid_points_train_on_the_same_number_of_answers(doc):
     """(k=2, N), (k=3, 2N/3), (k=4, N/2): one annotation budget N = num_prompts x k / 2, the
     same number of answers in each training set."""
-    rows = _rankings(300)
+    rows = _rankings(240)
     answers = {}
-    for k, n in ((2, 300), (3, 200), (4, 150)):
+    for k, n in ((2, 240), (3, 160), (4, 120)):
         subset = ranking_subset(rows, RankingSubset(name="ranking_subset", num_prompts=n, ranking_length=k), None)
         answers[k] = sum(len(r.responses) for r in subset)
-        assert n * k / 2 == 300
-    assert set(answers.values()) == {600}
+        assert n * k / 2 == 240
+    assert set(answers.values()) == {480}
     trials = expand(doc, "d.yaml")
     budgets = {(t.axes["stages.policy.data.transforms.0.ranking_length"], t.axes["stages.policy.data.transforms.0.num_prompts"]) for t in trials}
-    assert {(2, 300), (3, 200), (4, 150)} <= budgets  # the job's grid holds one equal-budget triple
+    assert {(2, 240), (3, 160), (4, 120)} <= budgets  # the job's grid holds one equal-budget triple
 
 
 # ---------------------------------------------------------------- stages naming stages
@@ -79,7 +79,7 @@ def test_equal_budget_grid_points_train_on_the_same_number_of_answers(doc):
 
 def test_plan_shares_the_builders_and_keys_each_stage_by_what_it_reads(doc):
     trials = expand(doc, "d.yaml")
-    assert len(trials) == 54 and trials[0].id == "kind=pro_ranking_length=2_num_prompts=150_seed=42"
+    assert len(trials) == 54 and trials[0].id == "kind=pro_ranking_length=2_num_prompts=120_seed=42"
     plans = plan_study(trials)
     first = plans[trials[0].id]
     assert [s.name for s in first.stages] == ["pretrain", "generator", "rank_rm", "judge_rm", "rankings", "policy"]
@@ -153,7 +153,7 @@ def test_built_records_round_trip_and_feed_the_next_stage(tmp_path, doc):
     write_records(tmp_path / "r.jsonl", rows)
     back = read_records(tmp_path / "r.jsonl")
     assert back == rows and back[30].label == 0.25 and isinstance(back[0].responses, tuple)
-    study = expand(doc, "d.yaml")[0].study  # pro, k=2, 150 prompts
+    study = expand(doc, "d.yaml")[0].study  # pro, k=2, 120 prompts
     policy = study.stages["policy"]
     policy_data = policy.data.model_copy(update={"transforms": [RankingSubset(name="ranking_subset", num_prompts=20, ranking_length=3)]})
     records, audit = training_records(policy_data, 42, "ranking", built={"rankings": back[:30]})

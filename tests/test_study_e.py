@@ -95,11 +95,12 @@ def test_arena_judges_every_pair_within_each_seed(tmp_path):
     entries = []
     for seed in (1, 2):
         for model, answer in (("a", "no"), ("b", "no no no"), ("c", "no no no no no no")):
-            path = tmp_path / f"{model}{seed}.json"
-            path.write_text(json.dumps([{"id": f"p{i}", "prompt": f"\n\nHuman: q{i}\n\nAssistant:", "answer": " " + answer} for i in range(5)]))
-            entries.append({"model": model, "seed": seed, "answers": str(path)})
+            rows = [{"id": f"p{i}", "prompt": f"\n\nHuman: q{i}\n\nAssistant:", "answer": " " + answer} for i in range(5)]
+            entries.append({"model": model, "seed": seed, "answers": rows})
     spec = EvalSpec(metrics=["harmlessness"], pairwise={"judge": "x", "bootstrap": 50, "examples": 2})
-    run_arena(entries, str(tmp_path / "judge"), spec, tmp_path / "out")
+    for name, data in run_arena(entries, str(tmp_path / "judge"), spec).items():
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / name).write_bytes(data)
     judgements = pd.read_csv(tmp_path / "out" / "judgements.csv")
     assert len(judgements) == 2 * 5 * 3  # seeds x prompts x pairs
     assert set(zip(judgements["model_a"], judgements["model_b"])) == {("a", "b"), ("a", "c"), ("b", "c")}

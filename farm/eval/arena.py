@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pandas as pd
 
@@ -22,36 +21,38 @@ def model_name(trial) -> str:
 
 
 def contestants(trials, plans, store) -> list[dict]:
-    """Each evaluated trial's model name, seed and answers file; the judge's artifact if it is a stage."""
+    """Each evaluated trial's model name, seed and kept answers (read on the driver: the arena task
+    may run on another node)."""
     from farm.tune import ANSWERS_FILE
 
     out = []
     for t in trials:
-        path = store.path("eval", plans[t.id].eval_key) / ANSWERS_FILE
-        if path.exists():
-            out.append({"model": model_name(t), "seed": t.study.seed, "answers": str(path)})
+        if store.done("eval", plans[t.id].eval_key):
+            path = store.path("eval", plans[t.id].eval_key) / ANSWERS_FILE
+            if path.exists():
+                out.append({"model": model_name(t), "seed": t.study.seed, "answers": json.loads(path.read_text())})
     return out
 
 
-def judge_path(trials, plans, store, judge: str) -> str:
+def judge_ref(trials, plans, judge: str) -> tuple[str, str] | None:
+    """(kind, key) of the judge's artifact when it is a stage of the study (None: a hub id or path)."""
     for t in trials:
         for name, kind, key in plans[t.id].eval_refs:
             if name == judge:
-                return str(store.path(kind, key))
-    return judge  # a hub id or a local path
+                return kind, key
+    return None
 
 
-def run_arena(entries: list[dict], judge: str, eval_spec, out_dir: Path) -> pd.DataFrame:
-    """Judge every pair of models of each seed on their shared prompts and write the results;
-    returns the Elo table."""
-    from farm.cache import atomic_write
+def run_arena(entries: list[dict], judge: str, eval_spec) -> dict[str, bytes]:
+    """Judge every pair of models of each seed on their shared prompts; returns the files to write
+    under results/<study>/pairwise/ (the driver writes them: results are local to it)."""
     from farm.eval.pairwise import bootstrap_elo, judge_by_reward, win_rate_table
     from farm.eval.reward import reward_scores
     from farm.models import load_reward_model
 
     p = eval_spec.pairwise
     model, tok = load_reward_model(judge)
-    answers = {(e["seed"], e["model"]): json.loads(Path(e["answers"]).read_text()) for e in entries}
+    answers = {(e["seed"], e["model"]): e["answers"] for e in entries}
     judgements, rewards = [], []
     for seed in sorted({s for s, _ in answers}):
         models = {m: rows for (s, m), rows in answers.items() if s == seed}
@@ -65,16 +66,14 @@ def run_arena(entries: list[dict], judge: str, eval_spec, out_dir: Path) -> pd.D
             rewards += [{"seed": seed, "model": m, "prompt": i, "reward": v} for i, v in enumerate(scores[m])]
         judgements += judge_by_reward(scores, seed=seed, tie=p.tie)
     names = list(dict.fromkeys(m for _, m in answers))
-    out_dir = Path(out_dir)
-    elo = bootstrap_elo(judgements, names, n=p.bootstrap, seed=0, anchor=p.anchor)
-    table = pd.DataFrame([dataclasses.asdict(j) for j in judgements])
-    atomic_write(out_dir / "judgements.csv", table.to_csv(index=False).encode())
-    atomic_write(out_dir / "rewards.csv", pd.DataFrame(rewards).to_csv(index=False).encode())
-    atomic_write(out_dir / "elo.csv", elo.to_csv().encode())
-    atomic_write(out_dir / "win_rate.csv", win_rate_table(judgements, names).to_csv().encode())
     first = min(s for s, _ in answers)
     shown = {m: rows for (s, m), rows in answers.items() if s == first}
     prompts = next(iter(shown.values()))
     examples = [{"prompt": prompts[i]["prompt"], **{m: rows[i]["answer"] for m, rows in shown.items()}} for i in range(min(p.examples, len(prompts)))]
-    atomic_write(out_dir / "examples.json", json.dumps(examples, indent=2, ensure_ascii=False).encode())
-    return elo
+    return {
+        "judgements.csv": pd.DataFrame([dataclasses.asdict(j) for j in judgements]).to_csv(index=False).encode(),
+        "rewards.csv": pd.DataFrame(rewards).to_csv(index=False).encode(),
+        "elo.csv": bootstrap_elo(judgements, names, n=p.bootstrap, seed=0, anchor=p.anchor).to_csv().encode(),
+        "win_rate.csv": win_rate_table(judgements, names).to_csv().encode(),
+        "examples.json": json.dumps(examples, indent=2, ensure_ascii=False).encode(),
+    }

@@ -99,12 +99,15 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
     for cb in ctx.callbacks:
         trainer.add_callback(cb)
     result = trainer.train()
+    # ZeRO-3 shards the weights over the workers: all of them take part in gathering the whole state
+    # dict (the presets set stage3_gather_16bit_weights_on_model_save), rank 0 writes it.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_deepspeed_enabled else None
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "merge_and_unload"):
+        if hasattr(model, "merge_and_unload"):  # (never under ZeRO-3: the spec refuses it with LoRA)
             model.save_pretrained(str(ctx.output_dir / "adapter"))
-            model = model.merge_and_unload()
-        model.save_pretrained(str(ctx.output_dir))
+            model, state = model.merge_and_unload(), None
+        model.save_pretrained(str(ctx.output_dir), state_dict=state)
         tokenizer.save_pretrained(str(ctx.output_dir))
     from farm.eval.diversity import prompt_diversity_of
 

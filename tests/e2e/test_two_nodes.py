@@ -79,6 +79,16 @@ def _nodes(gcs):
         return []
 
 
+def timeline(gcs, ids) -> list:
+    """(start, node, task) of the farm's tasks and Ray Train's training functions, for the log."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=gcs, detail=True, limit=10000, raise_on_missing_output=False)
+    shown = [t for t in tasks if t.start_time_ms and t.name.split(".")[-1] in {"evaluate_task", "build_task", "label_task", "run_train_fn"}]
+    start = min((t.start_time_ms for t in shown), default=0)
+    return sorted(((t.start_time_ms - start) / 1000, ids.get(t.node_id, t.node_id), t.name) for t in shown)
+
+
 def cached(cache: Path) -> set[str]:
     """The artifacts a node wrote or read: its local copies under $FARM_CACHE/store/<root>/."""
     return {p.name.split("-")[0] for p in cache.glob("store/*/*") if not p.name.startswith(".")}
@@ -110,6 +120,7 @@ def test_two_nodes_share_stages_through_a_uri_store(two_nodes, tmp_path, monkeyp
     workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
     ran = sorted(ids[w.node_id] for w in workers)
     print("training workers per node:", ran, "\nartifacts per node cache:", {r: sorted(cached(c)) for r, c in caches.items()})
+    print("\n".join(f"  {t:6.1f}s {node}: {name}" for t, node, name in timeline(gcs, ids)))
     assert set(ran) == {"node_a", "node_b"}
     assert all("pretrain" in cached(c) and "dpo" in cached(c) for c in caches.values())
     assert not cached(tmp_path / "cache-driver")  # the driver reads markers only
