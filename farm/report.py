@@ -403,7 +403,8 @@ def render_html(r: Report) -> str:
 
 
 def md_table(df: pd.DataFrame) -> str:
-    cells = [[_fmt(v) if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    # A cell is one line of text: generated answers hold newlines and pipes.
+    cells = [[_fmt(v) if isinstance(v, float) else " ".join(str(v).split()).replace("|", "\\|") for v in row] for row in df.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
 
