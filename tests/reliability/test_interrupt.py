@@ -51,8 +51,8 @@ def test_sigkill_mid_grid_then_rerun_equals_an_uninterrupted_run(tiny_run, tmp_p
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     results = tmp_path / "results"
     proc = start(results)
-    wait_for(lambda: (results / ".store" / "tune").exists(), proc)
-    time.sleep(3)
+    # Mid-grid: the shared pretrain is done, the trials' own stages and evaluations are not.
+    wait_for(lambda: (results / ".store" / "artifacts").exists() and any(n.startswith("pretrain-") for n in artifacts(results)), proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
