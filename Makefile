@@ -21,10 +21,17 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
 		$(BIN)/python -m pytest -v --durations=15
 
+# Not tests, not in CI: each prints its figures and ratio and writes bench/results/<name>.json
+# (~15 min on 2 cores; run one at a time on an otherwise idle machine).
 bench: $(STAMP)
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/bench_stage_overhead.py
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python bench/label_throughput.py
-	$(BIN)/python bench/batched_scoring.py
+	export RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
+	fail=0; t0=$$(date +%s); \
+	for b in farm_overhead stage_reuse label_throughput batched_scoring bench_stage_overhead; do \
+		echo "== bench/$$b.py"; start=$$(date +%s); \
+		$(BIN)/python bench/$$b.py || fail=1; \
+		echo "($$b: $$(( $$(date +%s) - start ))s)"; echo; \
+	done; \
+	echo "bench: $$(( $$(date +%s) - t0 ))s in all"; exit $$fail
 
 clean:
 	rm -rf $(VENV) results/.store
