@@ -34,6 +34,15 @@ def write_study(tmp_path):
 
 
 FARM = [sys.executable, "-m", "farm"]
+RAY = str(Path(sys.executable).parent / "ray")  # the `ray` CLI of this venv (tests that start Ray nodes)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def farm(*args, check=True) -> subprocess.CompletedProcess:

@@ -1,24 +1,15 @@
 """The cluster path: a real `ray start --head` on loopback, the study submitted through the
 Ray Jobs API with the project as working dir, exactly as `ray job submit` does."""
 
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, metrics_table
+from conftest import RAY, free_port, ROOT, metrics_table
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -5,27 +5,17 @@ another node trained, the shared stage is trained once, and a rerun trains nothi
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, farm, metrics_table
+from conftest import RAY, free_port, TINY, farm, metrics_table
 from farm.cache import MARKER
 from farm.spec import load_study
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(name: str, temp_dir: str, cache: Path, log: Path, *args) -> subprocess.Popen:
