@@ -18,11 +18,9 @@ batching; above 1: batching is faster). The issue sets no target for it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 # Spinning OpenMP threads stall whenever other work takes one of the 2 cores (seen here: the
 # per-text loop 23x slower under a load of 4); passive waiting, as in label_throughput.py.
@@ -34,7 +32,8 @@ from farm.data.sources import load_source  # noqa: E402
 from farm.label.scorers import build, write_tiny_detoxify  # noqa: E402
 from farm.spec import SourceSpec  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import write_result
+
 MODEL_SHAPE = dict(hidden=256, layers=3, heads=4)
 
 
@@ -80,9 +79,7 @@ def main() -> int:
             print(f"  farm batched scorer   {r['batched_seconds']:8.2f} s  {r['batched_rows_per_s']:9.0f} rows/s")
             print(f"  one call per text     {r['per_text_seconds']:8.2f} s  {r['per_text_rows_per_s']:9.0f} rows/s")
             print(f"ratio: {r['ratio']:.2f}x batched / per-text throughput (no target; max |score difference| {r['max_abs_score_difference']:.1e})")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batched_scoring.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS / 'batched_scoring.json'}")
+    write_result("batched_scoring", result)
     return 0
 
 

@@ -11,7 +11,6 @@ loops, and the ratio baseline / farm (above 1: grouping saves that much); writes
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -26,9 +25,10 @@ from farm.cache import Store, plan_trial
 from farm.spec import expand
 from farm.train.runner import run_group
 
+from _results import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny.yaml"
-RESULTS = ROOT / "bench" / "results"
 
 
 def timed_chain(study, grouped: bool) -> tuple[float, float]:
@@ -67,9 +67,7 @@ def main() -> int:
     print(f"  one fit per stage (baseline): {per_stage:6.1f} s wall, {per_stage - inside_a:5.1f} s outside training ({n} fits)")
     print(f"  one fit for the group (farm): {grouped:6.1f} s wall, {grouped - inside_b:5.1f} s outside training (1 fit)")
     print(f"ratio: {per_stage / grouped:.2f}x baseline / farm (no target: above 1, grouping saves that much)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stage_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS / 'stage_overhead.json'}")
+    write_result("stage_overhead", result)
     return 0
 
 

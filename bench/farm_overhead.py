@@ -41,8 +41,9 @@ from pathlib import Path
 
 import yaml
 
+from _results import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TARGET = 1.25
 
 
@@ -191,9 +192,7 @@ def main() -> int:
           f"eval {result['direct']['eval_seconds_mean']}s); load average {load0:.2f} -> {load1:.2f}")
     print(f"  after the first step: farm {farm_wall - farm_first:.1f}s, direct {direct_wall - direct_first:.1f}s: {steady:.2f}x")
     print(f"ratio: {ratio:.2f}x farm / direct (target <= {TARGET}x for trials of >= 60 s: {'met' if ratio <= TARGET else 'NOT met'})")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "farm_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS / 'farm_overhead.json'}")
+    write_result("farm_overhead", result)
     return 0
 
 

@@ -40,7 +40,6 @@ import re
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,9 +56,10 @@ from farm.label import pipeline  # noqa: E402
 from farm.label.scorers import build, write_tiny_detoxify  # noqa: E402
 from farm.spec import LabelSpec  # noqa: E402
 
+from _results import write_result
+
 # The model scorer: 4-head BERT, 256 wide, 3 layers over the farm's 4k BPE (~1.3 ms/row, 1 thread here).
 MODEL_SHAPE = dict(hidden=256, layers=3, heads=4)
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sentences(n: int) -> list[str]:
@@ -236,9 +236,7 @@ def main() -> int:
                 ray.shutdown()
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (other work on this machine shares the cores)")
     result["load_average_end"] = round(os.getloadavg()[0], 2)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "label_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS / 'label_throughput.json'}")
+    write_result("label_throughput", result)
     return 0
 
 

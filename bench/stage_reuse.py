@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -39,8 +38,9 @@ from pathlib import Path
 
 import yaml
 
+from _results import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TARGET_RERUN = 0.05
 BETAS = [0.05, 0.1, 0.2]
 
@@ -115,9 +115,7 @@ def main() -> int:
           f"load average {load0:.2f} -> {load1:.2f}")
     print(f"ratio: {ratio:.2f}x shared / cache-disabled wall")
     print(f"ratio: {rerun_ratio:.3f}x rerun / first run (target <= {TARGET_RERUN}: {'met' if rerun_ratio <= TARGET_RERUN else 'NOT met'})")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stage_reuse.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS / 'stage_reuse.json'}")
+    write_result("stage_reuse", result)
     return 0 if shared["sft_trained"] == 2 else 1
 
 
