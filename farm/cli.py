@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from farm.eval.arena import ARENA_DIR
 from farm.spec import DEFAULT_PROFILE, StudyError, load_study
 
 # Quiet, offline-friendly defaults for every process Ray starts from this driver.
@@ -215,6 +214,8 @@ def cmd_run(args) -> int:
         t = by_id[trial_id]
         error = _error_text(trial)
         write_trial(results, t, plans[trial_id], "failed", {}, stage_records(plans[trial_id]), error)
+
+    from farm.eval.arena import ARENA_DIR  # (pandas: not at CLI start-up)
 
     arena = study.eval.pairwise and (todo or not (study_dir(results, study.name) / ARENA_DIR / "elo.csv").exists())
     if todo or arena:
