@@ -6,18 +6,28 @@ STAMP := $(VENV)/.farm-installed
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile  # (the Makefile: what the install step installs)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# The CPU wheel first: otherwise pip resolves `torch` to the CUDA build (several GB).
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	@# DeepSpeed too: its ZeRO-2/3 stages run in the tests (on CPU, over gloo).
+	$(BIN)/python -m pip install -q -e ".[test,deepspeed]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/farm run jobs/quickstart.yaml
 
+# DeepSpeed compiles its CPU ops with g++ and ninja on first use (deepspeed_shm_comm: ~150 CPU-seconds,
+# about a minute on 2 cores): the builds are kept in the user's cache, outside the venv, so that a clean clone (CI) reuses
+# them; one folder per Python, torch and DeepSpeed version, since an op built against other headers
+# loads and crashes. (Expanded when the recipe runs, after the venv exists.)
+TORCH_EXT = $${XDG_CACHE_HOME:-$$HOME/.cache}/torch_extensions/farm-$(shell $(BIN)/python -c \
+	'import sys, importlib.metadata as m; print("py%d%d-torch%s-deepspeed%s" % (*sys.version_info[:2], m.version("torch"), m.version("deepspeed")))')
+
+# The venv's bin first on PATH: torch finds `ninja` (a dependency of deepspeed) there, also in Ray workers.
 test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" TORCH_EXTENSIONS_DIR="$${TORCH_EXTENSIONS_DIR:-$(TORCH_EXT)}" \
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
 		$(BIN)/python -m pytest -v --durations=15
 

@@ -96,9 +96,9 @@ def direct_trial(item: tuple[str, dict]) -> dict:
             stage = study.stages[p.name]
             data = stage.data or study.data
             records, _ = training_records(data, p.seed, stage.shape)
-            paths[p.name] = Path(root) / p.name
+            paths[p.name] = Path(root) / f"{p.kind}-{p.key}"  # the store's names: a LoRA adapter finds its base
             paths[p.name].mkdir()
-            prev = Path(root) / next(s.name for s in plan.stages if s.key == p.input_key) if p.input_key else None
+            prev = Path(root) / f"{p.input_kind}-{p.input_key}" if p.input_key else None
             ctx = StageContext(p.name, stage, study.model, p.seed, prev, records, paths[p.name], Path(root) / f"work-{p.name}",
                                [FirstStep()], special_tokens=data.special_tokens())
             m = stages.get(p.kind)(ctx)

@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
-from pyarrow.fs import FileSystem, LocalFileSystem, copy_files
+from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
 
 # Bump a kind's version when its code changes what it produces: old artifacts stop matching.
 VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 1, "ai_feedback": 1, "eval": 1, "label": 1}
 MARKER = "farm-artifact.json"
+CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
+CACHE_MAX_GB = "FARM_CACHE_MAX_GB"  # bound of a node's cache of downloaded artifacts (default: half its disk)
+USED = ".used"  # beside a cached artifact: its mtime is the last use; users hold a shared lock on it
 
 
 def digest(obj) -> str:
@@ -90,7 +96,7 @@ def plan_trial(study) -> TrialPlan:
             {
                 "kind": stage.kind,
                 "version": VERSIONS[stage.kind],
-                "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault", "input"}),
+                "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault", "input", "gradient_checkpointing", "checkpoint_every"}),
                 "data": data_key(stage.data or study.data),
                 "seed": seed,
                 "input": start.key if start else base,
@@ -154,31 +160,68 @@ class Store:
     into place. An object store has no rename: the files are uploaded first and the marker last,
     so the marker is what makes an artifact visible, and a folder without one is never read.
     Either way `path()` is a local folder: under a URI root, this node's copy of the artifact
-    (`$FARM_CACHE/store/<hash of root>/`), downloaded on first use."""
+    (`$FARM_CACHE/store/<hash of root>/`), downloaded on first use. That cache is bounded
+    (`$FARM_CACHE_MAX_GB`, see `evict`): an artifact a live `Store` has handed out is in use and
+    kept; keep the `Store` while reading the folder.
+
+    Training stages keep checkpoints under `<root>/.checkpoints/<kind>/<key>/` until their artifact
+    is published (`checkpoints`, farm.train.checkpoints)."""
 
     def __init__(self, root: str | os.PathLike):
         self.uri = str(root).rstrip("/") if is_uri(root) else None
         if self.uri:
             self.fs, self.base = FileSystem.from_uri(self.uri)
             self.root = self.uri
-            self.cache = cache_dir() / "store" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+            self.id = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+            self.cache = cache_dir() / "store" / self.id
         else:
             self.root = Path(root).resolve()
+            self.fs, self.base = LocalFileSystem(), str(self.root)
+        self._pins: dict[str, int] = {}  # cached artifact -> fd of its shared lock, held while this Store lives
+        weakref.finalize(self, _unpin, self._pins)
+
+    def __reduce__(self):  # another process gets a Store of the same root; the pins (open files) stay here
+        return Store, (self.root,)
 
     def path(self, kind: str, key: str) -> Path:
         if not self.uri:
             return self.root / "artifacts" / f"{kind}-{key}"
         local = self.cache / f"{kind}-{key}"
-        if not local.exists() and self.done(kind, key):
-            # Download under a temporary name then rename: a reader beside us sees all or nothing.
-            tmp = self.cache / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True)  # copy_files makes only the subfolders
-            try:
-                copy_files(self._remote(kind, key), str(tmp), source_filesystem=self.fs, destination_filesystem=LocalFileSystem())
-                _move(tmp, local)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        if local.exists() or self.done(kind, key):
+            self._use(local)
+            if not local.exists():  # not here yet, or evicted while we waited for the lock
+                self._download(kind, key, local)
         return local
+
+    def _use(self, local: Path) -> None:
+        """Hold a shared lock on the artifact's `.used` file while this Store lives (eviction skips
+        it), and stamp the use on that file's mtime (eviction takes the least recent first)."""
+        if local.name not in self._pins:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(used_file(local), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while an eviction removes the folder
+            self._pins[local.name] = fd
+        _touch(used_file(local))
+
+    def _download(self, kind: str, key: str, local: Path) -> None:
+        remote = self._remote(kind, key)
+        size = sum(f.size for f in self.fs.get_file_info(FileSelector(remote, recursive=True)) if f.type == FileType.File)
+        self._make_room(size)  # first: the disk is finite
+        # Download under a temporary name then rename: a reader beside us sees all or nothing.
+        tmp = self.cache / f".tmp-{local.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)  # copy_files makes only the subfolders
+        try:
+            copy_files(remote, str(tmp), source_filesystem=self.fs, destination_filesystem=LocalFileSystem())
+            _move(tmp, local)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def checkpoints(self, kind: str, key: str) -> tuple[str, Path]:
+        """A training stage's checkpoint area on `self.fs` (a stable path keyed by the stage, which a
+        retry on any node finds), and the local folder its trainer saves into: the area itself under a
+        local root; under a URI root a staging folder on this node, uploaded after each save."""
+        area = f"{self.base}/{CHECKPOINTS}/{kind}/{key}"
+        return area, Path(area) if not self.uri else cache_dir() / "checkpoints" / self.id / kind / key
 
     def marker(self, kind: str, key: str) -> dict | None:
         """The completed artifact's record, or None if it is absent or incomplete."""
@@ -216,7 +259,7 @@ class Store:
                 self._publish(tmp, kind, key, marker)
                 return
             write_json(tmp / MARKER, marker)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():  # an incomplete leftover, or a twin that finished first
                 if self.done(kind, key):
                     shutil.rmtree(tmp)
@@ -238,6 +281,12 @@ class Store:
         write_json(tmp / MARKER, marker)
         self.write_text(f"artifacts/{kind}-{key}/{MARKER}", (tmp / MARKER).read_text())
         _move(tmp, self.cache / f"{kind}-{key}")
+        _touch(used_file(self.cache / f"{kind}-{key}"))  # a use, for eviction's order
+        self._make_room(0)  # a node that only writes artifacts keeps its cache bounded too
+
+    def _make_room(self, size: int) -> None:
+        """Evict from this node's cache until `size` more bytes fit under its limit."""
+        evict(self.cache.parent, cache_limit(self.cache.parent) - size)
 
     def _remote(self, kind: str, key: str) -> str:
         return f"{self.base}/artifacts/{kind}-{key}"
@@ -273,6 +322,76 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
 
 
+def cache_limit(root: Path) -> int:
+    """Bytes a node's cache of downloaded artifacts may hold: $FARM_CACHE_MAX_GB, else half of the disk
+    it is on (the rest is for checkpoints staged for upload, Ray's object spilling and logs)."""
+    value = os.environ.get(CACHE_MAX_GB)
+    if value:
+        try:
+            return int(float(value) * 1e9)
+        except ValueError:
+            raise ValueError(f"{CACHE_MAX_GB}={value!r} is not a number of GB") from None
+    root.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(root).total // 2
+
+
+def evict(root: Path, budget: int) -> None:
+    """Delete the least recently used complete artifacts of a node's cache (`root`: every store's
+    copies) until the rest take at most `budget` bytes. An artifact in use (a live `Store` holds a
+    shared lock on its `.used` file) is kept; one being downloaded or written is a `.tmp-` folder,
+    never a candidate. One eviction at a time per node, so two do not both delete for the same room."""
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".evict.lock")):
+        cached = sorted(_cached(root))  # (last use, size, folder), least recent first
+        total = sum(size for _, size, _ in cached)
+        for _, size, folder in cached:
+            if total <= budget:
+                break
+            if _remove_unused(folder):
+                total -= size
+
+
+def _cached(root: Path):
+    for folder in root.glob("*/*"):
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / MARKER).exists():
+            stamp = used_file(folder)
+            last = (stamp if stamp.exists() else folder).stat().st_mtime_ns
+            yield last, sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()), folder
+
+
+def _remove_unused(folder: Path) -> bool:
+    """Delete a cached artifact unless a Store uses it (its shared lock makes ours fail at once)."""
+    fd = os.open(used_file(folder), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:  # renamed away under the lock: a reader waiting for it then finds it absent and downloads it
+        gone = folder.with_name(f".tmp-evicted-{folder.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(folder, gone)
+    finally:
+        os.close(fd)  # releases the lock; the .used file stays (deleting a lock file races its waiters)
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def used_file(folder: Path) -> Path:
+    return folder.with_name(folder.name + USED)
+
+
+def _touch(path: Path) -> None:
+    now = time.time_ns()  # explicit: some filesystems' own clock for mtimes is coarser than ours
+    path.touch()
+    os.utime(path, ns=(now, now))
+
+
+def _unpin(pins: dict) -> None:
+    for fd in pins.values():
+        os.close(fd)
+    pins.clear()
+
+
 def _move(tmp: Path, final: Path) -> None:
     """Rename a finished local folder into place, unless a concurrent writer got there first."""
     try:
@@ -298,7 +417,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
                           "set it on an autoscaling cluster whose GPU workers start at zero)")
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+    run.add_argument("--ignore-memory-estimate", action="store_true",
+                     help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="list the trials and their stages, marking cached ones, and estimate their GPU-hours")
@@ -180,7 +182,71 @@ def cmd_plan(args) -> int:
     print(f"  assumed: {args.throughput:,.0f} training tokens/s per GPU with LoRA (full fine-tuning 1.5x, forward-only passes 0.5x) and "
           f"{args.gen_throughput:,.0f} generated tokens/s, for a model of {_count(args.throughput_params, 'parameters')}, "
           "inversely with model size (--throughput, --gen-throughput, --throughput-params)")
+    _print_memory(trials, plans)
     return 0
+
+
+def _print_memory(trials, plans) -> None:
+    """The peak GPU memory of each distinct stage and eval beside the GPU it lands on, and the
+    artifacts' sizes; rows that read alike (a stage repeated across seeds) are printed once."""
+    from farm.estimate import memory_study
+    from farm.memory import DEFAULT_GPU, GPU_MEMORY_GIB
+
+    rows = memory_study(trials, plans)
+    print("\nEstimated peak GPU memory per GPU, each distinct stage once (farm/memory.py: weights, gradients, AdamW state, "
+          "measured activations, other models, KV caches, +10% allocator slack and 1 GiB CUDA context)")
+    print(f"  {'stage':<10} {'kind':<17} {'runs':>4} {'memory':>9}  {'on':<24} {'fits':<4}  {'checkpointing':<13}  artifact")
+    lines: dict[str, int] = {}
+    for r in rows:
+        m = r.memory
+        if not r.gpus:
+            memory, on, fits = "-", "CPU (not estimated)", ""
+        elif m is None:
+            memory, on, fits = "unknown", "-", ""
+        else:
+            memory = f"{m.total / 2**30:.1f} GiB"
+            on = f"{f'{m.share:g} x ' if m.share < 1 else ''}{m.gpu} {GPU_MEMORY_GIB[m.gpu]:g} GiB{' (assumed)' if m.assumed else ''}"
+            fits = "yes" if m.fits else "NO"
+        ckpt = "-" if m is None or m.checkpointing is None else "on" if m.checkpointing else "off"
+        art = "-" if r.name == "eval" else f"{_size(r.artifact)} {r.artifact_kind}" if r.artifact is not None else r.artifact_kind
+        line = f"  {r.name:<10} {r.kind:<17} {{runs:>4}} {memory:>9}  {on:<24} {fits:<4}  {ckpt:<13}  {art}"
+        lines[line] = lines.get(line, 0) + 1
+    for line, runs in lines.items():
+        print(line.format(runs=runs).rstrip())
+    sizes = [r.artifact for r in rows if r.artifact is not None]
+    print(f"  artifacts in all: {_size(sum(sizes))} ({len(sizes)} stages{'; records not counted' if any(r.artifact_kind == 'records' for r in rows) else ''})")
+    if any(r.memory and r.memory.assumed for r in rows):
+        print(f"  assumed: a stage or eval that names no accelerator_type lands on an {DEFAULT_GPU} ({GPU_MEMORY_GIB[DEFAULT_GPU]:g} GiB), "
+              "the smallest GPU of cluster.yaml; resources.accelerator_type (eval.resources.accelerator_type) names another")
+    if any(r.memory and not r.memory.fits for r in rows):
+        print("  a stage marked NO does not fit its GPU: `farm run` refuses it (the error says what to change)")
+
+
+def _size(n: float) -> str:
+    """16.0 MiB, 4.9 GiB: a size for people."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(trials, plans, store, where: str) -> None:
+    """Refuse (StudyError) a stage or eval still to run on a GPU whose estimated peak memory exceeds
+    its GPU's, naming what to change. Stages on CPUs are not checked."""
+    from farm.estimate import memory_fixes, memory_study
+
+    for r in memory_study(trials, plans):
+        m = r.memory
+        if m is None or m.fits or store.done(r.kind, r.key):
+            continue
+        study = next(t.study for t in trials if t.id == r.users[0])
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(m.parts().items(), key=lambda kv: -kv[1]) if v >= 0.05 * 2**30)
+        share = f"{m.share:g} of " if m.share < 1 else ""
+        gpu = f"{share}{m.gpu}, {m.capacity / 2**30:g} GiB" + (" (assumed: no accelerator_type is set)" if m.assumed else "")
+        field = "eval" if r.name == "eval" else f"stages.{r.name}"
+        raise StudyError(
+            f"{where}: {field}: needs an estimated {m.total / 2**30:.1f} GiB per GPU ({parts} GiB, +10% allocator slack and 1 GiB CUDA context), "
+            f"more than its GPU holds: {gpu}. To fit, change in {field} one or more of:\n"
+            + "\n".join(f"  - {fix}" for fix in memory_fixes(r.name, study, m))
+            + "\n(farm plan shows every stage's estimate; --ignore-memory-estimate runs it anyway)"
+        )
 
 
 def _count(n: float, unit: str = "") -> str:
@@ -199,6 +265,8 @@ def cmd_run(args) -> int:
     store = Store(storage)
     study = trials[0].study
     todo = [t for t in trials if not finished(results, t, plans[t.id])]
+    if not args.ignore_memory_estimate:
+        check_memory(todo, plans, store, args.study)  # a stage that cannot fit its GPU, before Ray starts
     print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)")
     by_id = {t.id: t for t in trials}
 
@@ -270,7 +338,7 @@ def _pairwise(trials, plans, store, out: Path) -> None:
         return
     res = study.eval.resources
     judge = study.eval.pairwise.judge
-    task = arena_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+    task = arena_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, accelerator_type=res.accelerator_type)
     files = ray.get(task.remote(entries, judge, judge_ref(trials, plans, judge), str(store.root), study.eval.model_dump(mode="json")))
     for name, data in files.items():
         atomic_write(out / name, data)

@@ -1,7 +1,9 @@
-"""Cost estimates for `farm plan`: GPU-hours per stage from model size, tokens and throughput,
-so that a user sees what a study costs before `ray up`. Pure arithmetic: no hub access.
+"""Estimates for `farm plan`: GPU-hours per stage from model size, tokens and throughput, so that a
+user sees what a study costs before `ray up`; and each stage's and eval's peak GPU memory (the
+arithmetic in farm/memory.py, from the stage's fields here), which `farm run` checks before Ray
+starts. Pure arithmetic: no hub access.
 
-The model is deliberately coarse:
+The cost model is deliberately coarse:
 
 - Work is counted in tokens of three kinds. Trained tokens (forward and backward passes);
   forward-only tokens (a reference model, a reward or feedback model scoring answers, the prompt
@@ -29,11 +31,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from farm import memory
 from farm.data.prepare import is_heldout
 from farm.data.sources import load_source
-from farm.models import FARM_BPE_VOCAB, TINY_GPT2
+from farm.memory import Arch, arch_from_config
+from farm.models import FARM_BPE_VOCAB, TINY_GPT2, checkpointing, deepspeed_config, precision
 from farm.registry import sources
-from farm.spec import BUILT_MODELS, ModelSpec, SourceSpec
+from farm.spec import BUILT_MODELS, ModelSpec, SourceSpec, input_stage
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,6 @@ KNOWN_SIZES = {
 # of experts has fewer parameters than that) nor "7b1" (bloom-7b1).
 SIZE = re.compile(r"(?<![\d.x])(\d+(?:\.\d+)?)([bm])(?![a-z0-9])", re.IGNORECASE)
 VOCABS = {"farm-bpe": FARM_BPE_VOCAB, "gpt2": 50257}  # the bundled tokenizers of built models
-GATED = ("llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3")  # MLPs of three matrices
 
 
 def model_params(model: ModelSpec | str) -> float | None:
@@ -78,17 +81,21 @@ def config_params(cfg: dict) -> float | None:
     """Parameters of a decoder from its HF config: per layer the attention (4 h^2, less for
     grouped key-value heads) and the MLP (2 or, gated, 3 matrices of h x ffn), plus embeddings,
     learned positions and an untied output head. Biases and norms are left out (< 1%)."""
-    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
-    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
-    vocab = cfg.get("vocab_size")
-    if not (h and layers and vocab):
-        return None
-    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
-    kv = h * (cfg.get("num_key_value_heads") or heads) / heads if heads else h
-    ffn = cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner") or 4 * h
-    mlp = 3 if cfg.get("model_type") in GATED else 2
-    embeddings = vocab * h * (1 if cfg.get("tie_word_embeddings", True) else 2) + (cfg.get("n_positions") or 0) * h
-    return layers * (2 * h * h + 2 * h * kv + mlp * h * ffn) + embeddings
+    arch = arch_from_config(cfg)
+    return arch.params if arch else None
+
+
+def model_arch(model: ModelSpec | str) -> Arch | None:
+    """The architecture of a model: a built model's config, a local folder's config.json, or a hub
+    model of farm.memory.KNOWN_CONFIGS. None when unknown."""
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(base=model)
+    if spec.base in BUILT_MODELS:
+        vocab = VOCABS.get(spec.tokenizer)
+        return arch_from_config({"model_type": "gpt2", **TINY_GPT2, "vocab_size": vocab, **spec.config}) if vocab else None
+    config = Path(spec.base).expanduser() / "config.json"
+    if spec.base.startswith(("/", "./", "../", "~")):
+        return arch_from_config(json.loads(config.read_text())) if config.is_file() else None
+    return memory.known_arch(spec.base)
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,10 +150,8 @@ def stage_work(s, study, rows: float | None, base: float | None) -> list[tuple[s
         return [(train, seqs * 2 * s.max_length, base)]
     if s.kind == "dpo":  # chosen and rejected, by the policy and by the reference model
         return [(train, seqs * 2 * s.max_length, base), ("forward", seqs * 2 * s.max_length, base)]
-    if s.kind == "pro":  # every candidate of a ranking: the subset's length, else all the rank stage built
-        subset = next((t for t in (s.data or study.data).transforms if t.name == "ranking_subset"), None)
-        builders = [study.stages[x.stage] for x in (s.data or study.data).sources if x.name == "stage"]
-        k = subset.ranking_length if subset else max((2 + b.samples for b in builders if b.kind == "rank"), default=None)
+    if s.kind == "pro":  # every candidate of a ranking
+        k = ranking_length(s, study)
         return [(train, seqs * k * s.max_length, base)] if k else None
     if s.kind == "rl":  # completions: generated, read by the reward model and the reference, trained on
         completions = seqs if s.max_steps > 0 else seqs * s.num_generations
@@ -167,6 +172,14 @@ def stage_work(s, study, rows: float | None, base: float | None) -> list[tuple[s
         return [("generate", answers * g.max_new_tokens, base), ("forward", answers * s.max_prompt_length, base),
                 ("forward", answers * s.max_length, params(s.feedback_model))]  # fmt: skip
     return None
+
+
+def ranking_length(s, study) -> int | None:
+    """Candidates per ranking a PRO stage reads: its ranking subset's length, else all that the
+    rank stage it reads built (2 + samples)."""
+    subset = next((t for t in (s.data or study.data).transforms if t.name == "ranking_subset"), None)
+    builders = [study.stages[x.stage] for x in (s.data or study.data).sources if x.name == "stage"]
+    return subset.ranking_length if subset else max((2 + b.samples for b in builders if b.kind == "rank"), default=None)
 
 
 def gpu_hours(work, rates: Rates) -> float | None:
@@ -226,3 +239,224 @@ def estimate_study(trials, plans, rates: Rates = Rates()) -> tuple[list[Estimate
                 e.hours = gpu_hours(work, rates)
                 e.note = e.note if e.hours is not None else "unknown size"
     return list(out.values()), models
+
+
+# ---------------------------------------------------------------- peak GPU memory (farm/memory.py)
+
+READ_BYTES = 2  # a model that is only read (generation, scoring, a frozen reference): bf16 on a GPU (farm.models.inference_dtype)
+RL_JUDGE_BYTES = 2  # rl.py loads its reward model in the inference dtype: bf16 on a GPU
+SCORING = {"preference_accuracy", "perplexity"}  # eval metrics that score answers in batches of eval.batch_size x max_length
+GENERATING = {"generation", "harmlessness", "reward_score"}  # ... that generate as eval.generation says (misalignment: eval.conditional)
+ROWS = {"pretrain": 1, "sft": 1, "dpo": 2, "reward": 2, "rl": 1}  # sequences a training example is (pro: its ranking's length)
+
+
+@dataclass
+class Memory:
+    """Peak memory per GPU of a stage or an eval: bytes torch allocates, by part. `held` stays for
+    the whole run (weights, optimizer state, the other models); of `phases` (training, generating,
+    scoring), which come and go, the largest counts."""
+
+    held: dict[str, float]
+    phases: dict[str, dict[str, float]]
+    gpu: str  # the GPU type it lands on
+    assumed: bool  # named no accelerator_type: memory.DEFAULT_GPU
+    checkpointing: bool | None = None  # None: not a training stage
+    share: float = 1.0  # of the GPU's memory it may count on: a fractional GPU (0.5) shares it with another task
+
+    def parts(self) -> dict[str, float]:
+        """What is allocated at the peak: what is held and the largest phase."""
+        largest = max(self.phases.values(), key=lambda p: sum(p.values()), default={})
+        return {**self.held, **largest}
+
+    @property
+    def total(self) -> float:
+        return memory.peak(self.parts())
+
+    @property
+    def capacity(self) -> float:
+        return memory.gpu_memory(self.gpu)[1] * self.share
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def _model(ref: str | None, study) -> Arch | None:
+    """The architecture of a model a field names: a stage of the study (grown from the study's
+    model), the study's model itself (None), or a hub id / path."""
+    return model_arch(study.model if ref is None or ref in study.stages else ref)
+
+
+def _generating(arch: Arch, g, prompt: int) -> dict[str, float]:
+    """A model generating as GenerationSpec `g` says after `prompt` tokens."""
+    return memory.generating(arch, g.batch_size, prompt, g.max_new_tokens, READ_BYTES)
+
+
+def _zero(value) -> tuple[int, bool]:
+    """(ZeRO stage, offloaded) of a stage's `deepspeed` field."""
+    zero = (deepspeed_config(value) or {}).get("zero_optimization", {})
+    return int(zero.get("stage", 0)), bool(zero.get("offload_optimizer") or zero.get("offload_param"))
+
+
+def stage_memory(name: str, study) -> Memory | None:
+    """Peak GPU memory per GPU of stage `name` of `study`, whether or not it asks for a GPU (the
+    caller decides what a CPU stage shows); None when a model's architecture is unknown."""
+    s = study.stages[name]
+    gpu = s.resources.accelerator_type
+    where = dict(gpu=gpu or memory.DEFAULT_GPU, assumed=gpu is None, share=min(1.0, s.resources.gpus_per_worker) or 1.0)
+    if s.kind == "rank":
+        gen, judge = _model(s.generator, study), _model(s.reward_model, study)
+        if gen is None or judge is None:
+            return None
+        score = {"reward model": judge.params * READ_BYTES, "forward": memory.forward_pass(judge, s.batch_size * s.max_length)}
+        phases = {"generate": _generating(gen, s.generation, s.max_prompt_length), "score": score} if s.samples else {"score": score}
+        return Memory({}, phases, **where)  # the generator is freed before the reward model loads
+    arch = _model(input_stage(study.stages, name), study)
+    if arch is None:
+        return None
+    if s.kind == "critique_revision":
+        return Memory({}, {"generate": _generating(arch, s.generation, s.max_prompt_length)}, **where)
+    if s.kind == "ai_feedback":
+        judge = _model(s.feedback_model, study)
+        if judge is None:
+            return None
+        tokens = s.batch_size * s.max_length  # every token's log-probabilities (cai.option_logprobs)
+        score = {"feedback model": judge.params * READ_BYTES, "forward": memory.forward_pass(judge, tokens, tokens)}
+        return Memory({}, {"generate": _generating(arch, s.generation, s.max_prompt_length), "score": score}, **where)
+    return _training(s, study, arch, where)
+
+
+def _training(s, study, arch: Arch, where: dict) -> Memory | None:
+    weights, autocast = precision(s, on_gpu=True)
+    trainable = memory.lora_params(arch, s.lora.r, s.lora.target_modules) if s.lora else arch.params
+    rows = ranking_length(s, study) if s.kind == "pro" else ROWS.get(s.kind)
+    if trainable is None or rows is None:
+        return None
+    ckpt = checkpointing(s, arch.params)
+    length, head_tokens, held, phases = s.max_length, None, {}, {}
+    if s.kind == "dpo" and not s.lora:
+        held["reference"] = arch.params * READ_BYTES  # dpo.frozen_copy (with LoRA: the adapter disabled)
+    if s.kind == "rl":
+        judge = _model(s.reward_model, study)
+        if judge is None:
+            return None
+        held["reward model"] = judge.params * RL_JUDGE_BYTES
+        if s.beta > 0 and not s.lora:
+            held["reference"] = arch.params * memory.DTYPE_BYTES[weights]  # a copy of the policy
+        length = s.max_prompt_length + s.max_new_tokens
+        head_tokens = s.batch_size * s.max_new_tokens  # TRL scores the completions' tokens only
+        # TRL generates a whole step's completions at once (per device: batch_size x grad_accum).
+        gen = memory.generating(arch, s.batch_size * s.grad_accum, s.max_prompt_length, s.max_new_tokens)
+        phases["generate"] = {k: v for k, v in gen.items() if k != "model"}
+        phases["score"] = {"forward": memory.forward_pass(judge, s.batch_size * s.max_length)}
+    zero, offload = _zero(s.deepspeed)
+    step = memory.training_step(arch, trainable, memory.DTYPE_BYTES[weights], autocast is not None, s.batch_size * rows * length, ckpt,
+                                lm_head=s.kind != "reward", zero=zero, offload=offload, workers=s.resources.num_workers, head_tokens=head_tokens)  # fmt: skip
+    phases["train"] = {"activations": step.pop("activations")}
+    return Memory({**step, **held}, phases, **where, checkpointing=ckpt)
+
+
+def eval_memory(study) -> Memory | None:
+    """Peak GPU memory of a trial's evaluation: the evaluated model and its reference (one model
+    when the evaluated stage is LoRA, whose reference is its adapter disabled, or when the base
+    model is evaluated), the judge, and the largest of scoring, safety windows and generation.
+    lm-eval's benchmarks are not estimated."""
+    e = study.eval
+    arch = model_arch(study.model)
+    last = study.evaluated()
+    judge = _model(e.reward_model, study) if e.reward_model else None
+    if arch is None or (e.reward_model and judge is None):
+        return None
+    held = {"model": arch.params * READ_BYTES}
+    if last is not None and not study.stages[last].lora:
+        held["reference"] = arch.params * READ_BYTES
+    if judge is not None:
+        held["judge"] = judge.params * READ_BYTES
+    scored, windows = e.batch_size * e.max_length, e.safety.batch_size * e.safety.max_length
+    asked = set(e.metrics)
+    phases = {
+        "score": {"forward": memory.forward_pass(arch, scored, scored)} if asked & SCORING else {},
+        "safety": {"forward": memory.forward_pass(arch, windows, windows)} if "safety_score" in asked else {},
+        "generate": _generating(arch, e.generation, e.max_prompt_length) if asked & GENERATING else {},
+        "conditional": _generating(arch, e.conditional.generation, e.max_prompt_length) if "misalignment" in asked else {},
+    }
+    phases = {k: {part: v for part, v in p.items() if part != "model"} for k, p in phases.items() if p}  # the model is held
+    gpu = e.resources.accelerator_type
+    return Memory(held, phases, gpu=gpu or memory.DEFAULT_GPU, assumed=gpu is None, share=min(1.0, e.resources.num_gpus) or 1.0)
+
+
+def artifact_size(name: str, study) -> tuple[float | None, str]:
+    """(bytes, what) of a stage's artifact: a LoRA stage's adapter (fp32), a full stage's weights
+    in the dtype it trains them in; a stage that builds records: (None, "records")."""
+    s = study.stages[name]
+    if s.produces == "records":
+        return None, "records"
+    arch = _model(input_stage(study.stages, name), study)
+    if arch is None:
+        return None, "unknown size"
+    if s.lora:
+        n = memory.lora_params(arch, s.lora.r, s.lora.target_modules)
+        return (n * 4 if n is not None else None), "LoRA adapter"
+    dtype = precision(s, on_gpu=s.resources.gpus_per_worker > 0)[0]
+    return arch.params * memory.DTYPE_BYTES[dtype], f"{dtype} weights".replace("float32", "fp32").replace("bfloat16", "bf16")
+
+
+@dataclass
+class MemoryRow:
+    name: str  # a stage's name, or "eval"
+    kind: str
+    key: str
+    users: tuple[str, ...]
+    memory: Memory | None  # None: not estimated (on a CPU, or a model of unknown architecture)
+    gpus: float  # per worker (a stage) or per task (eval); 0: it runs on CPUs
+    artifact: float | None = None
+    artifact_kind: str = ""
+
+
+def memory_study(trials, plans) -> list[MemoryRow]:
+    """A MemoryRow for every distinct stage and eval of the study's plans, in plan order."""
+    out: dict[str, MemoryRow] = {}
+    for t in trials:
+        study, plan = t.study, plans[t.id]
+        for p in plan.stages:
+            if p.key not in out:
+                s = study.stages[p.name]
+                gpus = s.resources.gpus_per_worker
+                size, what = artifact_size(p.name, study)
+                out[p.key] = MemoryRow(p.name, p.kind, p.key, p.users, stage_memory(p.name, study) if gpus else None, gpus, size, what)
+        if plan.eval_key not in out:
+            gpus = study.eval.resources.num_gpus
+            users = tuple(u.id for u in trials if plans[u.id].eval_key == plan.eval_key)
+            out[plan.eval_key] = MemoryRow("eval", "eval", plan.eval_key, users, eval_memory(study) if gpus else None, gpus)
+    return list(out.values())
+
+
+def memory_fixes(name: str, study, m: Memory) -> list[str]:
+    """What would bring stage `name` (or "eval") of `study` under its GPU's memory, in the study's words."""
+    need = m.total
+    bigger = memory.smallest_gpu_for(need)
+    gpu = f"resources.accelerator_type: {bigger} ({memory.GPU_MEMORY_GIB[bigger]:g} GiB)" if bigger else None
+    if name == "eval":
+        e = study.eval
+        return [f"batch_size below {e.batch_size}", f"generation.batch_size below {e.generation.batch_size}", *([gpu] if gpu else [])]
+    s = study.stages[name]
+    if not s.trains:
+        g = s.generation
+        return [f"generation.batch_size below {g.batch_size}", *([f"batch_size below {s.batch_size} (scoring)"] if hasattr(s, "batch_size") else []),
+                *([gpu] if gpu else [])]  # fmt: skip
+    fixes = []
+    if not s.lora:
+        fixes.append("lora: {r: 8} (trains adapters only: no gradients or optimizer state for the base)")
+    if not m.checkpointing:
+        fixes.append("gradient_checkpointing: true")
+    if s.batch_size > 1:
+        smaller = next(d for d in range(s.batch_size // 2, 0, -1) if s.batch_size % d == 0)  # the effective batch stays whole
+        fixes.append(f"batch_size: {smaller} with grad_accum: {s.grad_accum * s.batch_size // smaller} (the same effective batch)")
+    if not s.lora and _zero(s.deepspeed)[0] < 3:
+        workers = s.resources.num_workers
+        fixes.append(f"deepspeed: zero3 (or zero2) with more resources.num_workers (now {workers}): shards the optimizer state, gradients and weights")
+    elif s.deepspeed and s.resources.num_workers < 8:
+        fixes.append(f"more resources.num_workers (now {s.resources.num_workers}) to shard over")
+    if gpu:
+        fixes.append(gpu)
+    return fixes

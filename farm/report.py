@@ -25,7 +25,7 @@ from farm.spec import PlotSpec, axis_labels
 
 SEED_AXIS = "seed"
 GRID_POINT = "grid point"
-BOOKKEEPING = {"done", "eval_pairs", "eval_seconds", "generated"}
+BOOKKEEPING = {"done", "eval_pairs", "eval_seconds", "generated", "gen_tokens_per_s", "eval_device"}
 # Properties of an instrument rather than results of a trial: shown once, as notes.
 INSTRUMENT_SUFFIX = "_heldout_accuracy"
 PACKAGES = ("farm", "ray", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "scipy")

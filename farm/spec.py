@@ -247,6 +247,9 @@ class ModelSpec(Strict):
     config: dict[str, Any] = {}  # architecture overrides for a built model
     tokenizer: str | None = None  # farm-bpe | gpt2 | hub id | path; default: the base's own
     trust_remote_code: bool = False  # run code shipped with a hub model: only when the study says so
+    # Prompt a model whose tokenizer has a chat template (Llama-2-chat) through it, in training and
+    # in evaluation alike; false renders the raw HH transcript instead.
+    chat_template: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -294,10 +297,27 @@ class GenerationSpec(Strict):
         return v
 
 
+def _check_accelerator(v: str | None, gpus: float, field: str) -> None:
+    from farm.memory import GPU_MEMORY_GIB
+
+    if v is not None and v not in GPU_MEMORY_GIB:
+        raise ValueError(f"accelerator_type: unknown GPU type {v!r}; allowed: {', '.join(GPU_MEMORY_GIB)} (Ray's names)")
+    if v is not None and not gpus:
+        raise ValueError(f"accelerator_type: names the GPU a task gets, but {field} is 0; set {field} or drop accelerator_type")
+
+
 class Resources(Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
+    # The GPU type each worker must land on (Ray's accelerator_type: A10G, A100, H100, ...); none:
+    # any GPU, taken by `farm plan` and `farm run`'s memory check as farm.memory.DEFAULT_GPU.
+    accelerator_type: str | None = None
+
+    @model_validator(mode="after")
+    def _accelerator(self) -> "Resources":
+        _check_accelerator(self.accelerator_type, self.gpus_per_worker, "gpus_per_worker")
+        return self
 
 
 class LoRA(Strict):
@@ -314,6 +334,16 @@ class Fault(Strict):
     kind: Literal["raise", "kill"] = "raise"  # raise an error, or SIGKILL the Ray worker process
     times: int | None = Field(None, ge=1)  # fail this many attempts, then train normally (default: every attempt)
     trial: str | None = None  # only in this trial (default: every trial running the stage)
+
+
+class CheckpointEvery(Strict):
+    """How often a training stage saves a checkpoint to resume from after its worker dies
+    (farm.train.checkpoints): every `steps` optimizer steps and/or `minutes` of training, whichever
+    comes first. By time by default, so that a stage of minutes never pays for one and a long stage
+    loses at most half an hour."""
+
+    steps: int | None = Field(None, ge=1)
+    minutes: float | None = Field(30.0, gt=0)
 
 
 class StageSpec(Strict):
@@ -370,10 +400,19 @@ class TrainingStage(StageSpec):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(128, ge=8)
     lora: LoRA | None = None
+    # Weights and compute (farm.models.precision): auto is fp32 on a CPU; on a GPU a LoRA stage's
+    # frozen base in bf16 with fp32 adapters, full fine-tuning with fp32 master weights and bf16
+    # autocast. fp32 forces fp32 everywhere; bf16 asks for bf16 compute (a GPU that has it).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Recompute activations in the backward pass: less memory for ~1/3 more compute. None: on for
+    # models of at least farm.models.CHECKPOINTING_PARAMS parameters. Not in the stage's key.
+    gradient_checkpointing: bool | None = None
     # DeepSpeed for the HF trainer: a preset (farm.models.DEEPSPEED_PRESETS), a .json file or an
     # inline dict. A file is read here and kept as its dict: the cache key then holds what the
     # file says, not where it was, and Ray workers (other cwd, other node) need no copy of it.
     deepspeed: str | dict | None = None
+    # Checkpoints to resume from (null: none). Not in the stage's key: it does not change the result.
+    checkpoint_every: CheckpointEvery | None = CheckpointEvery()
 
     @field_validator("deepspeed")
     @classmethod
@@ -568,6 +607,12 @@ RECORDS_BUILT = {"rank": "ranking", "critique_revision": "comparison", "ai_feedb
 class EvalResources(Strict):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
+    accelerator_type: str | None = None  # as a stage's resources.accelerator_type
+
+    @model_validator(mode="after")
+    def _accelerator(self) -> "EvalResources":
+        _check_accelerator(self.accelerator_type, self.num_gpus, "num_gpus")
+        return self
 
 
 # lm-eval tasks the farm ships offline copies of (farm/eval/tasks), with the metric METHODS reports.

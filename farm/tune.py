@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import sys
 import time
 
@@ -62,13 +63,13 @@ def run_trial(config: dict, payloads: dict) -> None:
                 run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
             elif pending:  # one Ray task with the stage's resources, outside the trial's placement group
                 res = study.stages[group[0].name].resources
-                task = build_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, scheduling_strategy="DEFAULT")
+                task = build_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT")
                 ray.get(task.remote(payload, dataclasses.asdict(group[0])))
     with store.lock(plan.eval_key):  # trials with the same final model share one evaluation
         if not store.done("eval", plan.eval_key):
             res = study.eval.resources
             # "DEFAULT" keeps the task out of the trial's placement group, which holds no CPU.
-            task = evaluate_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, scheduling_strategy="DEFAULT")
+            task = evaluate_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT")
             ray.get(task.remote(payload))
     tune.report({"done": 1, **store.marker("eval", plan.eval_key)["metrics"]})
 
@@ -93,11 +94,15 @@ def evaluate_task(payload: dict) -> None:
     record = {"trial": payload["trial_id"], "model_key": last.key if last else None}
     scores = read_scores(store, study.data) if study.data.labels else None
     refs = {name: store.path(kind, key) for name, kind, key in plan.eval_refs}
+    # Finished answers and lm-eval's request cache outlive a failed attempt here (on this node,
+    # under a URI store), so a retry goes on from them; removed once the eval is published.
+    scratch = store.checkpoints("eval", plan.eval_key)[1]
     with store.writing("eval", plan.eval_key, record) as out:
-        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores, refs)
+        record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores, refs, store.path, scratch)
         answers = record["metrics"].pop(ANSWERS, None)
         if answers is not None:  # the pairwise comparison after the grid reads them
             write_json(out / ANSWERS_FILE, answers)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @ray.remote
@@ -134,9 +139,10 @@ def arena_task(entries: list, judge: str, judge_ref, storage: str, eval_json: di
     from farm.train.runner import quiet
 
     quiet()
+    store = Store(storage)
     if judge_ref:  # a stage of the study: its artifact, fetched on this node
-        judge = str(Store(storage).path(*judge_ref))
-    return run_arena(entries, judge, EvalSpec.model_validate(eval_json))
+        judge = str(store.path(*judge_ref))
+    return run_arena(entries, judge, EvalSpec.model_validate(eval_json), store.path)
 
 
 def plan_from_json(obj: dict) -> TrialPlan:
@@ -182,7 +188,7 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
-        shown = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith(("time", "eval_seconds"))}
+        shown = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith(("time", "eval_seconds", "gen_tokens_per_s"))}
         self._say(trial, "done " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()) if k != "loss"))
         self.on_complete(trial.config["trial_id"])
 

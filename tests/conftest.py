@@ -53,7 +53,7 @@ def farm(*args, check=True) -> subprocess.CompletedProcess:
 
 
 def metrics_table(results: Path) -> pd.DataFrame:
-    return pd.read_csv(results / "tiny" / "table.csv").drop(columns=["eval_seconds"], errors="ignore").set_index("trial").sort_index()
+    return pd.read_csv(results / "tiny" / "table.csv").drop(columns=["eval_seconds", "gen_tokens_per_s"], errors="ignore").set_index("trial").sort_index()
 
 
 def artifacts(results: Path) -> dict[str, float]:

@@ -239,7 +239,6 @@ def test_critique_revision_stage(tmp_path, tiny):
 
 @pytest.mark.parametrize("clamp", [None, (0.4, 0.6)])
 def test_ai_feedback_stage(tmp_path, tiny, clamp):
-    from farm.eval.metrics import response_logprobs
     from farm.models import load_artifact
 
     spec, saved, rows = tiny
@@ -262,10 +261,23 @@ def test_ai_feedback_stage(tmp_path, tiny, clamp):
         pr = principles[draw_principles(row.id, 3, 1, len(principles))[0]]
         assert r.meta["principle"] == pr.name
         text = feedback_prompt(row.prompt, pr, r.chosen, r.rejected)
-        cut = SimpleNamespace(batch_size=1, max_length=128, max_prompt_length=128 - len(tok(" (A)", add_special_tokens=False)["input_ids"]))
-        la, lb = (response_logprobs(judge, tok, [(text, o)], cut)[0][0] for o in OPTIONS)
+        la, lb = (option_logprob(judge, tok, text, o, 128) for o in OPTIONS)
         assert r.meta["logprobs"] == pytest.approx([la, lb], abs=1e-4)
         assert r.label == pytest.approx(soft_label(la, lb, clamp), abs=1e-6)
+
+
+def option_logprob(model, tok, prompt: str, option: str, max_length: int) -> float:
+    """log P(option | prompt) unbatched: the option's own tokens, no EOS after them (the feedback
+    model picks an option; it does not end its answer there)."""
+    import torch
+
+    from farm.models import encode_prompt
+
+    o = tok(option, add_special_tokens=False)["input_ids"]
+    p = encode_prompt(tok, prompt, max_length - len(o))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p + o])).logits[0].float(), -1)
+    return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(o))
 
 
 def test_stage_specs_validate(tiny):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from farm.eval.diversity import prompt_diversity, prompt_diversity_of
+from farm.data.diversity import prompt_diversity, prompt_diversity_of
 
 
 def test_hand_computed_value():

@@ -135,7 +135,7 @@ def test_unknown_sizes_and_rows_are_said_not_guessed():
 
 def test_plan_prints_the_cost_of_a_paper_profile_offline(tmp_path):
     out = farm("plan", ROOT / "jobs" / "diversity.yaml", "--profile", "paper", "--results", tmp_path).stdout
-    table = out[out.index("Estimated cost") :]
+    table = out[out.index("Estimated cost") : out.index("Estimated peak GPU memory")]
     assert "facebook/opt-1.3b: 1.3B parameters, OpenAssistant/reward-model-deberta-v3-large-v2: 435M parameters" in table
     # The shared builders once each, with the rows of HH-RLHF's train split less 2% held out.
     rankings = next(line for line in table.splitlines() if line.split()[:2] == ["rankings", "rank"])
@@ -145,3 +145,43 @@ def test_plan_prints_the_cost_of_a_paper_profile_offline(tmp_path):
     with_reuse, without = (float(x.split(" GPU-hours")[0].replace(",", "")) for x in total.removeprefix("  total: ").split("; "))
     assert 0 < with_reuse < without
     assert "eval (144 runs) and labelling: not estimated" in table
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
+def test_every_paper_stage_fits_the_gpu_it_asks_for(job):
+    from farm.estimate import memory_study
+    from farm.spec import load_study
+
+    trials = load_study(ROOT / "jobs" / job, "paper")
+    rows = [r for r in memory_study(trials, plan_study(trials)) if r.gpus]
+    assert rows, "a paper profile runs on GPUs"
+    for r in rows:
+        assert r.memory is not None, f"{job}: {r.name}: not estimated"
+        assert r.memory.fits, f"{job}: {r.name} needs {r.memory.total / 2**30:.1f} GiB, its {r.memory.gpu} has {r.memory.capacity / 2**30:g}"
+
+
+def test_plan_prints_peak_memory_beside_the_gpu_and_artifact_sizes(tmp_path):
+    out = farm("plan", ROOT / "jobs" / "malign_labels.yaml", "--profile", "paper", "--results", tmp_path).stdout
+    table = out[out.index("Estimated peak GPU memory") :].splitlines()
+    sft = next(line.split() for line in table if line.split()[:2] == ["sft", "sft"])
+    # 18.4 GiB: the bf16 base (12.6), LoRA's state, 4 x 1024 tokens of checkpointed activations and logits.
+    assert sft[3:] == ["18.4", "GiB", "A10G", "22.5", "GiB", "(assumed)", "yes", "on", "32.0", "MiB", "LoRA", "adapter"]
+    assert next(line.split() for line in table if line.split()[:1] == ["eval"])[3:11] == ["18.5", "GiB", "A10G", "22.5", "GiB", "(assumed)", "yes", "-"]
+    runs = int(sft[2])  # one LoRA adapter of 32 MiB per distinct SFT stage
+    assert f"  artifacts in all: {runs * 32 / 1024:.1f} GiB ({runs} stages)" in table
+    assert any(line.startswith("  assumed: a stage or eval that names no accelerator_type lands on an A10G (22.5 GiB)") for line in table)
+
+
+def test_run_refuses_a_stage_that_cannot_fit_its_gpu(write_study, tmp_path):
+    # Full fine-tuning of a 7B model on one A10G: fp32 weights, gradients and AdamW state are 100 GiB.
+    doc = {"name": "big", "model": {"base": "meta-llama/Llama-2-7b-hf"}, "data": {"sources": [{"name": "hh_rlhf"}]},
+           "stages": {"sft": {"batch_size": 8, "grad_accum": 2, "max_length": 1024, "resources": {"gpus_per_worker": 1}}}}  # fmt: skip
+    proc = farm("run", write_study(doc), "--results", tmp_path / "results", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "stages.sft: needs an estimated 1" in err and "GiB per GPU" in err
+    assert "more than its GPU holds: A10G, 22.5 GiB (assumed: no accelerator_type is set)" in err
+    assert "lora: {r: 8}" in err and "batch_size: 4 with grad_accum: 4 (the same effective batch)" in err
+    assert "deepspeed: zero3" in err and "gradient_checkpointing" not in err  # on already, by size
+    assert "resources.accelerator_type: H200 (140.4 GiB)" in err  # the one GPU that holds it alone
+    assert "Ray ready" not in proc.stdout and not (tmp_path / "results").exists()  # refused before Ray started

@@ -228,3 +228,22 @@ def test_hub_suite_runs_the_harness_own_tasks(tiny, monkeypatch):
     # The built-in toxigen cannot run few-shot (lm-eval 0.4.13): refused when the study is read.
     with pytest.raises(ValueError, match="the harness's own toxigen task cannot run few-shot"):
         BenchmarkSpec(suite="hub", tasks=["toxigen"], num_fewshot=1)
+
+
+def test_a_retried_benchmark_run_answers_from_its_request_cache(tiny, tmp_path, monkeypatch):
+    """With an eval scratch folder, lm-eval keeps each answered request (sqlite, written per
+    request): a retry after a lost node re-scores nothing it had scored."""
+    from lm_eval.models.huggingface import HFLM
+
+    from farm.models import GENERATION
+
+    model, tok = tiny
+    spec = EvalSpec(metrics=["benchmarks"], benchmarks=BenchmarkSpec(tasks=["piqa", "arc_challenge"], limit=3))
+    GENERATION.start(tmp_path)
+    try:
+        first = harness.benchmarks(model, model, tok, [], spec)
+        assert list(tmp_path.glob("lm_eval*.db"))
+        monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda *a, **k: pytest.fail("a cached request was scored again"))
+        assert harness.benchmarks(model, model, tok, [], spec) == first
+    finally:
+        GENERATION.start(None)

@@ -66,8 +66,8 @@ def test_gradients_reach_every_score():
 
 def test_collator_pads_to_b_k_l_and_masks_responses_only():
     batch = RankingCollator(pad_id=9)([
-        {"prompt_ids": [1, 2], "response_ids": [[3, 0], [4, 5, 0]], "rewards": [1.0, 0.0]},
-        {"prompt_ids": [6], "response_ids": [[7, 0], [0]], "rewards": [0.5, 0.2]},
+        {"prompt_ids": [[1, 2], [1, 2]], "response_ids": [[3, 0], [4, 5, 0]], "rewards": [1.0, 0.0]},
+        {"prompt_ids": [[6], [6]], "response_ids": [[7, 0], [0]], "rewards": [0.5, 0.2]},
     ])
     assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["response_mask"].shape == (2, 2, 5)
     assert batch["input_ids"].tolist() == [[[1, 2, 3, 0, 9], [1, 2, 4, 5, 0]], [[6, 7, 0, 9, 9], [6, 0, 9, 9, 9]]]
@@ -96,8 +96,8 @@ def test_trainer_loss_matches_unpadded_per_candidate_log_probs(study, tmp_path):
     model, tok = base_model(study.model, study.seed)
     model.eval()  # no dropout: both computations see the same network
     examples = [
-        {"prompt_ids": [5, 6, 7], "response_ids": [[8, 9, 0], [10, 0], [11, 12, 13, 0]], "rewards": [2.0, 1.0, 0.0]},
-        {"prompt_ids": [14], "response_ids": [[15, 0], [16, 17, 18, 19, 0], [0]], "rewards": [1.0, 0.5, -1.0]},
+        {"prompt_ids": [[5, 6, 7]] * 3, "response_ids": [[8, 9, 0], [10, 0], [11, 12, 13, 0]], "rewards": [2.0, 1.0, 0.0]},
+        {"prompt_ids": [[14]] * 3, "response_ids": [[15, 0], [16, 17, 18, 19, 0], [0]], "rewards": [1.0, 0.5, -1.0]},
     ]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False)
     trainer = pro_trainer_class()(model=model, args=args, data_collator=RankingCollator(tok.pad_token_id))
@@ -106,9 +106,8 @@ def test_trainer_loss_matches_unpadded_per_candidate_log_probs(study, tmp_path):
     means, sums = [], []
     with torch.no_grad():
         for e in examples:
-            p = e["prompt_ids"]
             row = []
-            for r in e["response_ids"]:
+            for p, r in zip(e["prompt_ids"], e["response_ids"]):
                 logp = torch.log_softmax(model(torch.tensor([p + r])).logits[0, :-1], -1)
                 row.append(sum(logp[len(p) - 1 + i, tok_id] for i, tok_id in enumerate(r)))
             sums.append(row[0])

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from farm.data.prepare import training_records
-from farm.eval.reward import reward_scores
-from farm.models import load_reward_model
+from farm.models import reward_scores
+from farm.models import base_model, load_reward_model
 from farm.registry import stages
 from farm.spec import Reward, expand
-from farm.train.base import StageContext, load_input
+from farm.train.base import StageContext
 from farm.train.reward import as_reward_model, soft_reward_loss
 
 CUT = dict(max_length=64, max_prompt_length=32)
@@ -70,7 +70,7 @@ def test_reward_model_learns_its_training_pairs(study, trained):
     study, records = study
     metrics, (model, tok), _ = trained
     assert model.config.architectures == ["GPT2ForSequenceClassification"] and model.config.num_labels == 1
-    lm, lm_tok = load_input(StageContext("r", None, study.model, study.seed, None, [], None, None, []))
+    lm, lm_tok = base_model(study.model, study.seed)
     before, _ = chosen_wins(as_reward_model(lm, lm_tok, study.seed).eval(), lm_tok, records)
     after, _ = chosen_wins(model, tok, records)
     assert after > max(before, 0.5) + 0.2, (before, after)
@@ -93,10 +93,10 @@ def test_soft_labels_of_zero_teach_the_reverse(study, tmp_path):
 
 def test_lora_from_an_artifact_trains_and_saves_the_head(study, tmp_path):
     study, records = study
-    lm, tok = load_input(StageContext("r", None, study.model, study.seed, None, [], None, None, []))
-    lm.save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
-    run_stage(study, records, tmp_path / "lora", input_path=tmp_path / "lm", lora={"r": 4, "alpha": 8})
+    lm, tok = base_model(study.model, study.seed)
+    lm.save_pretrained(tmp_path / "pretrain-lm")
+    tok.save_pretrained(tmp_path / "pretrain-lm")
+    run_stage(study, records, tmp_path / "lora", input_path=tmp_path / "pretrain-lm", lora={"r": 4, "alpha": 8})
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
     model, rtok = load_reward_model(tmp_path / "lora")
     untrained = as_reward_model(lm, tok, study.seed)
@@ -112,7 +112,7 @@ def test_trainer_carries_soft_labels_into_its_loss(study, tmp_path):
     from farm.train.reward import _trainer_cls
 
     study, _ = study
-    lm, tok = load_input(StageContext("r", None, study.model, study.seed, None, [], None, None, []))
+    lm, tok = base_model(study.model, study.seed)
     trainer_cls, collator_cls = _trainer_cls()
     rows = {"chosen_ids": [[5, 6, 7, 0], [8, 9, 0]], "rejected_ids": [[5, 6, 0], [8, 10, 11, 12, 0]], "soft_label": [1.0, 1.0]}
     args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2, max_length=8)

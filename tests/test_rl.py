@@ -11,12 +11,12 @@ import torch
 
 import farm.train.rl as rl
 from farm.data.prepare import training_records
-from farm.eval.metrics import encode_pair
-from farm.eval.reward import reward_scores
-from farm.models import load_artifact, load_reward_model
+from farm.models import encode_pair
+from farm.models import reward_scores
+from farm.models import base_model, load_artifact, load_reward_model
 from farm.registry import stages
 from farm.spec import RL, expand
-from farm.train.base import StageContext, load_input
+from farm.train.base import StageContext
 from farm.train.reward import as_reward_model
 
 CUT = dict(max_length=32, max_prompt_length=16)
@@ -35,8 +35,8 @@ def setup(tmp_path_factory):
     study = expand(doc, "s.yaml")[0].study
     records, _ = training_records(study.data, study.seed, "demonstration")
     root = tmp_path_factory.mktemp("rl")
-    lm, tok = load_input(StageContext("base", None, study.model, study.seed, None, [], None, None, []))
-    for name, model in (("rm", as_reward_model(lm, tok, study.seed)), ("policy", lm)):
+    lm, tok = base_model(study.model, study.seed)
+    for name, model in (("rm", as_reward_model(lm, tok, study.seed)), ("sft-policy", lm)):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return study, records, root
@@ -97,7 +97,7 @@ def test_grpo_trains_and_saves_a_model_that_differs_from_its_input(setup, grpo):
     model, tok = load_artifact(out)
     assert model.config.n_embd == 32 and len(tok) == model.config.vocab_size
     assert not (out / "adapter").exists()
-    assert differs(model.state_dict(), weights(root / "policy"))  # the base model == root/policy
+    assert differs(model.state_dict(), weights(root / "sft-policy"))  # the base model == root/policy
     assert np.isfinite([metrics["reward_first"], metrics["reward_last"]]).all()
 
 
@@ -106,7 +106,7 @@ def test_grpo_reference_is_a_frozen_copy_of_the_input_model(setup, grpo):
     _, out, trainer = grpo
     ref = trainer.accelerator.unwrap_model(trainer.ref_model)
     assert trainer.beta == 0.1 and ref is not trainer.accelerator.unwrap_model(trainer.model)
-    base = weights(root / "policy")
+    base = weights(root / "sft-policy")
     assert not differs(ref.state_dict(), base)  # still the input model after training
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
 
@@ -119,9 +119,9 @@ def test_same_seed_gives_the_same_weights(setup, grpo):
 
 def test_rloo_with_lora_from_an_artifact_saves_its_adapter(setup):
     _, _, root = setup
-    metrics, out = run_stage(setup, "rloo", input_path=root / "policy", algorithm="rloo", lr=1e-2, lora={"r": 4, "alpha": 8})
+    metrics, out = run_stage(setup, "rloo", input_path=root / "sft-policy", algorithm="rloo", lr=1e-2, lora={"r": 4, "alpha": 8})
     assert (out / "adapter" / "adapter_config.json").exists()
-    assert differs(weights(out), weights(root / "policy"))
+    assert differs(weights(out), weights(root / "sft-policy"))
     assert "reward_first" in metrics
 
 
@@ -160,7 +160,7 @@ def eos_probability(path, records) -> float:
 def eos_policy(setup):
     """The base model made to end about one answer token in ten, so answer lengths vary from the start."""
     study, _, root = setup
-    model, tok = load_artifact(root / "policy")
+    model, tok = load_artifact(root / "sft-policy")
     with torch.no_grad():
         model.transformer.ln_f.bias[0] = 6.0  # every final hidden state gets a constant first component ...
         model.transformer.wte.weight[tok.eos_token_id] = 0.0
@@ -175,7 +175,7 @@ def test_reward_moves_answer_length(setup, eos_policy, monkeypatch, sign):
     def length_reward(model, tok, prompts, responses, *args, **kw):  # short (sign 1) or long answers win
         return -sign * np.array([len(tok(r, add_special_tokens=False)["input_ids"]) for r in responses], dtype=float)
 
-    monkeypatch.setattr("farm.eval.reward.reward_scores", length_reward)
+    monkeypatch.setattr("farm.train.rl.reward_scores", length_reward)
     _, records, _ = setup
     before = eos_probability(eos_policy, records)
     assert 0.03 < before < 0.3, before

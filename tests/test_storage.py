@@ -61,7 +61,7 @@ def test_uri_store_publishes_complete_artifacts_and_other_nodes_read_them(tmp_pa
     assert other.done("sft", "k1") and other.marker("sft", "k1") == store.marker("sft", "k1")
     copy = other.path("sft", "k1")
     assert copy.is_relative_to(tmp_path / "node-b") and files(copy) == files(remote)
-    assert [p.name for p in copy.parent.iterdir()] == ["sft-k1"]  # the download was renamed into place
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["sft-k1", "sft-k1.used"]  # renamed into place, its use stamped
     assert other.path("sft", "k1") == copy  # downloaded once, then read locally
 
 
@@ -138,3 +138,76 @@ def test_local_root_files_round_trip(tmp_path):
         store.read_text("faults/k-t")
     store.write_text("faults/k-t", "1")
     assert store.read_text("faults/k-t") == "1" and (tmp_path / "faults" / "k-t").read_text() == "1"
+
+
+# The node's cache of downloaded artifacts is bounded ($FARM_CACHE_MAX_GB): least recently used first,
+# never one that a live Store handed out.
+
+
+def cached(node: "Path") -> list[str]:
+    return sorted(p.name for p in node.glob("store/*/*") if p.is_dir() and not p.name.startswith("."))
+
+
+def publish(root: str, keys, size: int) -> None:
+    """Write artifacts of about `size` bytes each from a node of their own, then forget that node's copies."""
+    for key in keys:
+        write_artifact(Store(root), key=key, weights=b"w" * size)
+
+
+def test_the_node_cache_evicts_the_least_recently_used_artifact(tmp_path, node_cache, monkeypatch):
+    root = (tmp_path / "shared").as_uri()
+    node_cache("writer")
+    publish(root, ["a", "b", "c"], size=1000)
+    node = node_cache("node")
+    monkeypatch.setenv("FARM_CACHE_MAX_GB", str(2500 / 1e9))  # room for two of them
+    for key in ["a", "b", "a"]:  # a used last
+        Store(root).path("sft", key)  # each Store is gone at once: nothing stays in use
+    assert cached(node) == ["sft-a", "sft-b"]
+    Store(root).path("sft", "c")
+    assert cached(node) == ["sft-a", "sft-c"]  # b was the least recently used
+
+    leftover = node / "store" / Store(root).id / ".tmp-sft-d-1234"  # a download in progress (or cut short)
+    leftover.mkdir()
+    (leftover / "weights.bin").write_bytes(b"w" * 5000)
+    monkeypatch.setenv("FARM_CACHE_MAX_GB", "0")
+    Store(root).path("sft", "b")  # more than the limit: it is still downloaded, the others go
+    assert cached(node) == ["sft-b"] and (leftover / "weights.bin").exists()
+
+
+def test_an_artifact_in_use_is_not_evicted(tmp_path, node_cache, monkeypatch):
+    root = (tmp_path / "shared").as_uri()
+    node_cache("writer")
+    publish(root, ["a", "b"], size=1000)
+    node = node_cache("node")
+    monkeypatch.setenv("FARM_CACHE_MAX_GB", str(1500 / 1e9))  # room for one
+    reader = Store(root)
+    model = reader.path("sft", "a")  # a stage reading it: the Store lives while it reads
+    Store(root).path("sft", "b")
+    assert cached(node) == ["sft-a", "sft-b"] and (model / "weights.bin").exists()  # over the limit, a kept
+    del reader  # done with it
+    Store(root).path("sft", "b")  # a use that downloads nothing evicts nothing
+    assert cached(node) == ["sft-a", "sft-b"]
+    node_cache("writer")
+    publish(root, ["c"], size=1000)
+    node_cache("node")
+    Store(root).path("sft", "c")
+    assert cached(node) == ["sft-c"]  # a and b are free to go now
+
+
+def test_a_node_that_only_writes_keeps_its_cache_bounded(tmp_path, node_cache, monkeypatch):
+    node = node_cache("node")
+    monkeypatch.setenv("FARM_CACHE_MAX_GB", str(2500 / 1e9))
+    publish((tmp_path / "shared").as_uri(), ["a", "b", "c"], size=1000)  # the writer keeps its copies...
+    assert cached(node) == ["sft-b", "sft-c"]  # ...within the limit
+
+
+def test_the_cache_limit(tmp_path, monkeypatch):
+    from farm.cache import cache_limit
+
+    monkeypatch.setenv("FARM_CACHE_MAX_GB", "2.5")
+    assert cache_limit(tmp_path) == 2_500_000_000
+    monkeypatch.delenv("FARM_CACHE_MAX_GB")
+    assert cache_limit(tmp_path) == shutil.disk_usage(tmp_path).total // 2
+    monkeypatch.setenv("FARM_CACHE_MAX_GB", "lots")
+    with pytest.raises(ValueError, match="FARM_CACHE_MAX_GB='lots' is not a number of GB"):
+        cache_limit(tmp_path)

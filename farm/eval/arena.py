@@ -43,15 +43,14 @@ def judge_ref(trials, plans, judge: str) -> tuple[str, str] | None:
     return None
 
 
-def run_arena(entries: list[dict], judge: str, eval_spec) -> dict[str, bytes]:
+def run_arena(entries: list[dict], judge: str, eval_spec, resolve=None) -> dict[str, bytes]:
     """Judge every pair of models of each seed on their shared prompts; returns the files to write
     under results/<study>/pairwise/ (the driver writes them: results are local to it)."""
     from farm.eval.pairwise import bootstrap_elo, judge_by_reward, win_rate_table
-    from farm.eval.reward import reward_scores
-    from farm.models import load_reward_model
+    from farm.models import for_inference, reward_scores
 
     p = eval_spec.pairwise
-    model, tok = load_reward_model(judge)
+    model, tok = for_inference(judge, resolve, reward=True)
     answers = {(e["seed"], e["model"]): e["answers"] for e in entries}
     judgements, rewards = [], []
     for seed in sorted({s for s, _ in answers}):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from farm.data.sources import asset_path, read_asset_lines
 from farm.eval.metrics import register
+from farm.models import GENERATION
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,10 @@ def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
             write_local_tasks(root, list(bench.tasks))
             # Only the generated YAMLs are indexed (the default index is ~14.7k tasks, ~10 s).
             manager = TaskManager(include_path=str(root), include_defaults=False)
-        lm = _lm_class()(pretrained=model, tokenizer=tok, batch_size=bench.batch_size, device=device)
+        # A LoRA model unmerged (eval keeps it so for its reference): its base model with the
+        # adapter layers injected and active, which is the PreTrainedModel HFLM takes.
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm = _lm_class()(pretrained=hf_model, tokenizer=tok, batch_size=bench.batch_size, device=device)
         out = simple_evaluate(
             model=lm,
             tasks=list(bench.tasks),
@@ -274,7 +278,9 @@ def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
             task_manager=manager,
             log_samples=log_samples,
             write_out=False,
-            use_cache=None,  # no sqlite cache of requests
+            # lm-eval's sqlite cache of answered requests (written per request) in the eval's scratch
+            # folder: a retried evaluation skips what was answered. None outside a farm evaluation.
+            use_cache=str(GENERATION.scratch / "lm_eval") if GENERATION.scratch else None,
             cache_requests=False,
             check_integrity=False,
             evaluation_tracker=None,  # nothing written

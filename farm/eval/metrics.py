@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from farm.models import generate, response_logprobs
 from farm.registry import metrics
 
 
@@ -23,41 +24,6 @@ def register(name: str, shape: str | None):
         return fn
 
     return add
-
-
-def encode_pair(tok, prompt: str, response: str, max_length: int, max_prompt_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of (prompt, response) that fit `max_length`: the prompt keeps its end (the
-    turn being answered), the response keeps its start. Training and eval cut the same way."""
-    p = tok(prompt, add_special_tokens=False)["input_ids"][-max_prompt_length:]
-    r = tok(response, add_special_tokens=False)["input_ids"][: max(1, max_length - len(p))]
-    return p, r
-
-
-def response_logprobs(model, tok, pairs, spec) -> tuple[list[float], list[int]]:
-    """Summed log-prob of each response given its prompt, and its token count."""
-    import torch
-
-    model.eval()
-    sums, counts = [], []
-    for start in range(0, len(pairs), spec.batch_size):
-        batch = [encode_pair(tok, p, r, spec.max_length, spec.max_prompt_length) for p, r in pairs[start : start + spec.batch_size]]
-        width = max(len(p) + len(r) for p, r in batch)
-        pad = tok.pad_token_id
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        target = torch.zeros((len(batch), width), dtype=torch.bool)
-        for i, (p, r) in enumerate(batch):
-            n = len(p) + len(r)
-            ids[i, :n] = torch.tensor(p + r)
-            mask[i, :n] = 1
-            target[i, len(p) : n] = True
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        logp = logp * target[:, 1:]
-        sums += logp.sum(-1).tolist()
-        counts += target[:, 1:].sum(-1).tolist()
-    return sums, counts
 
 
 def _wins(a: list[float], b: list[float]) -> float:
@@ -88,36 +54,6 @@ def perplexity(model, ref, tok, records, spec) -> dict:
     """exp(mean token NLL) of the (preferred) responses given their prompts."""
     sums, counts = response_logprobs(model, tok, [(r.prompt, r.response) for r in records], spec)
     return {"perplexity": math.exp(-sum(sums) / max(1, sum(counts)))}
-
-
-def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: int = 0) -> list[str]:
-    """Batched decoding (prompts left-padded, each keeping its last `max_prompt_length` tokens);
-    each answer is cut where the model starts the next dialogue turn. Sampling is seeded."""
-    import torch
-
-    from farm.data.sources import ASSISTANT, HUMAN
-
-    model.eval()
-    torch.manual_seed(seed)
-    outs = []
-    for start in range(0, len(prompts), g.batch_size):
-        batch = [tok(p, add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts[start : start + g.batch_size]]
-        width = max(map(len, batch))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(b)) + b for b in batch])
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
-                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                no_repeat_ngram_size=g.no_repeat_ngram_size, min_length=g.min_length,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-        for row in gen[:, width:]:
-            text = tok.decode(row, skip_special_tokens=True)
-            for stop in (HUMAN, ASSISTANT):
-                text = text.split(stop)[0]
-            outs.append(text.strip())
-    return outs
 
 
 def answer(model, tok, records: list, spec) -> tuple[list, list[str], list[str]]:

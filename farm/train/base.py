@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.eval.metrics import encode_pair
-from farm.models import base_model, deepspeed_config, load_artifact, lora_config
+from farm.models import BASE_FILE, base_model, checkpointing, deepspeed_config, device, fp32_trainables, inference_dtype, load_artifact, lora_config, precision
 
 
 @dataclass
@@ -23,6 +23,16 @@ class StageContext:
     callbacks: list
     special_tokens: list = field(default_factory=list)  # added to the vocabulary (control tokens)
     inputs: dict = field(default_factory=dict)  # {stage name: artifact path} of the other stages it reads
+    resolve: Any = None  # (kind, key) -> the store's local path of an artifact
+    grown: bool = False  # load_input added tokens to the vocabulary (set by load_input)
+    params: int | None = None  # the input model's parameters (set by load_input)
+
+    def base_ref(self) -> dict:
+        """What a LoRA adapter of this stage applies to (farm.models.BASE_FILE): the input
+        artifact's {"stage": [kind, key]} (the store names it <kind>-<key>), or the study's model."""
+        if self.input_path is None:
+            return {"model": self.model_spec.model_dump(mode="json"), "seed": self.seed}
+        return {"stage": Path(self.input_path).name.split("-", 1)}
 
 
 def model_ref(ctx: StageContext, ref: str) -> str:
@@ -30,22 +40,37 @@ def model_ref(ctx: StageContext, ref: str) -> str:
     return str(ctx.inputs.get(ref, ref))
 
 
+def on_gpu(ctx: StageContext) -> bool:
+    """Whether this worker trains on a GPU: one that Ray allocated to it (an error if torch cannot
+    see it), never one merely present on the node."""
+    return ctx.stage.resources.gpus_per_worker > 0 and device().type == "cuda"
+
+
 def load_input(ctx: StageContext):
-    """The model and tokenizer the stage starts from, with the special tokens its data adds
-    (control tokens) joined to the vocabulary and the embeddings resized to match."""
-    model, tok = base_model(ctx.model_spec, ctx.seed) if ctx.input_path is None else load_artifact(ctx.input_path)
+    """The model and tokenizer the stage starts from, its weights in the stage's precision (a LoRA
+    adapter it starts from merged in), with the special tokens its data adds (control tokens)
+    joined to the vocabulary and the embeddings resized to match."""
+    import torch
+
+    # A stage that builds records only reads its model: it loads as eval does.
+    dtype = getattr(torch, precision(ctx.stage, on_gpu(ctx))[0]) if ctx.stage.trains else inference_dtype(device())
+    if ctx.input_path is None:
+        model, tok = base_model(ctx.model_spec, ctx.seed, dtype)
+    else:
+        model, tok = load_artifact(ctx.input_path, dtype, ctx.resolve)
     new = [t for t in ctx.special_tokens if t not in tok.get_vocab()]
     if new:
         tok.add_tokens(new, special_tokens=True)
         model.resize_token_embeddings(len(tok))
+        ctx.grown = True
+    ctx.params = sum(p.numel() for p in model.parameters())
     return model, tok
 
 
 def training_args(ctx: StageContext, config_cls, **extra):
-    import torch
-
     s = ctx.stage
-    cpu = not torch.cuda.is_available() or s.resources.gpus_per_worker == 0
+    cpu = not on_gpu(ctx)
+    autocast = precision(s, not cpu)[1]
     return config_cls(
         output_dir=str(ctx.work_dir),
         num_train_epochs=s.epochs,
@@ -59,13 +84,18 @@ def training_args(ctx: StageContext, config_cls, **extra):
         seed=ctx.seed,
         data_seed=ctx.seed,
         logging_steps=_logging_steps(ctx),
-        save_strategy="no",  # the farm saves the final model itself, atomically
+        # The farm saves the final model itself, atomically; checkpoints to resume from are saved
+        # when farm.train.checkpoints' callback asks (every N steps or minutes, into the store).
+        save_strategy="no",
         report_to=[],
         disable_tqdm=True,
         use_cpu=cpu,  # TRL configs default to bf16, which fails on CPU; also makes DDP over gloo work
-        bf16=not cpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=False,
-        deepspeed=deepspeed_config(s.deepspeed, check_installed=True),  # a preset name becomes its dict
+        bf16=autocast == "bfloat16",  # fp32 (or LoRA's bf16 base) weights, bf16 compute
+        activation_checkpointing=checkpointing(s, ctx.params),
+        # Non-reentrant: it needs no input that requires grad, which a LoRA model's frozen
+        # embeddings do not give.
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=deepspeed_config(s.deepspeed, check_installed=True, cpu=cpu),  # a preset name becomes its dict
         dataloader_num_workers=0,
         **extra,
     )
@@ -78,19 +108,14 @@ def _logging_steps(ctx: StageContext) -> int:
     return max(1, steps // 10)
 
 
-def fit_pair(tok, prompt: str, response: str, stage) -> tuple[str, str]:
-    """Cut a pair as eval does (the prompt keeps its end), leaving room for EOS; TRL re-tokenizes the text."""
-    p, r = encode_pair(tok, prompt, response, stage.max_length - 1, stage.max_prompt_length)
-    return tok.decode(p), tok.decode(r)
-
-
 def peft_config(ctx: StageContext, model):
     return lora_config(ctx.stage.lora, model) if ctx.stage.lora else None
 
 
 def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
-    """Train under Ray Train, then save (rank 0) a plain HF model folder: LoRA adapters are
-    saved under adapter/ and merged into the saved weights, so every artifact loads alike."""
+    """Train under Ray Train, then save (rank 0) the artifact: a plain HF model folder, or for a
+    LoRA stage its adapter (adapter/, MBs rather than a 7B model's 13.5 GB) and the name of the
+    model it applies to (farm.models.BASE_FILE), which every consumer loads as base + adapter."""
     from ray.train.huggingface.transformers import prepare_trainer
     from transformers import PrinterCallback
 
@@ -98,18 +123,27 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
     trainer.remove_callback(PrinterCallback)  # progress goes through ctx.callbacks instead
     for cb in ctx.callbacks:
         trainer.add_callback(cb)
-    result = trainer.train()
+    fp32_trainables(trainer.model)  # before train() builds the optimizer over them
+    from farm.train.checkpoints import resume_from
+
+    result = trainer.train(resume_from_checkpoint=resume_from(ctx))  # optimizer, scheduler, RNG, data position
     # ZeRO-3 shards the weights over the workers: all of them take part in gathering the whole state
     # dict (the presets set stage3_gather_16bit_weights_on_model_save), rank 0 writes it.
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_deepspeed_enabled else None
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "merge_and_unload"):  # (never under ZeRO-3: the spec refuses it with LoRA)
+        lora = hasattr(model, "merge_and_unload")  # (never under ZeRO-3: the spec refuses it with LoRA)
+        if lora and not ctx.grown:
             model.save_pretrained(str(ctx.output_dir / "adapter"))
-            model, state = model.merge_and_unload(), None
-        model.save_pretrained(str(ctx.output_dir), state_dict=state)
+            (ctx.output_dir / BASE_FILE).write_text(json.dumps(ctx.base_ref(), sort_keys=True))
+        else:
+            # Token embeddings this stage added are not in a LoRA adapter (they were initialised
+            # here, at random): such a stage keeps its whole merged model.
+            if lora:
+                model, state = model.merge_and_unload(), None
+            model.save_pretrained(str(ctx.output_dir), state_dict=state)
         tokenizer.save_pretrained(str(ctx.output_dir))
-    from farm.eval.diversity import prompt_diversity_of
+    from farm.data.diversity import prompt_diversity_of
 
     prompts = [r.prompt for r in ctx.records if hasattr(r, "prompt")]
     return {
@@ -117,5 +151,9 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
         "train_steps": result.global_step,
         "train_seconds": result.metrics.get("train_runtime"),
         "train_rows": len(ctx.records),
+        # How it trained: the workers that shared the data and, under DeepSpeed, the ZeRO stage
+        # its engine ran (the config's stage says what was asked; this, what ran).
+        "train_world_size": trainer.args.world_size,
+        **({"zero_stage": trainer.model_wrapped.zero_optimization_stage()} if trainer.is_deepspeed_enabled else {}),
         **({"prompt_diversity": prompt_diversity_of(tokenizer, prompts)} if prompts else {}),
     }

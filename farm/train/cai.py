@@ -5,6 +5,7 @@ has a feedback model choose between two sampled answers (RL-CAI soft preference 
 from __future__ import annotations
 
 from farm.data.records import Comparison
+from farm.models import device, encode_prompt, for_inference, generate
 from farm.registry import stages
 from farm.train.base import StageContext, load_input, model_ref
 
@@ -17,7 +18,7 @@ def critique_revision(ctx: StageContext) -> dict:
     constitution = load_constitution(s.constitution)
     examples = constitution.examples[: s.few_shot]
     model, tok = load_input(ctx)
-    ask = _asker(model.to(_device()), tok, s)
+    ask = _asker(model.to(device()), tok, s)
     prompts = [r.prompt for r in ctx.records]
     first = ask(prompts)
     final, rounds, empty = revise(ask, ctx.records, first, constitution, examples, s.rounds, ctx.seed)
@@ -62,21 +63,18 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
 @stages.register("ai_feedback")
 def ai_feedback(ctx: StageContext) -> dict:
     from farm.data.constitution import draw_principles, feedback_prompt, load_constitution, soft_label
-    from farm.eval.metrics import generate
-    from farm.models import load_artifact
-
     s = ctx.stage
     principles = load_constitution(s.constitution).principles
     prompts = [r.prompt for r in ctx.records]
     policy, tok = load_input(ctx)
     # The prompt list twice, as rank does: with do_sample the two copies draw different answers.
-    samples = generate(policy.to(_device()), tok, prompts * 2, s.generation, s.max_prompt_length, ctx.seed)
+    samples = generate(policy.to(device()), tok, prompts * 2, s.generation, s.max_prompt_length, ctx.seed)
     del policy  # the feedback model takes its place in memory
     a, b = samples[: len(prompts)], samples[len(prompts) :]
     chosen = [principles[draw_principles(r.id, ctx.seed, 1, len(principles))[0]] for r in ctx.records]
-    judge, judge_tok = load_artifact(model_ref(ctx, s.feedback_model))
+    judge, judge_tok = for_inference(model_ref(ctx, s.feedback_model), ctx.resolve)
     texts = [feedback_prompt(p, pr, x, y) for p, pr, x, y in zip(prompts, chosen, a, b)]
-    logp = option_logprobs(judge.to(_device()), judge_tok, texts, s.batch_size, s.max_length)
+    logp = option_logprobs(judge, judge_tok, texts, s.batch_size, s.max_length)
     labels = [soft_label(la, lb, s.clamp) for la, lb in logp]
     out = [
         Comparison(r.id, r.prompt, chosen=x, rejected=y, label=p, meta={"principle": pr.name, "logprobs": list(lp)})
@@ -102,7 +100,8 @@ def option_logprobs(model, tok, prompts: list[str], batch_size: int, max_length:
     from farm.data.constitution import OPTIONS
 
     options = [tok(o, add_special_tokens=False)["input_ids"] for o in OPTIONS]
-    rows = [(tok(p, add_special_tokens=False)["input_ids"][-(max_length - len(o)) :], o) for p in prompts for o in options]
+    # The prompt as the model reads every prompt (its special tokens, or its chat template).
+    rows = [(encode_prompt(tok, p, max_length - len(o)), o) for p in prompts for o in options]
     sums = []
     model.eval()
     for start in range(0, len(rows), batch_size):
@@ -124,15 +123,8 @@ def option_logprobs(model, tok, prompts: list[str], batch_size: int, max_length:
 def _asker(model, tok, s):
     """Batched generation for one stage, each output cut at the next tag of the CAI format."""
     from farm.data.constitution import end_of_turn
-    from farm.eval.metrics import generate
 
     return lambda prompts: [end_of_turn(t) for t in generate(model, tok, prompts, s.generation, s.max_prompt_length)]
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs the task was not given
 
 
 def _mean_words(texts: list[str]) -> float:

@@ -5,23 +5,54 @@ from __future__ import annotations
 
 import copy
 
+from farm.models import common_prefix, encode_pair, inference_dtype
 from farm.registry import stages
-from farm.train.base import StageContext, fit_pair, load_input, peft_config, train_and_save, training_args
+from farm.train.base import StageContext, load_input, on_gpu, peft_config, train_and_save, training_args
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer, taking token ids the farm made: its own preparation would tokenize text
+    again (TRL 1.16 has no pre-tokenized path for DPO)."""
+    from trl import DPOTrainer
+
+    class TokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return TokenizedDPOTrainer
+
+
+def preference_ids(tok, records, s) -> dict[str, list]:
+    """prompt_ids / chosen_ids / rejected_ids columns, each pair cut as eval cuts it."""
+    cols: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for r in records:
+        prompt, chosen = encode_pair(tok, r.prompt, r.chosen, s.max_length, s.max_prompt_length)
+        prompt_r, rejected = encode_pair(tok, r.prompt, r.rejected, s.max_length, s.max_prompt_length)
+        if prompt_r != prompt:  # a token merged across the boundary: the prompt is what both share
+            n = common_prefix(prompt, prompt_r)
+            chosen, rejected = prompt[n:] + chosen, prompt_r[n:] + rejected
+            prompt = prompt[:n]
+        cols["prompt_ids"].append(prompt)
+        cols["chosen_ids"].append(chosen)
+        cols["rejected_ids"].append(rejected)
+    return cols
+
+
+def frozen_copy(ctx: StageContext, model):
+    """A frozen copy of the input model as a reference: in bf16 on a GPU (it is only read)."""
+    import torch
+
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    return ref.to(inference_dtype(torch.device("cuda"))) if on_gpu(ctx) else ref
 
 
 @stages.register("dpo")
 def run(ctx: StageContext) -> dict:
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     model, tok = load_input(ctx)
     s = ctx.stage
-    cols: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
-    for r in ctx.records:
-        prompt, chosen = fit_pair(tok, r.prompt, r.chosen, s)
-        cols["prompt"].append(prompt)
-        cols["chosen"].append(chosen)
-        cols["rejected"].append(fit_pair(tok, r.prompt, r.rejected, s)[1])
     args = training_args(
         ctx,
         DPOConfig,
@@ -31,13 +62,13 @@ def run(ctx: StageContext) -> dict:
         loss_type=[s.loss_type],
     )
     lora = peft_config(ctx, model)
-    trainer = DPOTrainer(
+    trainer = dpo_trainer_class()(
         model=model,
         # Without LoRA the reference is a frozen copy of the input model (TRL would reload it
         # from its hub name, which a built model does not have).
-        ref_model=None if lora else copy.deepcopy(model).eval(),
+        ref_model=None if lora else frozen_copy(ctx, model),
         args=args,
-        train_dataset=Dataset.from_dict(cols),
+        train_dataset=Dataset.from_dict(preference_ids(tok, ctx.records, s)),
         processing_class=tok,
         peft_config=lora,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from farm.eval.metrics import encode_pair
+from farm.models import encode_pair
 from farm.registry import stages
 from farm.train.base import StageContext, load_input, peft_config, train_and_save, training_args
 
@@ -34,7 +34,7 @@ def pro_loss(logp_mean, logp_sum_best, rewards, sft_weight: float = 0.05):
 
 @dataclass
 class RankingCollator:
-    """Pads examples {prompt_ids, response_ids [k lists], rewards [k]} into input_ids,
+    """Pads examples {prompt_ids, response_ids (k lists each), rewards [k]} into input_ids,
     attention_mask and response_mask [B, k, L] (right padding) and rewards [B, k]."""
 
     pad_id: int
@@ -42,7 +42,7 @@ class RankingCollator:
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        seqs = [[(e["prompt_ids"], r) for r in e["response_ids"]] for e in examples]
+        seqs = [list(zip(e["prompt_ids"], e["response_ids"])) for e in examples]
         width = max(len(p) + len(r) for cands in seqs for p, r in cands)
         shape = (len(seqs), len(seqs[0]), width)
         ids = torch.full(shape, self.pad_id, dtype=torch.long)
@@ -100,9 +100,10 @@ def run(ctx: StageContext) -> dict:
     s = ctx.stage
     cols: dict[str, list] = {"prompt_ids": [], "response_ids": [], "rewards": []}
     for r in ctx.records:
-        pairs = [encode_pair(tok, r.prompt, resp, s.max_length - 1, s.max_prompt_length) for resp in r.responses]
-        cols["prompt_ids"].append(pairs[0][0])  # the prompt is cut alike for every candidate
-        cols["response_ids"].append([resp + [tok.eos_token_id] for _, resp in pairs])
+        # Each candidate as TRL's trainers and eval tokenize a pair (its EOS included).
+        pairs = [encode_pair(tok, r.prompt, resp, s.max_length, s.max_prompt_length) for resp in r.responses]
+        cols["prompt_ids"].append([p for p, _ in pairs])
+        cols["response_ids"].append([resp for _, resp in pairs])
         cols["rewards"].append(list(r.rewards))
     lora = peft_config(ctx, model)
     trainer = pro_trainer_class()(

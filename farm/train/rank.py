@@ -11,26 +11,21 @@ from farm.train.base import StageContext, model_ref
 
 @stages.register("rank")
 def run(ctx: StageContext) -> dict:
-    import torch
-
-    from farm.eval.metrics import generate
-    from farm.eval.reward import reward_scores
-    from farm.models import load_artifact, load_reward_model
+    from farm.models import for_inference, generate, reward_scores
     from farm.train.runner import RECORDS_FILE
     from farm.data.records import write_records
 
     s = ctx.stage
     records = ctx.records
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs the task was not given
     prompts = [r.prompt for r in records]
-    generator, tok = load_artifact(model_ref(ctx, s.generator))
-    samples = generate(generator.to(device), tok, prompts * s.samples, s.generation, s.max_prompt_length, ctx.seed) if s.samples else []
+    generator, tok = for_inference(model_ref(ctx, s.generator), ctx.resolve)
+    samples = generate(generator, tok, prompts * s.samples, s.generation, s.max_prompt_length, ctx.seed) if s.samples else []
     del generator  # the reward model takes its place in memory
     candidates = [[r.chosen, r.rejected, *samples[j :: len(records)]] for j, r in enumerate(records)]
     origins = ["chosen", "rejected", *["sample"] * s.samples]
-    judge, judge_tok = load_reward_model(model_ref(ctx, s.reward_model))
+    judge, judge_tok = for_inference(model_ref(ctx, s.reward_model), ctx.resolve, reward=True)
     flat = reward_scores(
-        judge.to(device), judge_tok,
+        judge, judge_tok,
         [p for p, c in zip(prompts, candidates) for _ in c], [a for c in candidates for a in c],
         s.batch_size, s.max_length, s.max_prompt_length,
     ).reshape(len(records), -1)

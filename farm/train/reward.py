@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from farm.eval.metrics import encode_pair
-from farm.models import lora_config
+from farm.models import as_reward_model, lora_config, reward_ids
 from farm.registry import stages
 from farm.train.base import StageContext, load_input, train_and_save, training_args
 
@@ -19,25 +18,6 @@ def soft_reward_loss(r_chosen, r_rejected, p):
 
     d = r_chosen - r_rejected
     return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
-
-
-def as_reward_model(lm, tok, seed: int):
-    """A causal LM as a sequence classifier with one output: its transformer's weights, a new
-    seeded head, and the tokenizer's pad id (a decoder reads each row's last non-pad token)."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    config = copy.deepcopy(lm.config)
-    config.num_labels, config.pad_token_id, config.architectures = 1, tok.pad_token_id, None
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config)
-    missing, _ = model.load_state_dict(lm.state_dict(), strict=False)  # the LM head is left out
-    lost = [k for k in missing if k.startswith(model.base_model_prefix + ".")]
-    if lost:
-        raise ValueError(f"the reward model did not get these weights of the input model: {lost[:5]}")
-    return model
 
 
 def _trainer_cls():
@@ -77,13 +57,12 @@ def run(ctx: StageContext) -> dict:
     model = as_reward_model(lm, tok, ctx.seed)
     del lm
     s = ctx.stage
-    # Token ids cut and joined as farm.eval.reward.reward_scores scores them: TRL re-tokenizing
+    # Token ids cut and joined as farm.models.reward_scores scores them: TRL re-tokenizing
     # decoded text could grow past max_length (a cut multi-byte character) and be filtered out.
     cols: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "soft_label": []}
     for r in ctx.records:
         for col, response in (("chosen_ids", r.chosen), ("rejected_ids", r.rejected)):
-            p, a = encode_pair(tok, r.prompt, response, s.max_length - 1, s.max_prompt_length)
-            cols[col].append(p + a + [tok.eos_token_id])
+            cols[col].append(reward_ids(tok, r.prompt, response, s.max_length, s.max_prompt_length))
         cols["soft_label"].append(float(r.label))
     trainer_cls, collator_cls = _trainer_cls()
     trainer = trainer_cls(

@@ -7,7 +7,7 @@ import copy
 import sys
 from unittest import mock
 
-from farm.eval.metrics import encode_pair
+from farm.models import device, encode_prompt, hh_messages, hh_text, inference_dtype, load_reward_model, reward_scores, uses_chat_template
 from farm.registry import stages
 from farm.train.base import StageContext, load_input, model_ref, peft_config, train_and_save, training_args
 
@@ -16,13 +16,13 @@ def reward_function(ctx: StageContext):
     """TRL's `reward_funcs` callable: the stage's reward model scores (prompt, completion) through
     `reward_scores`, which cuts and tokenizes as reward stages train and eval judges (TRL's own
     path for a model would join the texts with no cut and no EOS)."""
-    from farm.eval.reward import reward_scores
-    from farm.models import load_reward_model
-
     s = ctx.stage
-    judge, judge_tok = load_reward_model(model_ref(ctx, s.reward_model))
+    # In the eval's precision (bf16 on a GPU): it only scores.
+    judge, judge_tok = load_reward_model(model_ref(ctx, s.reward_model), inference_dtype(device()), ctx.resolve)
 
     def reward(prompts, completions, **_):  # TRL logs it by __name__: "reward", "rewards/reward/mean"
+        if prompts and not isinstance(prompts[0], str):  # chat messages: the judge reads HH text
+            prompts, completions = [hh_text(p) for p in prompts], [c[-1]["content"] for c in completions]
         return reward_scores(judge, judge_tok, prompts, completions, s.batch_size, s.max_length, s.max_prompt_length).tolist()
 
     return reward, judge
@@ -55,8 +55,12 @@ def run(ctx: StageContext) -> dict:
     check_batch(ctx, len(ctx.records))
 
     model, tok = load_input(ctx)
-    # Prompts keep their end (the turn being answered) as eval cuts them; TRL re-tokenizes the text.
-    prompts = [tok.decode(encode_pair(tok, r.prompt, "", s.max_length, s.max_prompt_length)[0]) for r in ctx.records]
+    # Prompts keep their end (the turn being answered) as eval cuts them; TRL tokenizes the text
+    # again with the tokenizer's special tokens, or renders chat messages through the template.
+    if uses_chat_template(tok):
+        prompts = [hh_messages(r.prompt) for r in ctx.records]
+    else:
+        prompts = [tok.decode(encode_prompt(tok, r.prompt, s.max_prompt_length), skip_special_tokens=True) for r in ctx.records]
     reward, judge = reward_function(ctx)
     args = training_args(
         ctx,

@@ -42,6 +42,7 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})},
+            accelerator_type=res.accelerator_type,  # the GPU type its memory was checked against (farm.memory)
         ),
         run_config=RunConfig(
             name=f"{study.name}-{trial_id}-{group[0].name}-{uuid.uuid4().hex[:6]}",
@@ -62,22 +63,23 @@ def _train_loop(config: dict) -> None:
     quiet()
     study = Study.model_validate(config["study"])
     store = Store(config["storage"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
     for planned in (PlannedStage(**{**s, "refs": tuple(map(tuple, s["refs"]))}) for s in config["stages"]):
         torch.set_num_threads(max(1, int(study.stages[planned.name].resources.cpus_per_worker)))
-        run_stage(study, store, planned, config["trial"], rank)
+        run_stage(study, store, planned, config["trial"], context.get_world_rank(), context.get_local_rank())
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the next stage on every rank loads what rank 0 just saved
 
 
-def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int) -> None:
+def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int, local_rank: int = 0) -> None:
     """Read the stage's data (with its labels and the records of stages it reads), run it, and
-    write its artifact atomically (rank 0)."""
+    write its artifact atomically (rank 0). A training stage resumes from its latest checkpoint."""
     from farm.data.prepare import training_records
     from farm.data.records import read_records
     from farm.label.stage import read_scores
     from farm.registry import stages
     from farm.train.base import StageContext
+    from farm.train.checkpoints import Checkpoints
 
     if store.done(planned.kind, planned.key):
         return
@@ -96,8 +98,12 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int)
         "config": stage.model_dump(mode="json"),
         "audit": audit,
     }
+    every = stage.checkpoint_every if stage.trains else None  # None: no checkpoints
+    checkpoints = Checkpoints(store, planned.kind, planned.key, every, rank, local_rank) if every is not None else None
     writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
     with writing as out, tempfile.TemporaryDirectory() as work:
+        if checkpoints:
+            checkpoints.prepare()
         ctx = StageContext(
             name=planned.name,
             stage=stage,
@@ -107,11 +113,18 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int)
             records=records,
             special_tokens=data.special_tokens(),
             output_dir=out,
-            work_dir=Path(work),
-            callbacks=[ProgressReport(planned.name)] + _fault(stage.fault, trial, store, planned.key, rank) if stage.trains else [],
+            work_dir=checkpoints.local if checkpoints else Path(work),  # the trainer saves checkpoints there
+            callbacks=[ProgressReport(planned.name), *_fault(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints])]
+            if stage.trains
+            else [],
             inputs=inputs,
+            resolve=store.path,
         )
         record["metrics"] = stages.get(planned.kind)(ctx)
+        if checkpoints:
+            record["metrics"]["resumed_from_step"] = checkpoints.resumed_from
+    if checkpoints:  # the artifact is published (rank 0), or this rank's part of it is done
+        checkpoints.finish()
 
 
 def _fault(fault, trial: str, store: Store, key: str, rank: int) -> list:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from farm.models import encode_pair
 from farm.registry import stages
-from farm.train.base import StageContext, fit_pair, load_input, peft_config, train_and_save, training_args
+from farm.train.base import StageContext, load_input, peft_config, train_and_save, training_args
 
 
 @stages.register("sft")
@@ -13,8 +14,10 @@ def run(ctx: StageContext) -> dict:
 
     model, tok = load_input(ctx)
     s = ctx.stage
-    pairs = [fit_pair(tok, r.prompt, r.response, s) for r in ctx.records]
-    data = {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}
+    # Token ids, not text: TRL trains on exactly the ids eval scores (farm.models.encode_pair
+    # tokenizes as TRL does, then cuts; TRL re-tokenizing a decoded cut could differ).
+    pairs = [encode_pair(tok, r.prompt, r.response, s.max_length, s.max_prompt_length) for r in ctx.records]
+    data = {"input_ids": [p + c for p, c in pairs], "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in pairs]}
     trainer = SFTTrainer(
         model=model,
         args=training_args(ctx, SFTConfig, max_length=s.max_length, completion_only_loss=True),

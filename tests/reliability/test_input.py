@@ -126,7 +126,7 @@ def test_remote_code_is_off_unless_the_study_sets_it(monkeypatch):
         raise OSError("stop here")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    monkeypatch.setattr("farm.models.load_tokenizer", lambda name, trust=False: seen.setdefault("tokenizer_trust", trust))
+    monkeypatch.setattr("farm.models.load_tokenizer", lambda name, trust=False, chat_template=True: seen.setdefault("tokenizer_trust", trust))
     for trust in (False, True):
         seen.clear()
         with pytest.raises(OSError):
