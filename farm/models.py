@@ -324,11 +324,8 @@ def hh_messages(prompt: str) -> list[dict]:
     turns of one role are joined: chat templates such as Llama-2's demand alternation."""
     import re
 
-    parts = re.split(r"\n\nHuman:|\n\nAssistant:", prompt)
-    roles = re.findall(r"\n\n(Human|Assistant):", prompt)
-    turns = ([("user", parts[0])] if parts[0].strip() else []) + [
-        ("user" if r == "Human" else "assistant", t) for r, t in zip(roles, parts[1:])
-    ]
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
+    turns = [("user", parts[0])] + [("user" if r == "Human" else "assistant", t) for r, t in zip(parts[1::2], parts[2::2])]
     messages: list[dict] = []
     for role, text in turns:
         text = text.strip()
@@ -485,9 +482,8 @@ class GenerationLog:
         self.scratch = Path(scratch) if scratch else None  # lm-eval keeps its request cache there too
         self.path = self.scratch / "generations.jsonl" if scratch else None
         self.tokens, self.seconds, self.done = 0, 0.0, {}
-        path = self.path
-        if path is not None and path.is_file():
-            for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by the crash
@@ -507,7 +503,7 @@ class GenerationLog:
         if self.path is None:  # no evaluation keeps answers: the next model must not read these
             return
         self.done.update(zip(keys, texts))
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps({"k": k, "text": t}) + "\n" for k, t in zip(keys, texts)))
             f.flush()
@@ -534,11 +530,11 @@ def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: in
     keys = [GENERATION.key(ids + [-i], g, seed) for i, ids in enumerate(rows)]
     todo = [i for i, k in enumerate(keys) if k not in GENERATION.done]
 
-    def decode(batch):
-        rows_ = [rows[i] for i in batch]
-        width = max(map(len, rows_))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(b)) + b for b in rows_], device=dev)
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in rows_], device=dev)
+    def decode(batch):  # positions in `prompts`
+        chosen = [rows[i] for i in batch]
+        width = max(map(len, chosen))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(b)) + b for b in chosen], device=dev)
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in chosen], device=dev)
         start = time.perf_counter()
         with torch.no_grad():
             gen = model.generate(

@@ -4,7 +4,6 @@ builders, soft labels, and both stages run in-process on a tiny model (no Ray)."
 import math
 import re
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import yaml

@@ -94,14 +94,20 @@ def test_a_retry_on_another_node_resumes_from_the_latest_complete_checkpoint(tmp
     assert area_steps(retry) == {} and not retry.local.exists()
 
 
-def test_the_callback_asks_the_trainer_to_save_when_due():
-    cp = Checkpoints(Store("mock:///bucket"), "sft", "k1", CheckpointEvery(steps=3))
+def asked_to_save(every) -> list[int]:
+    cp = Checkpoints(Store("mock:///bucket"), "sft", "k1", every)
     asked = []
     for step in range(1, 10):
         control = TrainerControl()
-        cp.on_step_end(None, SimpleNamespace(global_step=step, max_steps=9), control)
+        cp.on_step_end(SimpleNamespace(logging_steps=2), SimpleNamespace(global_step=step, max_steps=9), control)
         asked += [step] * control.should_save
-    assert asked == [3, 6]  # not 9: the last step saves the artifact
+    return asked
+
+
+def test_the_callback_asks_the_trainer_to_save_when_due():
+    assert asked_to_save(CheckpointEvery(steps=3)) == [3, 6]  # not 9: the last step saves the artifact
+    # By time, the clock is read at logging steps only (on several ranks each read is a collective).
+    assert asked_to_save(CheckpointEvery(steps=None, minutes=1e-9)) == [2, 4, 6, 8]
 
 
 def test_the_interval_is_not_part_of_the_stage_key(tiny_doc):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 from pyarrow.fs import FileSelector, FileType, LocalFileSystem, copy_files
 from transformers import TrainerCallback
@@ -91,9 +90,14 @@ class Checkpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # Every rank must save at the same step (DeepSpeed saves collectively, each rank writes its RNG
-        # state): rank 0's clock decides for all.
-        seconds = time.monotonic() - self.last_save
-        if _broadcast(due(state.global_step, state.max_steps, seconds, self.every) if self.rank == 0 else None):
+        # state). A step count decides alike on every rank; a time is rank 0's clock, sent to all only
+        # at logging steps, so that a stage does not pay a collective for it on every step.
+        step = state.global_step
+        if self.every.minutes is not None and step % max(1, int(args.logging_steps)) == 0:
+            seconds = _broadcast(time.monotonic() - self.last_save if self.rank == 0 else None)
+        else:
+            seconds = 0.0
+        if due(step, state.max_steps, seconds, self.every):
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
