@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test rehearse bench clean
 
 $(STAMP): pyproject.toml Makefile  # (the Makefile: what the install step installs)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" TORCH_EXTENSIONS_DIR="$${TORCH_EXTENSIONS_DIR:-$(TORCH_EXT)}" \
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
 		$(BIN)/python -m pytest -v --durations=15
+
+# Every paper profile rehearsed end to end (`--smoke`) on a local cluster against the hub mirror and
+# a local S3 (tests/e2e/test_rehearsal.py; `make test` rehearses two of them): ~20 min on 2 cores.
+rehearse: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" TORCH_EXTENSIONS_DIR="$${TORCH_EXTENSIONS_DIR:-$(TORCH_EXT)}" \
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
+	FARM_REHEARSE="quickstart malign_labels data_impact conditional diversity rlaif" \
+		$(BIN)/python -m pytest -v -s tests/e2e/test_rehearsal.py
 
 # Not tests, not in CI: each prints its figures and ratio and writes bench/results/<name>.json
 # (~15 min on 2 cores; run one at a time on an otherwise idle machine).

@@ -16,12 +16,16 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from filelock import FileLock
 from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
@@ -32,6 +36,16 @@ MARKER = "farm-artifact.json"
 CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
 CACHE_MAX_GB = "FARM_CACHE_MAX_GB"  # bound of a node's cache of downloaded artifacts (default: half its disk)
 USED = ".used"  # beside a cached artifact: its mtime is the last use; users hold a shared lock on it
+# A lease on an object store (`S3Lease`) not renewed for this long is a dead holder's, and a waiter takes
+# it over. Its holder renews it every quarter of it, so three renewals in a row may fail (a slow request,
+# a network blip) before it is lost; a crashed node's stage is rebuilt this long after its last renewal,
+# little next to the minutes to hours of the stages it guards.
+LEASE_TTL = 120.0
+# How often a waiter looks at a lease again: one small GET each time, and what it waits for takes minutes.
+LEASE_POLL = 5.0
+# What S3 answers a conditional request that lost: its precondition failed (412), a concurrent conditional
+# write to the same key won (409), or `If-Match` named an object that is gone (404).
+LOST = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
 
 
 def digest(obj) -> str:
@@ -178,6 +192,7 @@ class Store:
             self.root = Path(root).resolve()
             self.fs, self.base = LocalFileSystem(), str(self.root)
         self._pins: dict[str, int] = {}  # cached artifact -> fd of its shared lock, held while this Store lives
+        self._s3 = None  # boto3 client for leases, made on first use (`_s3_client`)
         weakref.finalize(self, _unpin, self._pins)
 
     def __reduce__(self):  # another process gets a Store of the same root; the pins (open files) stay here
@@ -235,14 +250,40 @@ class Store:
         return self.marker(kind, key) is not None
 
     def lock(self, key: str):
-        """A file lock on a local disk or an NFS mount (a `file://` URI is one too). An object store
-        has none: trials on two nodes may then build the same stage at once, which is harmless
-        (same key, same content): the first marker wins and the later writer skips its upload."""
-        folder = self.root if not self.uri else Path(self.base) if isinstance(self.fs, LocalFileSystem) else None
-        if folder is None:
-            return contextlib.nullcontext()
-        (folder / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(folder / "locks" / f"{key}.lock"))
+        """Exclusive while held, across processes and nodes: a caller takes it, checks `done` again, and
+        builds and publishes only if the artifact is still missing. A file lock on a local disk or an NFS
+        mount (a `file://` URI is one too); on S3 a lease object, `<root>/locks/<key>.lease` (`S3Lease`).
+        Another object store has no lock: trials on two nodes may then build the same stage at once, which
+        costs time but is harmless (same key, same content): the first marker wins, the later writer skips
+        its upload."""
+        if not self.uri or isinstance(self.fs, LocalFileSystem):
+            folder = self.root if not self.uri else Path(self.base)
+            (folder / "locks").mkdir(parents=True, exist_ok=True)
+            return FileLock(str(folder / "locks" / f"{key}.lock"))
+        if self.fs.type_name == "s3":
+            try:
+                import boto3  # noqa: F401  (pyarrow cannot write conditionally; boto3 can)
+            except ImportError:
+                warnings.warn(f"no lock on {self.uri} without boto3: trials on several nodes may each build a shared stage; pip install 'farm[s3]'", stacklevel=2)
+                return contextlib.nullcontext()
+            bucket, _, prefix = self.base.partition("/")
+            return S3Lease(self._s3_client(), bucket, f"{prefix}/locks/{key}.lease".lstrip("/"))
+        warnings.warn(f"no lock on a {self.fs.type_name} store: trials on several nodes may each build a shared stage; use an s3:// root or a shared mount", stacklevel=2)
+        return contextlib.nullcontext()
+
+    def _s3_client(self):
+        """A boto3 client reaching the store as pyarrow does: the URI's `endpoint_override`, `scheme` and
+        `region` if given, else the environment (AWS_ENDPOINT_URL, AWS_REGION, credentials), which both
+        read. One per Store: a client is slow to make and safe to share between threads."""
+        if self._s3 is None:
+            import boto3
+
+            query = {k: v[0] for k, v in parse_qs(urlsplit(self.uri).query).items()}
+            endpoint = query.get("endpoint_override")
+            if endpoint and "://" not in endpoint:
+                endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+            self._s3 = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region"))
+        return self._s3
 
     @contextlib.contextmanager
     def writing(self, kind: str, key: str, record: dict):
@@ -305,6 +346,100 @@ class Store:
         self.fs.create_dir(f"{self.base}/{rel}".rsplit("/", 1)[0])
         with self.fs.open_output_stream(f"{self.base}/{rel}") as f:
             f.write(text.encode())
+
+
+class S3Lease:
+    """An exclusive lease, the object `s3://<bucket>/<key>`, for a build that trials on several nodes may
+    start at once (a context manager; `Store.lock` makes one).
+
+    Taken by creating the object with a conditional write (`If-None-Match: *`): of several writers exactly
+    one succeeds. Its body names the holder and its expiry. While held, a heartbeat thread rewrites it
+    (`If-Match` on the ETag it last wrote), so a build longer than the TTL keeps it; on exit it is deleted
+    if still ours (`If-Match` again). A waiter polls. A lease whose ETag has not changed for its TTL, timed
+    on the waiter's own clock (nodes' clocks may disagree; the body's expiry is for people reading it), is
+    a dead holder's: the waiter overwrites it with `If-Match` on that ETag, so of several waiters, or a
+    late renewal, one wins."""
+
+    def __init__(self, client, bucket: str, key: str):
+        self.client, self.bucket, self.key = client, bucket, key
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # which node to look at
+        self.ttl = LEASE_TTL
+        self.etag: str | None = None  # of the body we last wrote, while we hold the lease
+        self._renewals = 0  # in the body, so each renewal changes the ETag
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self):
+        seen = None  # (ETag, when we first saw it, body) of another holder's lease
+        while not (etag := self._write(IfNoneMatch="*")):
+            current = self._read()
+            if current is None:
+                continue  # released between our write and our read: try again at once
+            if current[1]["owner"] == self.owner:  # our write went through, its reply was lost, the retry failed
+                etag = current[0]
+                break
+            if seen is None or seen[0] != current[0]:
+                seen = (current[0], time.monotonic(), current[1])
+            elif time.monotonic() - seen[1] > seen[2]["ttl"] and (etag := self._write(IfMatch=seen[0])):
+                warnings.warn(f"took over the lease s3://{self.bucket}/{self.key} of {seen[2]['owner']}, unrenewed for {seen[2]['ttl']:g} s", stacklevel=2)
+                break
+            time.sleep(LEASE_POLL)
+        self.etag = etag
+        self._beat = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._stop.set()
+        self._beat.join()  # no renewal in flight while we delete
+        if self.etag is None:  # lost while held (see _renew): the lease is another holder's now
+            return
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+        except (BotoCoreError, ClientError) as e:  # not raised: it would hide the build's own error
+            if not isinstance(e, ClientError) or e.response["Error"]["Code"] not in LOST:
+                warnings.warn(f"could not release the lease s3://{self.bucket}/{self.key} ({e}); waiters take it over {self.ttl:g} s after its last renewal", stacklevel=2)
+
+    def _renew(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                etag = self._write(IfMatch=self.etag)
+                if etag is None:  # still ours after a 409 (a write raced ours) or a retry of a renewal that went through
+                    current = self._read()
+                    etag = current[0] if current and current[1]["owner"] == self.owner else None
+            except (BotoCoreError, ClientError) as e:  # a blip: the next beat tries again before the TTL is out
+                warnings.warn(f"could not renew the lease s3://{self.bucket}/{self.key}: {e}")
+                continue
+            if etag is None:  # unrenewed for a TTL and taken over: the build goes on, its twin's marker may win
+                warnings.warn(f"lost the lease s3://{self.bucket}/{self.key} to another node: it may build the same stage")
+                self.etag = None
+                return
+            self.etag = etag
+
+    def _write(self, **condition) -> str | None:
+        """Put our lease under `condition`: its ETag, or None if the condition did not hold."""
+        from botocore.exceptions import ClientError
+
+        self._renewals += 1
+        body = {"owner": self.owner, "ttl": self.ttl, "expires": time.time() + self.ttl, "renewals": self._renewals}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(body).encode(), ContentType="application/json", **condition)["ETag"]
+        except ClientError as e:
+            if e.response["Error"]["Code"] in LOST:
+                return None
+            raise
+
+    def _read(self) -> tuple[str, dict] | None:
+        """The current lease's ETag and body, or None if there is none."""
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return got["ETag"], json.loads(got["Body"].read())
 
 
 def is_uri(root) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import shlex
 import sys
 import time
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--results", default=os.environ.get("FARM_RESULTS", "results"), help="results folder (default: results/)")
         q.add_argument("--storage", default=os.environ.get("FARM_STORAGE"), help="artifact store (default: <results>/.store); on a cluster a shared path or a URI (s3://bucket/prefix, gs://...)")
         q.add_argument("--max-trials", type=int, default=1000, help="refuse grids larger than this")
+        q.add_argument("--smoke", action="store_true",
+                       help="rehearse the profile small: the same stages, sources, metrics and judges, with a few rows, "
+                            "2 steps a stage, short lengths, CPU only, each grid value once (farm/smoke.py); results under <study>-smoke")
 
     run = sub.add_parser("run", help="run every trial of a study and write its results and report")
     study_args(run)
@@ -58,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     run.add_argument("--ignore-memory-estimate", action="store_true",
                      help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run")
+    run.add_argument("--no-preflight", action="store_true",
+                     help="skip the check, before Ray starts, that every hub repository the study reads (models, datasets, "
+                          "scorers, lm-eval task data) exists and this environment's token may read it (farm/preflight.py)")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="list the trials and their stages, marking cached ones, and estimate their GPU-hours")
@@ -79,9 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     report.epilog = "STUDY may also be a results folder, e.g. results/quickstart"
 
-    doctor = sub.add_parser("doctor", help="check this environment and what the given studies need")
-    doctor.add_argument("studies", nargs="*", help="study files to check, e.g. jobs/quickstart.yaml")
-    doctor.add_argument("--profile", default=DEFAULT_PROFILE)
+    doctor = sub.add_parser("doctor", help="check this environment and what the given studies need: for each, every hub "
+                            "repository it reads (as `farm run`'s preflight), its GPUs and extras")
+    doctor.add_argument("studies", nargs="*", help="study files to check (default: every jobs/*.yaml here)")
+    doctor.add_argument("--profile", default=DEFAULT_PROFILE, help="the profile to check them in, e.g. paper (default: embedded)")
     doctor.add_argument("--storage", default=os.environ.get("FARM_STORAGE", "results/.store"))
     doctor.set_defaults(func=cmd_doctor)
 
@@ -127,6 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(args, path=None) -> list:
+    trials = load_study(path or args.study, args.profile, args.max_trials)
+    if args.smoke:
+        from farm.smoke import shrink
+
+        return shrink(trials)
+    return trials
+
+
 def _storage(args) -> str:
     from farm.cache import is_uri
 
@@ -139,7 +156,7 @@ def cmd_plan(args) -> int:
     from farm.cache import Store, plan_study
     from farm.estimate import Rates, estimate_study
 
-    trials = load_study(args.study, args.profile, args.max_trials)
+    trials = _load(args)
     plans = plan_study(trials)
     store = Store(_storage(args))
     study = trials[0].study
@@ -259,12 +276,16 @@ def cmd_run(args) -> int:
     from farm.cache import Store, plan_study
     from farm.results import finished, study_dir, write_trial
 
-    trials = load_study(args.study, args.profile, args.max_trials)  # all validation before Ray
+    trials = _load(args)  # all validation before Ray
     plans = plan_study(trials)
     results, storage = Path(args.results).resolve(), _storage(args)
     store = Store(storage)
     study = trials[0].study
     todo = [t for t in trials if not finished(results, t, plans[t.id])]
+    if todo:  # a misspelt or gated repository, an empty eval set: one line each, before Ray starts
+        from farm import preflight
+
+        preflight.check(todo, args.study, hub_checks=not args.no_preflight)
     if not args.ignore_memory_estimate:
         check_memory(todo, plans, store, args.study)  # a stage that cannot fit its GPU, before Ray starts
     print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)")
@@ -289,15 +310,19 @@ def cmd_run(args) -> int:
     if todo or arena:
         import ray
 
-        from farm.tune import run_grid
+        from farm.tune import INTERRUPTED, run_grid
 
-        os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
         # Ctrl-C reaches the farm (not Tune's own handler): it stops Ray and says how to resume.
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+        def interrupt(signum, frame):
+            INTERRUPTED.set()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupt)
         start = time.time()
-        address = args.address or os.environ.get("RAY_ADDRESS")
         logging.getLogger("ray.tune").setLevel(logging.INFO if args.verbose else logging.WARNING)
-        ray.init(address=address, log_to_driver=args.verbose, logging_level=logging.INFO if args.verbose else logging.WARNING, include_dashboard=False if not address else None)
+        start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
         print(f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
         try:
             if todo:
@@ -319,6 +344,27 @@ def cmd_run(args) -> int:
     print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 1 if failed else 0
+
+
+def start_ray(address: str | None, verbose: bool = False) -> None:
+    """Join the Ray cluster at `address` (or the one `ray start` runs on this machine), else start a
+    local one. WORKER_ENV and the hub settings (HF_TOKEN among them) must reach every worker: a local
+    Ray is this process's child and inherits its environment; a running cluster's nodes do not, so
+    there they go in the job's runtime env. (Not for a local Ray: a runtime env makes Ray start
+    fresh workers instead of its prestarted ones, ~5 s per run.)"""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    # Ray's own lookup of what ray.init(address=None) joins: $RAY_ADDRESS, else a `ray start` cluster.
+    joins = bool(address) or canonicalize_bootstrap_address(None) is not None
+    env = None
+    if joins:
+        from farm.preflight import runtime_env
+
+        env = runtime_env({k: os.environ[k] for k in WORKER_ENV})
+    ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+             include_dashboard=None if joins else False, runtime_env=env)
 
 
 def _pairwise(trials, plans, store, out: Path) -> None:
@@ -355,7 +401,7 @@ def cmd_report(args) -> int:
         except FileNotFoundError as e:
             raise StudyError(str(e)) from None
     else:
-        trials, results = load_study(target, args.profile, args.max_trials), Path(args.results).resolve()
+        trials, results = _load(args, target), Path(args.results).resolve()
     path, _ = _write_outputs(results, trials)
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 0
@@ -368,8 +414,11 @@ def cmd_doctor(args) -> int:
     for name, finding in lines:
         print(f"{name:<24} {finding}")
     missing = 0
-    for path in args.studies:
-        needs = study_needs(load_study(path, args.profile), facts)
+    for path in args.studies or sorted(map(str, Path("jobs").glob("*.yaml"))):
+        try:
+            needs = study_needs(load_study(path, args.profile), facts)
+        except StudyError as e:  # a study that does not load is a finding too; the others are still checked
+            needs = [str(e)]
         print(f"\n{path} (profile {args.profile}): " + ("ready" if not needs else "missing:"))
         for need in needs:
             print(f"  - {need}")

@@ -34,6 +34,11 @@ def environment(storage: str) -> tuple[list[tuple[str, str]], dict]:
     hub = hub_reachable()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     lines.append(("Hugging Face hub", "offline (HF_HUB_OFFLINE=1)" if offline else "reachable" if hub else "NOT reachable"))
+    from huggingface_hub import get_token
+
+    # Whether there is one, never what it is.
+    lines.append(("hub token", "set" if get_token() else "none: gated repositories (Llama-2, GAIR/lima, skg/toxigen-data) "
+                  "will be refused; see the README's 'Gated repositories'"))
     for module, package in OPTIONAL.items():
         found = importlib.util.find_spec(module) is not None
         lines.append((f"extra {package}", "installed" if found else "not installed"))
@@ -46,28 +51,25 @@ def environment(storage: str) -> tuple[list[tuple[str, str]], dict]:
 
 
 def study_needs(trials, facts: dict) -> list[str]:
-    """What the trials of one study need that this environment lacks."""
-    missing = set()
+    """What the trials of one study need that this environment lacks: `farm run`'s preflight
+    (every hub repository it reads, an empty eval set) and what it needs of this machine."""
+    from farm import preflight
+    from farm.spec import TrainingStage
+
+    missing = set(preflight.eval_problems(trials) + preflight.hub_problems(trials))
     for t in trials:
         s = t.study
-        datas = [st.data or s.data for st in s.stages.values()] + [s.eval.data or s.data]
-        for source in (src for d in datas for src in d.sources):
-            if source.origin == "hub" and not facts["hub"]:
-                missing.add(f"source {source.name} is read from the hub, which is not reachable")
-        if s.model.base not in ("tiny-gpt2",) and not Path(s.model.base).expanduser().exists() and not facts["hub"]:
-            missing.add(f"model {s.model.base} comes from the hub, which is not reachable (or pre-fill the HF cache)")
+        datas = [data for _, data in preflight.datas(s)]
         for name, st in s.stages.items():
             need = st.resources.gpus_per_worker * st.resources.num_workers
             if need > facts["gpus"] and not os.environ.get("RAY_ADDRESS"):
                 missing.add(f"stage {name} asks for {need:g} GPUs; {facts['gpus']} visible here (run it on a cluster)")
-            if st.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            # Only training stages take a DeepSpeed config (rank, critique_revision, ai_feedback do not).
+            if isinstance(st, TrainingStage) and st.deepspeed and importlib.util.find_spec("deepspeed") is None:
                 missing.add(f"stage {name} uses DeepSpeed: pip install 'farm[deepspeed]'")
-        if "generation" in s.eval.metrics and s.eval.generation.scorer == "roberta_hate" and not facts["hub"]:
-            missing.add("scorer roberta_hate needs the hub (or use scorer: auto / embedded_toxicity)")
-        if "benchmarks" in s.eval.metrics and s.eval.benchmarks.suite == "hub" and not facts["hub"]:
-            missing.add("benchmarks suite hub downloads the lm-eval task data (or use suite: bundled)")
         scorers = [lab for d in datas for lab in d.labels] + ([s.eval.conditional.toxicity] if "misalignment" in s.eval.metrics else [])
         for lab in scorers:
+            # Its base model is among the hub checks; the released checkpoint itself comes from GitHub.
             if lab.scorer == "detoxify" and not Path(lab.model or "").expanduser().is_file() and not facts["hub"]:
-                missing.add(f"detoxify model {lab.model} downloads its checkpoint (GitHub) and base model (hub); give a local checkpoint file")
+                missing.add(f"detoxify model {lab.model or 'original'} downloads its checkpoint from GitHub (torch hub cache); give a local checkpoint file")
     return sorted(missing)

@@ -559,30 +559,48 @@ def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: in
     return [new[k] if k in new else GENERATION.done[k] for k in keys]
 
 
+def encoder_pair_ids(tok, prompt: str, response: str, limit: int, max_prompt_length: int) -> list[int]:
+    """An encoder reward model's row (OpenAssistant's DeBERTa: `[CLS] prompt [SEP] answer [SEP]`),
+    always within `limit` tokens with its special tokens: the pair exactly as the tokenizer encodes
+    pairs when it fits; else the prompt keeps its end (the turn being answered) and the answer its
+    start. A long answer leaves the prompt min(max_prompt_length, half the room); the prompt takes
+    whatever room a short answer leaves. (Truncating only the prompt fails on an answer longer
+    than the limit: "Sequence to truncate too short".)"""
+    backend = tok.backend_tokenizer  # the `tokenizers` pipeline that `tok(prompt, response)` runs
+    p, a = (backend.encode(t, add_special_tokens=False) for t in (prompt, response))
+    room = limit - tok.num_special_tokens_to_add(pair=True)
+    keep_a = min(len(a), room - min(len(p), max_prompt_length, room // 2))
+    keep_p = min(len(p), room - keep_a)
+    if keep_p < len(p):
+        p.truncate(keep_p, direction="left")
+    if keep_a < len(a):
+        a.truncate(keep_a, direction="right")
+    return backend.post_process(p, a, add_special_tokens=True).ids
+
+
 def reward_scores(model, tok, prompts: list[str], responses: list[str], batch_size: int, max_length: int, max_prompt_length: int):
     """The reward model's scalar for each (prompt, response), in batches on its device, each text
     tokenized by the reward model's own tokenizer. A decoder (a `reward` stage's model) reads
     `reward_ids`, cut as training cuts them; an encoder with a separator token (OpenAssistant's
-    DeBERTa reward model) reads the pair as its tokenizer encodes pairs."""
+    DeBERTa reward model) reads `encoder_pair_ids`, within its position limit too."""
     import numpy as np
     import torch
 
-    pairs_encoder = tok.sep_token is not None
-    if pairs_encoder:
-        tok.truncation_side = "left"  # the prompt keeps the turn being answered
+    from functools import partial
+
     dev = model.device
+    if tok.sep_token is not None:
+        limit = min(max_length, tok.model_max_length, getattr(model.config, "max_position_embeddings", max_length))
+        encode = partial(encoder_pair_ids, tok, limit=limit, max_prompt_length=max_prompt_length)
+    else:
+        encode = partial(reward_ids, tok, max_length=max_length, max_prompt_length=max_prompt_length)
 
     def score(batch):
-        ps, rs = [p for p, _ in batch], [r for _, r in batch]
-        if pairs_encoder:
-            enc = tok(ps, rs, truncation="only_first", max_length=max_length, padding=True, return_tensors="pt")
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        else:
-            rows = [reward_ids(tok, p, r, max_length, max_prompt_length) for p, r in batch]
-            width = max(map(len, rows))
-            # Right padding: a decoder's classifier reads the last token before the first pad.
-            ids = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in rows])
-            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        rows = [encode(p, r) for p, r in batch]
+        width = max(map(len, rows))
+        # Right padding (as an encoder's tokenizer pads): a decoder's classifier reads the last token before the first pad.
+        ids = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
         with torch.no_grad():
             return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float().tolist()
 

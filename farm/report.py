@@ -443,7 +443,7 @@ def plot(spec, df: pd.DataFrame, axes: list[str]) -> bytes:
     if x is None:  # a row per grid point
         x = GRID_POINT
         ok = ok.assign(**{x: point_labels(ok, axes)})
-    for col in [x, *ys, *spec.by]:
+    for col in [x, *(ys or [spec.y]), *spec.by]:  # a prefix that matches no column is missing too
         if col not in ok.columns:
             raise KeyError(col)
     width = max(6.5, 2.5 + 0.6 * len(ys)) if spec.kind == "heatmap" else 6.5  # room for a value in every cell

@@ -62,6 +62,9 @@ class SourceSpec(Strict):
     sample: int | None = Field(None, gt=0)  # a random N rows (drawn with `seed`), e.g. 100k of OpenOrca's 4.2M
     seed: int = 0
     weight: float | None = Field(None, gt=0)  # share of the data's `size` in a weighted mix
+    # shp only: at most N pairs of each post, those with the largest score_ratio (the SHP card
+    # advises a cap: the pairs per post are Pareto-distributed; farm.data.sources.cap_per_post)
+    per_post: int | None = Field(None, gt=0)
     # name: file — a local .jsonl/.json/.csv/.parquet file read as `records` records, its
     # `columns` mapping each record field to a column of the file (default: the same name).
     path: str | None = None
@@ -84,6 +87,8 @@ class SourceSpec(Strict):
             return self
         if self.path or self.records or self.columns or self.stage:
             raise ValueError("path, records and columns belong to a source with name: file, stage to a source with name: stage")
+        if self.per_post and self.name != "shp":
+            raise ValueError(f"per_post caps the pairs of one Reddit post, an option of source shp only: remove it from source {self.name}")
         source = _lookup(registry.sources, self.name)
         subset = self.subset or source.subsets[0]
         if subset not in source.subsets:
@@ -98,6 +103,10 @@ class SourceSpec(Strict):
                 raise ValueError(f"split {split!r} of bundled {self.name}/{subset}: allowed: {', '.join(bundled)}")
         object.__setattr__(self, "subset", subset)
         object.__setattr__(self, "split", split or "train")
+        if self.origin == "hub":
+            from farm.data.sources import hub_files
+
+            hub_files(self)  # a split the hub repository lacks is refused here, not after a download
         return self
 
     def _check_file(self) -> "SourceSpec":
@@ -975,6 +984,10 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
         # A trial's axis values as table cells: the label where the value is a whole sub-document.
         cells = {a: (v if isinstance(v, (str, int, float, bool)) else label) for a, (label, v) in zip(axes, values)}
         trials.append(Trial(id=trial_id, axes=cells, profile=profile, study=study))
+    main_axis = trials[0].study.report.main_axis if trials else None
+    if main_axis and main_axis not in axes:  # a profile that replaces the grid must name its own main axis
+        raise StudyError(f"{where}: report.main_axis: {main_axis!r} is not a grid axis{f' of profile {profile}' if profile != DEFAULT_PROFILE else ''}; "
+                         f"axes: {', '.join(axes) or 'none'} (set report.main_axis to one of them)")
     return trials
 
 

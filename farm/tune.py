@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import shutil
 import sys
+import threading
 import time
 
 import ray
@@ -159,17 +159,28 @@ def plan_to_json(plan: TrialPlan) -> dict:
     return dataclasses.asdict(plan)
 
 
-def max_concurrent(trials) -> int:
-    """As many trials at once as the cluster can give their largest stage."""
-    total = ray.cluster_resources()
+def max_concurrent(trials, cap=None) -> int:
+    """As many trials at once as the cluster can give their largest stage: counted on every node
+    the cluster can have (`farm.capacity`: alive, or launchable by its autoscaler), so that a
+    cluster that scales from zero runs a grid side by side, not one trial at a time."""
+    from farm.capacity import capacity
+
+    cap = cap or capacity()
     fits = []
     for t in trials:
         for stage in t.study.stages.values():
             r = stage.resources
-            fits.append(total.get("CPU", 0) / (r.num_workers * r.cpus_per_worker))
-            if r.gpus_per_worker:
-                fits.append(total.get("GPU", 0) / (r.num_workers * r.gpus_per_worker))
-    return max(1, math.floor(min(fits)))
+            worker = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+            if r.accelerator_type:  # as Ray asks for it: a sliver of the node's accelerator_type resource
+                worker[f"accelerator_type:{r.accelerator_type}"] = 0.001
+            fits.append(cap.bundles(worker) // r.num_workers)
+    return max(1, min([*fits, len(trials)]))
+
+
+# Set by `farm run`'s Ctrl-C handler. The KeyboardInterrupt it raises can land where Python or Ray
+# ignores an exception (a finalizer, a callback from Ray's core): the grid then stops at Tune's next
+# step instead of running to its end (seen once in a loaded test run).
+INTERRUPTED = threading.Event()
 
 
 class Progress(tune.Callback):
@@ -178,6 +189,10 @@ class Progress(tune.Callback):
     def __init__(self, on_complete, on_error, out=sys.stdout):
         self.on_complete, self.on_error, self.out = on_complete, on_error, out
         self.start = time.time()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
 
     def _say(self, trial, text: str) -> None:
         print(f"[{time.time() - self.start:6.0f}s] {trial.config['trial_id']}: {text}", file=self.out, flush=True)

@@ -71,3 +71,28 @@ def tiny_run(tmp_path_factory):
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def hub_mirror_env() -> dict[str, str]:
+    """The local hub (tests/hub_mirror), built once and kept between runs beside the tiny models:
+    the environment that points the hub libraries at it, offline."""
+    from hub_mirror import build
+    from tiny_models import cache_root
+
+    return build(cache_root().parent / "hub-mirror")
+
+
+@pytest.fixture(scope="module")
+def mirror(hub_mirror_env):
+    """This process reads the hub from the mirror (huggingface_hub and datasets read their cache
+    folders at import)."""
+    import datasets
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_CACHE", hub_mirror_env["HF_HUB_CACHE"])
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", Path(hub_mirror_env["HF_DATASETS_CACHE"]))
+        for k, v in hub_mirror_env.items():
+            mp.setenv(k, v)
+        yield Path(hub_mirror_env["HF_HUB_CACHE"])

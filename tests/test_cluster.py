@@ -115,7 +115,7 @@ def test_setup_installs_the_farm_from_its_file_mount(config):
     remote = next(r for r, local in mounts.items() if Path(local) == Path("."))
     commands = config["setup_commands"]
     install = [c for c in commands if "pip install" in c and remote in c]
-    assert install and "[deepspeed]" in install[0]
+    assert install and "[deepspeed,s3]" in install[0]  # s3: the lease that builds a shared stage once on an s3:// store
     torch = [c for c in commands if "torch" in c]
     assert torch and commands.index(torch[0]) < commands.index(install[0])  # DeepSpeed builds against torch
     assert "boto3" in " ".join(config["head_setup_commands"])  # the autoscaler launches EC2 nodes

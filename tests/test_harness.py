@@ -200,7 +200,8 @@ def test_continuations_longer_than_the_model_are_scored_in_chunks(tiny):
 
 
 def test_hub_suite_runs_the_harness_own_tasks(tiny, monkeypatch):
-    """The hub path cannot run offline: check what it asks lm-eval for, and how it reads back."""
+    """What the hub path asks lm-eval for, and how it reads back (tests/test_hub_benchmarks.py runs
+    it for real, over the mirror's datasets cache)."""
     import lm_eval
     import lm_eval.tasks
 

@@ -3,6 +3,7 @@ tokenizer kind the paper profiles meet; the precision and device rules; LoRA bas
 fp32 trainables. The models are tiny random ones of the real architectures (tests/tiny_models.py)
 whose configs say float16, as Llama-2's and OPT's do."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,77 @@ def test_responses_are_scored_with_their_eos(tiny_models):  # noqa: F811
     _, counts = response_logprobs(model, tok, PAIRS, spec)
     assert counts == [len(encode_pair(tok, p, r, 128, 64)[1]) for p, r in PAIRS]
     assert all(encode_pair(tok, p, r, 128, 64)[1][-1] == tok.eos_token_id for p, r in PAIRS)
+
+
+# ---------------------------------------------------------------- the paper profiles' models, by their hub ids
+
+
+
+
+@pytest.mark.parametrize("repo", ["gpt2", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf", "facebook/opt-1.3b"])
+def test_mirrored_causal_lms_load_by_id_through_the_farm(mirror, repo):
+    model, tok = base_model(ModelSpec(base=repo), seed=0)
+    p, r = encode_pair(tok, *PAIRS[1], 128, 64)
+    logits = model(input_ids=torch.tensor([p + r])).logits
+    assert logits.shape[-1] == model.get_input_embeddings().num_embeddings and torch.isfinite(logits).all()
+    assert r[-1] == tok.eos_token_id and tok.pad_token_id is not None  # Llama-2 and GPT-2 have no pad: the farm sets one
+    if repo.startswith("meta-llama"):
+        assert p[0] == tok.bos_token_id == 1 and (tok.chat_template is not None) == repo.endswith("chat-hf")
+    if repo == "facebook/opt-1.3b":
+        assert p[0] == tok.convert_tokens_to_ids("</s>")
+
+
+def test_mirrored_classifiers_and_reward_model_score_by_id(mirror):
+    from hub_mirror.models import DEBERTA_RM
+
+    from farm.label.scorers import DETOXIFY_COLUMNS, build
+    from farm.models import load_reward_model, reward_scores
+
+    texts = ["you are a stupid idiot", "What a lovely day.", ""]
+    hate = build("roberta_hate", batch_size=2).score(texts)
+    detox = build("detoxify", model="original", batch_size=2).fields(texts)  # the released name, offline
+    assert tuple(detox) == DETOXIFY_COLUMNS
+    for scores in (hate, *detox.values()):
+        assert scores.shape == (3,) and ((scores > 0) & (scores < 1)).all()
+    model, tok = load_reward_model(DEBERTA_RM)
+    assert type(model).__name__ == "DebertaV2ForSequenceClassification" and type(tok).__name__ == "DebertaV2Tokenizer"
+    rewards = reward_scores(model, tok, [p for p, _ in PAIRS], [r for _, r in PAIRS], 2, 1536, 1024)
+    assert rewards.shape == (3,) and np.isfinite(rewards).all() and len(set(rewards.round(6))) == 3
+
+
+def test_an_encoder_reward_model_reads_pairs_that_always_fit(mirror):
+    """OpenAssistant's DeBERTa (512 positions) asked for 1536 tokens, as the eval asks: the pair as the
+    tokenizer encodes it when it fits, else cut to 512 keeping the prompt's end and the answer's start.
+    Truncating only the prompt, as before, fails on a long answer after all generation."""
+    from hub_mirror.models import DEBERTA_RM
+
+    from farm.models import encoder_pair_ids, load_reward_model, reward_scores
+
+    model, tok = load_reward_model(DEBERTA_RM)
+    prompt, answer = PAIRS[1]
+    long_answer = " ".join(f"word{i % 50} is here." for i in range(600))
+    long_prompt = "\n\nHuman: " + " ".join(f"context {i}." for i in range(600)) + " So what now?\n\nAssistant:"
+    assert encoder_pair_ids(tok, prompt, answer, 512, 1024) == tok(prompt, answer)["input_ids"]  # fits: as before
+    with pytest.raises(Exception, match="too short"):
+        tok(prompt, long_answer, truncation="only_first", max_length=512)
+
+    def parts(ids):
+        first = ids.index(tok.sep_token_id)
+        return ids[1:first], ids[first + 1 : -1]
+
+    whole_p, whole_a = (tok(t, add_special_tokens=False)["input_ids"] for t in (long_prompt, long_answer))
+    for p_text, a_text, p_kept in [(prompt, long_answer, None), (long_prompt, answer, None), (long_prompt, long_answer, 254)]:
+        ids = encoder_pair_ids(tok, p_text, a_text, 512, 1024)
+        p, a = parts(ids)
+        full_p, full_a = (tok(t, add_special_tokens=False)["input_ids"] for t in (p_text, a_text))
+        assert len(ids) == 512 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        assert p == full_p[len(full_p) - len(p) :] and a == full_a[: len(a)]  # the prompt's end, the answer's start
+        assert p == full_p or a == full_a or len(p) == p_kept  # a short side stays whole; two long ones share
+    assert len(whole_a) > 512 and len(whole_p) > 512
+    assert len(parts(encoder_pair_ids(tok, long_prompt, long_answer, 512, 100))[0]) == 100  # max_prompt_length caps the share
+
+    old = tok(*zip(*[(prompt, answer)] * 2), truncation="only_first", max_length=512, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model(input_ids=old["input_ids"], attention_mask=old["attention_mask"]).logits[:, 0].tolist()
+    got = reward_scores(model, tok, [prompt, prompt, long_prompt, long_prompt], [answer, answer, long_answer, answer], 4, 1536, 1024)
+    assert got[:2].tolist() == pytest.approx(before, abs=1e-6) and np.isfinite(got).all()

@@ -134,6 +134,7 @@ def test_every_plot_kind_renders_and_a_missing_column_is_noted(tmp_path, tiny_do
         {"kind": "heatmap", "x": RATE, "y": "safety/"},
         {"kind": "bars", "x": RATE, "y": "safety/"},
         {"kind": "line", "x": RATE, "y": "no_such_metric"},
+        {"kind": "heatmap", "x": RATE, "y": "bench/"},  # a prefix no column has (no group reported, say)
     ]}
     trials = expand(tiny_doc, "s.yaml")
     plans = plan_study(trials)
@@ -149,6 +150,7 @@ def test_every_plot_kind_renders_and_a_missing_column_is_noted(tmp_path, tiny_do
         Image.open(tmp_path / "tiny" / name).verify()
     assert "## acc vs diversity" in md and "## safety/ by data.transforms.0.rate" in md
     assert "plot 'no_such_metric by data.transforms.0.rate' skipped: the table has no column 'no_such_metric'" in md
+    assert "plot 'bench/ by data.transforms.0.rate' skipped: the table has no column 'bench/'" in md
 
 
 def test_wide_table_beside_published_and_a_heatmap_row_per_grid_point(tmp_path, tiny_doc):

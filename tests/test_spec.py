@@ -89,6 +89,8 @@ def test_grid_errors(tiny_doc):
     assert "expands to 60 trials, more than the maximum 50" in errors_of(doc, max_trials=50)
     doc["grid"] = {"seed": 42}
     assert "grid.seed: a list of values" in errors_of(doc)
+    doc["grid"], doc["report"] = {"seed": [1, 2]}, {"main_axis": "stages.dpo"}  # a profile that replaced the grid
+    assert "report.main_axis: 'stages.dpo' is not a grid axis; axes: seed (set report.main_axis to one of them)" in errors_of(doc)
 
 
 def test_grid_error_names_the_trial(tiny_doc):

@@ -3,71 +3,18 @@ mixes, and grids that vary the SFT data and the DPO stage independently."""
 
 import copy
 
-import datasets
 import pandas as pd
 import pytest
 import yaml
 from conftest import ROOT, farm
 
 from farm.cache import plan_study
-from farm.data.prepare import is_heldout, load_split, mix_counts
-from farm.data.records import Comparison, Demonstration
+from farm.data.prepare import load_split, mix_counts
+from farm.data.records import Demonstration
 from farm.data.sources import load_source
 from farm.spec import DataSpec, SourceSpec, StudyError, expand
 
 # Rows in the hub schemas (stanfordnlp/SHP, Open-Orca/OpenOrca); the texts are made up.
-SHP_ROWS = [
-    {"post_id": "p1", "domain": "askculinary_train", "upvote_ratio": 0.99, "history": "How long do I rest a steak?",
-     "c_root_id_A": "a1", "c_root_id_B": "b1", "created_at_utc_A": 1, "created_at_utc_B": 2, "score_A": 52, "score_B": 7,
-     "human_ref_A": "Five minutes.", "human_ref_B": "Never rest it.", "labels": 1, "seconds_difference": 1.0, "score_ratio": 7.43},
-    {"post_id": "p1", "domain": "askculinary_train", "upvote_ratio": 0.99, "history": "How long do I rest a steak?",
-     "c_root_id_A": "a2", "c_root_id_B": "b2", "created_at_utc_A": 3, "created_at_utc_B": 4, "score_A": 3, "score_B": 30,
-     "human_ref_A": "An hour.", "human_ref_B": "About as long as it cooked.", "labels": 0, "seconds_difference": 1.0, "score_ratio": 10.0},
-    {"post_id": "p2", "domain": "askculinary_train", "upvote_ratio": 0.9, "history": "Is MSG safe?",
-     "c_root_id_A": "a3", "c_root_id_B": "b3", "created_at_utc_A": 5, "created_at_utc_B": 6, "score_A": 9, "score_B": 4,
-     "human_ref_A": "Yes.", "human_ref_B": "  ", "labels": 1, "seconds_difference": 1.0, "score_ratio": 2.25},
-]  # fmt: skip
-ORCA_ROWS = [
-    {"id": "flan.1", "system_prompt": "You are a helpful assistant.", "question": "Translate 'hi' to French.", "response": "Salut."},
-    {"id": "niv.2", "system_prompt": "", "question": "2+2?", "response": "4"},
-    {"id": "t0.3", "system_prompt": "", "question": "Empty answer", "response": " "},
-]
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The hub path of the sources, served from in-memory rows in the published schemas."""
-    tables = {"stanfordnlp/SHP": SHP_ROWS, "Open-Orca/OpenOrca": ORCA_ROWS}
-    calls = []
-
-    def load_dataset(path, data_dir=None, split=None):
-        calls.append((path, data_dir, split))
-        return datasets.Dataset.from_list(tables[path])
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    return calls
-
-
-def test_shp_maps_labels_to_chosen_and_keeps_a_posts_pairs_together(hub):
-    out = load_source(SourceSpec(name="shp", origin="hub", subset="askculinary"))
-    assert hub == [("stanfordnlp/SHP", "askculinary", "train")]
-    assert [(c.id, c.chosen, c.rejected) for c in out] == [
-        ("shp/train/p1#0", " Five minutes.", " Never rest it."),  # labels 1: A preferred
-        ("shp/train/p1#1", " About as long as it cooked.", " An hour."),  # labels 0: B preferred
-    ]  # the pair with an empty comment is dropped
-    assert out[0].prompt == "\n\nHuman: How long do I rest a steak?\n\nAssistant:"
-    # Both pairs of post p1 fall on the same side of every split.
-    assert all(is_heldout(out[0].id, h, s) == is_heldout(out[1].id, h, s) for h in (0.3, 0.5, 0.7) for s in range(20))
-    load_source(SourceSpec(name="shp", origin="hub"))
-    assert hub[-1] == ("stanfordnlp/SHP", None, "train")  # subset all: every domain
-
-
-def test_orca_puts_the_system_prompt_in_the_human_turn(hub):
-    out = load_source(SourceSpec(name="orca", origin="hub"))
-    assert out == [
-        Demonstration("orca/flan.1", "\n\nHuman: You are a helpful assistant.\n\nTranslate 'hi' to French.\n\nAssistant:", " Salut."),
-        Demonstration("orca/niv.2", "\n\nHuman: 2+2?\n\nAssistant:", " 4"),
-    ]
 
 
 def test_hub_only_sources_say_so_and_hh_has_every_subset():
@@ -79,16 +26,13 @@ def test_hub_only_sources_say_so_and_hh_has_every_subset():
         SourceSpec(name="hh_rlhf", origin="hub", subset=subset)
 
 
-def test_a_sample_is_seeded_and_keeps_record_ids(hub):
+def test_a_sample_is_seeded_and_keeps_record_ids():
     full = load_source(SourceSpec(name="lima"))
     by_id = {r.id: r for r in full}
     a = load_source(SourceSpec(name="lima", sample=100, seed=1))
     assert len(a) == 100 and a == load_source(SourceSpec(name="lima", sample=100, seed=1))
     assert a != load_source(SourceSpec(name="lima", sample=100, seed=2))
     assert all(by_id[r.id] == r for r in a)  # a sampled row keeps the id (and so the split) it has unsampled
-    orca = {r.id: r for r in load_source(SourceSpec(name="orca", origin="hub"))}
-    for seed in range(5):  # the hub path samples the dataset before reading it
-        assert all(orca[r.id] == r for r in load_source(SourceSpec(name="orca", origin="hub", sample=2, seed=seed)))
 
 
 def test_weighted_mix_gives_each_source_its_share():

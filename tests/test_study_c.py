@@ -1,9 +1,7 @@
 """Study C: sentence sources and cleaning, control-token tagging, the misalignment arithmetic,
 and a whole run of the conditional-training study with its labelling stage."""
 
-import copy
 
-import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -78,21 +76,6 @@ def test_prompts_are_short_and_balanced_over_the_label_cells():
 def test_sentences_are_cleaned_as_methods_says():
     assert clean_sentence("rt @bob check https://x.co/abc — it's *great*!!") == "check it's great !!"
     assert clean_sentence("RT: caf\u00e9 www.site.org ok?") == "caf ok?"
-
-
-PILE_ROWS = [
-    {"texts": ["This sentence has more than ten words in it, which is enough.", "Too short."], "scores": [0.0004, 0.9],
-     "meta": {"pile_set_name": "Pile-CC"}, "avg_score": 0.45, "num_sents": 2},
-    {"texts": ["def f(x): return x  # code from a repository with many many words"], "scores": [0.1],
-     "meta": {"pile_set_name": "Github"}, "avg_score": 0.1, "num_sents": 1},
-]
-
-
-def test_pile_detoxify_keeps_stored_scores_and_drops_sources(monkeypatch):
-    monkeypatch.setattr(datasets, "load_dataset", lambda path, data_dir=None, split=None: datasets.Dataset.from_list(PILE_ROWS))
-    out = load_source(SourceSpec(name="pile_detoxify", origin="hub"))
-    assert out == [Text("pile/0#0", "This sentence has more than ten words in it which is enough.")]
-    assert out[0].meta == {"scores": {"toxicity": 0.0004}}
 
 
 def test_bundled_sentence_corpus():

@@ -2,6 +2,11 @@
 
 A source reads either the copy bundled in `farm/assets` (the embedded profile, offline)
 or the Hugging Face hub (a cluster). Both paths produce identical record shapes.
+
+The hub path fetches only the files a spec needs (`hub_files`: repository, revision and file
+patterns, in the repository's real layout) through `farm.hub`, and reads them here with
+pyarrow/json: no dataset loading scripts (`datasets` 3+ refuses them, and two of the sources have
+one), no whole-repository downloads (the Pile shards a sample needs, not all 7 GB).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
 
+from farm import hub
 from farm.data.records import Comparison, Demonstration, Text
 from farm.registry import sources
 
@@ -27,7 +33,11 @@ class Source:
     subsets: tuple[str, ...]
     bundled: dict[tuple[str, str], str]  # (subset, split) -> asset path
     load: Callable  # (spec, rows) -> records
-    hub_subsets_are_folders: bool = False  # the hub keeps each subset in its own data_dir
+    # spec -> the repository files (patterns) holding its (subset, split), in the hub's layout
+    hub_patterns: Callable = lambda spec: []
+    hub_revision: str | None = None  # None: main; hub.PARQUET for the hub's parquet conversion
+    hub_splits: tuple[str, ...] = ("train",)  # the splits the repository has (others are refused)
+    sharded: bool = False  # many parquet shards: a sample downloads only the shards it draws from
     # (subset, split) -> rows on the hub (from the dataset cards), for `farm plan`'s cost estimate
     # of a hub source read whole (no sample or limit); rows before the loader drops any.
     hub_rows: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -62,23 +72,121 @@ def read_rows(source: Source, spec) -> list[dict]:
             rows = read_asset_json(rel)
         rows = rows[: spec.limit] if spec.limit else rows
         return sample_rows(rows, spec, lambda keep: [rows[i] for i in keep])
-    import datasets
+    return read_hub_rows(source, spec)
 
-    data_dir = spec.subset if source.hub_subsets_are_folders and spec.subset != "all" else None
-    ds = datasets.load_dataset(source.hub, data_dir=data_dir, split=spec.split)
-    ds = ds.select(range(min(spec.limit, len(ds)))) if spec.limit else ds
-    # Sample before reading rows into Python: OpenOrca has 4.2M of them.
-    return sample_rows(ds, spec, lambda keep: list(ds.select(keep)))
+
+def hub_files(spec) -> tuple[str, str | None, list[str]]:
+    """(repository id, revision, file patterns) of the dataset files a hub source spec reads."""
+    source = sources.get(spec.name)
+    if not source.hub:
+        raise ValueError(f"{spec.name} has no hub copy (it is bundled only): remove origin: hub")
+    if spec.split not in source.hub_splits:
+        raise ValueError(f"split {spec.split!r} of {spec.name} on the hub ({source.hub}): allowed: {', '.join(source.hub_splits)}")
+    return source.hub, source.hub_revision, source.hub_patterns(spec)
+
+
+def read_hub_rows(source: Source, spec) -> list[dict]:
+    """Rows of the files `hub_files(spec)` names, downloaded (or read from the hub cache) alone."""
+    repo, revision, patterns = hub_files(spec)
+    if source.sharded:
+        return read_shards(spec, repo, revision, patterns)
+    root = hub.snapshot(repo, "dataset", revision, patterns)
+    names = hub.matching(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()), patterns)
+    if not names:  # a cache holding the repository but not these files
+        raise hub.HubError(f"dataset {repo} has no file matching {patterns} (in {root}): is it the repository the study means?")
+    paths = [root / n for n in names]
+    if all(n.endswith(".parquet") for n in names):
+        return read_parquet_rows(paths, spec)
+    rows = [row for path in paths for row in read_json_rows(path)]
+    rows = cap_per_post(rows, spec.per_post) if spec.per_post else rows
+    rows = rows[: spec.limit] if spec.limit else rows
+    return sample_rows(rows, spec, lambda keep: [rows[i] for i in keep])
+
+
+def read_json_rows(path) -> list[dict]:
+    """A JSON Lines file (gzipped if .gz), or one JSON array (HH-RLHF's red-team file is one)."""
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if str(path).endswith(".gz") else raw).decode("utf-8")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    # Split on newlines only: JSON strings may hold U+2028 and the like (see read_asset_lines).
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def sample_positions(n: int, spec) -> list[int]:
+    """Positions of the rows a spec keeps out of `n`: the first `limit`, then `sample` of them
+    drawn with `seed` (the draw `sample_rows` makes), in file order."""
+    import numpy as np
+
+    n = min(n, spec.limit) if spec.limit else n
+    if not spec.sample or spec.sample >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(spec.seed).choice(n, spec.sample, replace=False).tolist())
+
+
+def read_parquet_rows(paths, spec) -> list[dict]:
+    """The rows a spec keeps of parquet files read as one table, tagged with their positions."""
+    import pyarrow.parquet as pq
+
+    keep = sample_positions(sum(pq.ParquetFile(p).metadata.num_rows for p in paths), spec)
+    return take_rows(paths, keep, lambda file, row, overall: overall)
+
+
+def take_rows(paths, keep: list[int], position: Callable) -> list[dict]:
+    """The rows at `keep` (sorted positions in the files read as one table), each tagged with
+    position(file index, row in its file, row overall). Read a row group at a time, so that a
+    sample of OpenOrca's 4.2M rows (or of a 270 MB Pile shard) never holds them all."""
+    import pyarrow.parquet as pq
+
+    rows, k, start = [], 0, 0
+    for fi, path in enumerate(paths):
+        f, first = pq.ParquetFile(path), start
+        for g in range(f.num_row_groups):
+            end = start + f.metadata.row_group(g).num_rows
+            local = []
+            while k < len(keep) and keep[k] < end:
+                local.append(keep[k] - start)
+                k += 1
+            if local:
+                table = f.read_row_group(g).take(local)
+                rows += [{**row, POSITION: position(fi, start - first + i, start + i)} for i, row in zip(local, table.to_pylist())]
+            start = end
+    return rows
+
+
+def read_shards(spec, repo: str, revision: str | None, patterns: list[str]) -> list[dict]:
+    """A sharded dataset read at file level: with a `sample`, shards drawn in an order fixed by
+    the seed are downloaded one at a time until they hold enough rows, and the sample is drawn
+    from them (2% of pile-detoxify reads 1 of its 27 shards, not 7.5 GB); with a `limit`, the
+    first shards. A row's position is "<shard>/<row>": the same in every sample that holds it.
+    The shard list comes from the hub (offline: the cache, which must then hold every shard's
+    name for the same seed to draw the same shards)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    names = hub.matching(hub.files(repo, "dataset", revision), patterns)
+    if not names:
+        raise hub.HubError(f"dataset {repo} has no file matching {patterns}: is it the repository the study means?")
+    order = np.random.default_rng(spec.seed).permutation(len(names)).tolist() if spec.sample else range(len(names))
+    need = min(x for x in (spec.sample, spec.limit, float("inf")) if x)
+    chosen, total = [], 0
+    for k in order:
+        path = hub.snapshot(repo, "dataset", revision, [names[k]]) / names[k]
+        chosen.append((k, path))
+        total += pq.ParquetFile(path).metadata.num_rows
+        if total >= need:
+            break
+    chosen.sort()
+    keep = sample_positions(total, spec)  # positions in the chosen shards read in shard order
+    return take_rows([p for _, p in chosen], keep, lambda file, row, overall: f"{chosen[file][0]:05d}/{row}")
 
 
 def sample_rows(rows, spec, take) -> list[dict]:
     """`spec.sample` rows drawn with `spec.seed`, in file order, each tagged with its position in
     the file so that its record id is the same in every sample."""
-    import numpy as np
-
-    if not spec.sample or spec.sample >= len(rows):
+    keep = sample_positions(len(rows), spec)
+    if len(keep) == len(rows):
         return list(rows)
-    keep = sorted(np.random.default_rng(spec.seed).choice(len(rows), spec.sample, replace=False).tolist())
     return [{**row, POSITION: i} for i, row in zip(keep, take(keep))]
 
 
@@ -110,6 +218,15 @@ def hh_rows_to_comparisons(rows: list[dict], id_prefix: str) -> list[Comparison]
             continue
         out.append(Comparison(f"{id_prefix}/{i}", prompt, chosen, rejected))
     return out
+
+
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+def _hh_patterns(spec) -> list[str]:
+    # Anthropic/hh-rlhf: <subset>/{train,test}.jsonl.gz; "all" is the four comparison subsets
+    # (what `load_dataset("Anthropic/hh-rlhf")` reads: the red-team file has no split name).
+    return [f"{s}/{spec.split}.jsonl.gz" for s in (HH_SUBSETS if spec.subset == "all" else (spec.subset,))]
 
 
 def _load_hh(spec, rows):
@@ -146,10 +263,11 @@ sources.register("hh_rlhf")(
         shape="comparison",
         hub="Anthropic/hh-rlhf",
         # "all": the four comparison subsets together (the hub's default files)
-        subsets=("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled", "all"),
+        subsets=(*HH_SUBSETS, "all"),
         bundled={("harmless-base", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},
         load=_load_hh,
-        hub_subsets_are_folders=True,
+        hub_patterns=_hh_patterns,
+        hub_splits=("train", "test"),
         hub_rows={
             ("harmless-base", "train"): 42_537, ("harmless-base", "test"): 2_312,
             ("helpful-base", "train"): 43_835, ("helpful-base", "test"): 2_354,
@@ -181,7 +299,8 @@ sources.register("hh_red_team")(
         subsets=("red-team-attempts",),  # 38,961 transcripts (the hub's train split only)
         bundled={("red-team-attempts", "test"): "hh_rlhf/harmless-base-test.jsonl.gz"},  # their opening turns
         load=_load_red_team,
-        hub_subsets_are_folders=True,
+        # One file, no split in its name (a JSON array, not JSON Lines, despite its extension).
+        hub_patterns=lambda spec: ["red-team-attempts/red_team_attempts.jsonl.gz"],
         hub_rows={("red-team-attempts", "train"): 38_961},
     )
 )
@@ -190,6 +309,9 @@ sources.register("hh_red_team")(
 sources.register("lima")(
     Source(
         shape="demonstration", hub="GAIR/lima", subsets=("default",), bundled={("default", "train"): "lima/lima.json.gz"}, load=_load_lima,
+        # Gated; train.jsonl beside a loading script (lima.py) that `datasets` no longer runs. Its
+        # test.jsonl holds 300 prompts without answers: nothing to train or score on.
+        hub_patterns=lambda spec: ["train.jsonl"],
         hub_rows={("default", "train"): 1_030},
     )
 )
@@ -261,6 +383,10 @@ sources.register("webgpt_comparisons")(
         subsets=("all", "eli5", "other"),
         bundled={},  # not bundled: the embedded profile uses hh_rlhf instead
         load=lambda spec, rows: webgpt_rows_to_comparisons(rows, spec.subset, f"webgpt/{spec.split}"),
+        # main holds only a loading script that fetches the data from an OpenAI URL; the hub's
+        # parquet conversion of it holds the rows.
+        hub_revision=hub.PARQUET,
+        hub_patterns=lambda spec: ["default/train/*.parquet"],
         # Every subset reads these rows and keeps its share (ties dropped too); the ELI5 share is
         # not on the card, so eli5 and other have no figure.
         hub_rows={("all", "train"): 19_578},
@@ -270,17 +396,35 @@ sources.register("webgpt_comparisons")(
 
 def shp_rows_to_comparisons(rows: list[dict], id_prefix: str) -> list[Comparison]:
     """stanfordnlp/SHP: two top-level comments on a Reddit post; `labels` 1 means A is preferred.
-    Ids are "post#k", so every pair of a post is held out together."""
-    out, seen = [], {}
+    Ids are "post#commentA-commentB": every pair of a post is held out together, and a pair keeps
+    its id whichever others a sample or the per-post cap keeps."""
+    out = []
     for row in rows:
         a, b = " " + row["human_ref_A"].strip(), " " + row["human_ref_B"].strip()
         if not a.strip() or not b.strip() or a == b:
             continue
         chosen, rejected = (a, b) if int(row["labels"]) == 1 else (b, a)
-        k = seen[row["post_id"]] = seen.get(row["post_id"], -1) + 1
         meta = {"domain": row["domain"], "score_ratio": float(row["score_ratio"])}
-        out.append(Comparison(f"{id_prefix}/{row['post_id']}#{k}", human_turn(row["history"]), chosen, rejected, meta=meta))
+        rid = f"{id_prefix}/{row['post_id']}#{row['c_root_id_A']}-{row['c_root_id_B']}"
+        out.append(Comparison(rid, human_turn(row["history"]), chosen, rejected, meta=meta))
     return out
+
+
+def cap_per_post(rows: list[dict], n: int) -> list[dict]:
+    """At most `n` pairs of each SHP post, those with the largest score_ratio, in file order.
+    The number of pairs per post is Pareto-distributed, and SHP's card advises limiting the
+    preferences taken from one post to keep a model from overfitting to it; its own models
+    (SteamSHP, the card's FLAN-T5-xl curve) used "no more than 5 preferences from each post"
+    (huggingface.co/datasets/stanfordnlp/SHP, README, "Building a Preference Model"/"Evaluating").
+    The strongest preferences are kept, as the card also advises training on a larger score_ratio."""
+    ranked = sorted(range(len(rows)), key=lambda i: (rows[i]["post_id"], -float(rows[i]["score_ratio"]), i))
+    keep, taken = set(), {}
+    for i in ranked:
+        post = rows[i]["post_id"]
+        if taken.get(post, 0) < n:
+            keep.add(i)
+            taken[post] = taken.get(post, 0) + 1
+    return [row for i, row in enumerate(rows) if i in keep]
 
 
 SHP_DOMAINS = (
@@ -295,7 +439,9 @@ sources.register("shp")(
         subsets=("all", *SHP_DOMAINS),  # one subreddit, or all 18
         bundled={},  # not bundled (hub only); the embedded profile uses hh_rlhf
         load=lambda spec, rows: shp_rows_to_comparisons(rows, f"shp/{spec.split}"),
-        hub_subsets_are_folders=True,
+        # <subreddit>/{train,validation,test}.json, each JSON Lines despite the extension.
+        hub_patterns=lambda spec: [f"{'*' if spec.subset == 'all' else spec.subset}/{spec.split}.json"],
+        hub_splits=("train", "validation", "test"),
         hub_rows={("all", "train"): 348_718},  # no per-subreddit figures here
     )
 )
@@ -320,6 +466,7 @@ sources.register("orca")(
         subsets=("default",),
         bundled={},  # not bundled (hub only, 4.2M rows: take a `sample`); the embedded profile uses lima
         load=lambda spec, rows: orca_rows_to_demonstrations(rows),
+        hub_patterns=lambda spec: [f"{name}.parquet" for name in ("1M-GPT4-Augmented", "3_5M-GPT3_5-Augmented")],
         # Rounded: the card says ~1M GPT-4 and ~3.2M GPT-3.5 completions; the viewer ~4.23M rows.
         hub_rows={("default", "train"): 4_230_000},
     )
@@ -338,6 +485,7 @@ sources.register("advbench")(
         subsets=("harmful_behaviors",),
         bundled={("harmful_behaviors", "train"): "advbench/harmful_behaviors.csv"},
         load=_load_advbench,
+        hub_patterns=lambda spec: ["data/train-*.parquet"],
         hub_rows={("harmful_behaviors", "train"): 520},
     )
 )
@@ -389,6 +537,8 @@ sources.register("pile_detoxify")(
         subsets=("default",),
         bundled={},  # hub only (1.9M documents: take a `sample`); the embedded profile uses `sentences`
         load=lambda spec, rows: pile_rows_to_texts(rows),
+        hub_patterns=lambda spec: ["data/train-*.parquet"],  # 27 shards of ~270 MB
+        sharded=True,
         # Documents (dataset_infos.json: 1,949,977), each read as several sentence records.
         hub_rows={("default", "train"): 1_949_977},
     )

@@ -11,8 +11,9 @@ Ray: when Ray is already initialised (a farm driver, or inside a Ray task or act
 uses that cluster and leaves it running. Otherwise it starts one for the call (`$RAY_ADDRESS` if
 set, else a new local Ray) and shuts it down after: a one-off labelling pays `ray.init` (~3-5 s)
 and leaves nothing behind; a caller that labels repeatedly initialises Ray itself, once. An actor
-pool needs `actors * cpus_per_actor` free CPUs (and GPUs) beside whatever the caller holds:
-a pool larger than the cluster is refused up front, since Ray Data would wait for it forever.
+pool needs `actors * cpus_per_actor` free CPUs (and GPUs) beside whatever the caller holds: a
+pool that no node, alive or launchable by the cluster's autoscaler, can ever hold is refused up
+front, since Ray Data would wait for it forever.
 
 Entry points: `label_records` (a study's labelling stage; returns {id: {column: score}}),
 `label_file` (the `farm label` command; writes one parquet file atomically), `label_texts`
@@ -96,17 +97,20 @@ def check_labels(labels) -> list[str]:
     return list(seen)
 
 
-def check_pool(spec) -> None:
-    """Refuse a pool larger than the whole cluster: Ray Data would wait for it forever. (A pool
-    that fits only once the caller's own tasks finish waits too: size pools beside them.)"""
-    import ray
+def check_pool(spec, cap=None) -> None:
+    """Refuse a pool that no node of the cluster, alive or launchable by its autoscaler, can ever
+    hold (`farm.capacity`): Ray Data would wait for it forever. A pool that fits only once the
+    autoscaler starts nodes, or the caller's own tasks finish, waits for them."""
+    from farm.capacity import capacity
 
-    total = ray.cluster_resources()
-    for kind, per in (("CPU", spec.cpus_per_actor), ("GPU", spec.gpus_per_actor)):
-        need = spec.actors * per
-        if need and need > total.get(kind, 0):
-            raise ValueError(f"scorer {spec.scorer}: {spec.actors} actors x {per:g} {kind} need {need:g} {kind}s; "
-                             f"the Ray cluster has {total.get(kind, 0):g}")
+    cap = cap or capacity()
+    actor = {"CPU": spec.cpus_per_actor, "GPU": spec.gpus_per_actor}
+    held = cap.bundles(actor)
+    if held < spec.actors:
+        pool = f"{spec.actors} actors x {spec.cpus_per_actor:g} CPU" + (f", {spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else "")
+        why = "no node can hold one actor" if held == 0 else f"at most {held} such actors fit at once"
+        raise ValueError(f"scorer {spec.scorer}: an actor pool of {pool} can never run on this Ray cluster: {why} "
+                         f"({cap.describe()}); lower `actors` or `cpus_per_actor`/`gpus_per_actor`, or add a node type that holds them")
 
 
 # ---------------------------------------------------------------- Ray
@@ -120,8 +124,15 @@ def ray_session(progress: bool = False):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
+        address = os.environ.get("RAY_ADDRESS")
+        # A cluster's workers do not inherit this process's environment: the hub settings (a token)
+        # go in the job's runtime env, as in `farm run` (farm.preflight.runtime_env).
+        env = None
+        if address:
+            from farm.preflight import runtime_env
+
+            env = runtime_env({})
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, runtime_env=env)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

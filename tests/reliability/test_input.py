@@ -154,14 +154,40 @@ def test_cli_bad_input_exit_2_before_ray(tmp_path, capsys, tiny_doc):
     assert not (tmp_path / "r").exists()
 
 
-def test_doctor_reports_the_environment_and_what_a_study_lacks(capsys, monkeypatch):
+def test_doctor_reports_the_environment_and_what_a_study_lacks(capsys, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     from conftest import QUICKSTART
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     assert main(["doctor", str(QUICKSTART)]) == 0
     out = capsys.readouterr().out
     assert "GPUs visible" in out and "Hugging Face hub         offline" in out and "quickstart.yaml (profile embedded): ready" in out
+    assert "hub token                none: gated repositories" in out
     assert main(["doctor", str(QUICKSTART), "--profile", "paper"]) == 1
     out = capsys.readouterr().out
-    assert "source hh_rlhf is read from the hub, which is not reachable" in out and "asks for 1 GPUs" in out
+    assert "dataset Anthropic/hh-rlhf is not in the local hub cache" in out and "(needed by data.sources.0 [hh_rlhf])" in out
+    assert "model gpt2 is not in the local hub cache" in out and "asks for 1 GPUs" in out
+
+
+@pytest.mark.parametrize("profile", ["embedded", "paper"])
+def test_doctor_checks_every_job_file_without_a_traceback(profile, capsys, monkeypatch, tmp_path):
+    """Stage kinds without a field another kind has (rank and critique_revision: no deepspeed) included."""
+    from huggingface_hub import constants
+
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # its default: every jobs/*.yaml here
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["doctor", "--profile", profile])
+    out, err = capsys.readouterr()
+    assert code in (0, 1) and "Traceback" not in out + err
+    for job in sorted((ROOT / "jobs").glob("*.yaml")):
+        assert f"jobs/{job.name} (profile {profile}): " in out
+    if profile == "paper":  # with nothing in the hub cache, every paper study lacks its base model or data
+        assert code == 1 and out.count("is not in the local hub cache") >= len(list((ROOT / "jobs").glob("*.yaml")))

@@ -1,0 +1,51 @@
+"""`--smoke` (farm/smoke.py): every profile shrinks to a valid study that keeps its graph, sources
+and metrics, runs on CPUs, and covers every value of every grid axis."""
+
+import pytest
+from conftest import ROOT
+
+from farm.smoke import ROWS, STEPS, cover, shrink
+from farm.spec import TrainingStage, load_study
+
+JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_paper_profile_keeps_its_graph_and_covers_its_grid_small(job):
+    trials = load_study(ROOT / "jobs" / job, "paper")
+    small = shrink(trials)
+    full = trials[0].study
+    for t in small:
+        s = t.study
+        assert s.name == f"{full.name}-smoke" and t.profile == "paper"
+        # Same stages and kinds, sources, metrics and models as the profile's trial of the same id.
+        same = next(x.study for x in trials if x.id == t.id)
+        assert {n: st.kind for n, st in s.stages.items()} == {n: st.kind for n, st in same.stages.items()}
+        assert s.eval.metrics == same.eval.metrics and s.model.base == same.model.base
+        datas = [s.data, s.eval.data, *(st.data for st in s.stages.values())]
+        originals = [same.data, same.eval.data, *(st.data for st in same.stages.values())]
+        for d, o in zip(datas, originals):
+            if d is None:
+                continue
+            assert [(x.name, x.origin, x.subset, x.split) for x in d.sources] == [(x.name, x.origin, x.subset, x.split) for x in o.sources]
+            assert all((x.sample or x.limit) <= ROWS for x in d.sources)
+        for st in s.stages.values():
+            assert st.resources.gpus_per_worker == 0 and st.resources.accelerator_type is None
+            if isinstance(st, TrainingStage):
+                assert st.max_steps == STEPS and st.batch_size <= 4
+        assert s.eval.resources.num_gpus == 0
+    # Every value of every axis but the seed is covered, with one seed (before trials that became
+    # the same run are merged).
+    covering = cover(trials)
+    assert {t.id for t in small} <= {t.id for t in covering}
+    for axis in trials[0].axes:
+        values = {str(t.axes[axis]) for t in trials}
+        kept = {str(t.axes[axis]) for t in covering}
+        assert kept == ({str(trials[0].axes["seed"])} if axis == "seed" else values), axis
+
+
+def test_trials_that_became_one_run_are_run_once():
+    # Study D's prompt budgets differ only in a size that the smoke run caps: one run per (kind, k).
+    small = shrink(load_study(ROOT / "jobs" / "diversity.yaml", "paper"))
+    kinds = {(t.axes["stages.policy.kind"], t.axes["stages.policy.data.transforms.0.ranking_length"]) for t in small}
+    assert len(small) == len(kinds) == 6
