@@ -27,7 +27,7 @@ from pathlib import Path
 
 from farm import hub
 from farm.spec import BUILT_MODELS, BUNDLED_TOKENIZERS, SourceSpec, StudyError
-from farm.spec import _looks_like_path as is_path
+from farm.spec import looks_like_path as is_path
 
 # Every model the farm loads (causal LM, reward model, classifier) starts from its config.json; a
 # repository without one (GGUF-only, a dataset id given as a model) is not the one the study means.

@@ -263,7 +263,7 @@ class ModelSpec(Strict):
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         built = self.base in BUILT_MODELS
-        if not (built or _looks_like_path(self.base) or "/" in self.base or self.base in LEGACY_HUB_MODELS):
+        if not (built or looks_like_path(self.base) or "/" in self.base or self.base in LEGACY_HUB_MODELS):
             raise ValueError(
                 f"base: unknown model {self.base!r}; give a built model ({', '.join(BUILT_MODELS)}), "
                 f"a hub id (owner/name, or {', '.join(LEGACY_HUB_MODELS)}) or a local path (./..., /...)"
@@ -274,12 +274,12 @@ class ModelSpec(Strict):
             object.__setattr__(self, "tokenizer", "farm-bpe")
         for field in ("base", "tokenizer"):
             value = getattr(self, field)
-            if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+            if value and looks_like_path(value) and not Path(value).expanduser().exists():
                 raise ValueError(f"{field}: path {value!r} does not exist")
         return self
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~"))
 
 
@@ -898,8 +898,8 @@ def _check_ref(where: str, ref: str, before: dict, need: str, model_ok: bool) ->
         if before[ref].produces != need:
             raise ValueError(f"{where}: stage {ref!r} builds {before[ref].produces.replace('_', ' ')}, not {what}")
         return
-    if model_ok and (_looks_like_path(ref) or "/" in ref or ref in LEGACY_HUB_MODELS):
-        if _looks_like_path(ref) and not Path(ref).expanduser().exists():
+    if model_ok and (looks_like_path(ref) or "/" in ref or ref in LEGACY_HUB_MODELS):
+        if looks_like_path(ref) and not Path(ref).expanduser().exists():
             raise ValueError(f"{where}: path {ref!r} does not exist")
         return
     fix = " or a hub id (owner/name) or local path" if model_ok else ""
