@@ -32,7 +32,7 @@ test: $(STAMP)
 		$(BIN)/python -m pytest -v --durations=15
 
 # Every paper profile rehearsed end to end (`--smoke`) on a local cluster against the hub mirror and
-# a local S3 (tests/e2e/test_rehearsal.py; `make test` rehearses two of them): ~20 min on 2 cores.
+# a local S3 (tests/e2e/test_rehearsal.py, which `make test` runs too): ~10 min on 2 cores.
 rehearse: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" TORCH_EXTENSIONS_DIR="$${TORCH_EXTENSIONS_DIR:-$(TORCH_EXT)}" \
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
@@ -40,11 +40,11 @@ rehearse: $(STAMP)
 		$(BIN)/python -m pytest -v -s tests/e2e/test_rehearsal.py
 
 # Not tests, not in CI: each prints its figures and ratio and writes bench/results/<name>.json
-# (~15 min on 2 cores; run one at a time on an otherwise idle machine).
+# (~18 min on 2 cores; run one at a time on an otherwise idle machine).
 bench: $(STAMP)
 	export RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
 	fail=0; t0=$$(date +%s); \
-	for b in farm_overhead stage_reuse label_throughput batched_scoring bench_stage_overhead; do \
+	for b in farm_overhead stage_reuse label_throughput batched_scoring bench_stage_overhead step_efficiency; do \
 		echo "== bench/$$b.py"; start=$$(date +%s); \
 		$(BIN)/python bench/$$b.py || fail=1; \
 		echo "($$b: $$(( $$(date +%s) - start ))s)"; echo; \

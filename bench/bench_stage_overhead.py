@@ -1,16 +1,19 @@
-"""What a Ray Train `TorchTrainer.fit()` costs per stage, and what running a trial's
-unshared stages in one fit saves.
+"""What starting a stage costs: one Ray Train `TorchTrainer.fit()` per stage, one fit for a
+trial's unshared stages, and one Ray task for them (what the farm does on one worker).
 
 Runs the tiny study's SFT -> DPO chain (its pretrain stage left out: SFT starts from the base
-model) twice on a local Ray, each in a fresh store: once with one fit per stage (the
-baseline), once as one grouped fit (what the farm does). The tiny stages train in a few seconds, so the
-wall is mostly the fits' fixed cost. Prints both wall times, the time outside the training
-loops, and the ratio baseline / farm (above 1: grouping saves that much); writes
-`bench/results/stage_overhead.json`. No target: it shows why the farm groups stages.
+model) three times on a local Ray, each in a fresh store: one fit per stage (the baseline), the
+chain as one grouped fit (what the farm did before issue 23, and still does for data-parallel or
+DeepSpeed stages), and the chain as one Ray task (farm.train.runner's path for one worker). The
+tiny stages train in a few seconds, so the wall is mostly the fixed cost. Prints each wall time,
+the time outside the training loops, and the ratios baseline / each; writes
+`bench/results/stage_overhead.json`. No target: it shows why the farm groups stages and why one
+worker trains in a task.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -23,7 +26,7 @@ import yaml
 
 from farm.cache import Store, plan_trial
 from farm.spec import expand
-from farm.train.runner import run_group
+from farm.train import runner
 
 from _results import write_result
 
@@ -31,14 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny.yaml"
 
 
-def timed_chain(study, grouped: bool) -> tuple[float, float]:
-    """(wall seconds of the SFT and DPO fits, seconds spent inside the training loops)."""
+def timed_chain(study, mode: str) -> tuple[float, float]:
+    """(wall seconds of the SFT and DPO starts and training, seconds spent inside the training loops)."""
     stages = list(plan_trial(study).stages)
     with tempfile.TemporaryDirectory() as storage:
         payload = study.model_dump(mode="json")
         start = time.perf_counter()
-        for group in [stages] if grouped else [[s] for s in stages]:
-            run_group(payload, "bench", group, storage, in_tune=False)
+        for group in [[s] for s in stages] if mode == "fit per stage" else [stages]:
+            if mode == "task":
+                runner.run_group(payload, "bench", group, storage, in_tune=False)  # one worker: the task path
+            else:
+                config = {"study": payload, "trial": "bench", "stages": [dataclasses.asdict(s) for s in group], "storage": storage}
+                runner.fit(study, config, in_tune=False)
         wall = time.perf_counter() - start
         store = Store(storage)
         inside = sum(store.marker(s.kind, s.key)["metrics"]["train_seconds"] for s in stages)
@@ -52,21 +59,16 @@ def main() -> int:
     study = expand(doc, str(TINY))[0].study
     ray.init(log_to_driver=False, include_dashboard=False)
     try:
-        per_stage, inside_a = timed_chain(study, grouped=False)
-        grouped, inside_b = timed_chain(study, grouped=True)
+        runs = {mode: timed_chain(study, mode) for mode in ("fit per stage", "grouped fit", "task")}
     finally:
         ray.shutdown()
     n = len(study.stages)
-    result = {
-        "stages": n,
-        "per_stage_fits": {"wall_seconds": round(per_stage, 2), "outside_training_seconds": round(per_stage - inside_a, 2), "fits": n},
-        "grouped_fit": {"wall_seconds": round(grouped, 2), "outside_training_seconds": round(grouped - inside_b, 2), "fits": 1},
-        "ratio": round(per_stage / grouped, 2),
-    }
+    base = runs["fit per stage"][0]
+    result = {"stages": n, **{mode.replace(" ", "_"): {"wall_seconds": round(wall, 2), "outside_training_seconds": round(wall - inside, 2),
+                                                       "ratio": round(base / wall, 2)} for mode, (wall, inside) in runs.items()}}
     print(f"stage overhead: {n} stages timed (sft, dpo of the tiny study), load average {os.getloadavg()[0]:.2f}")
-    print(f"  one fit per stage (baseline): {per_stage:6.1f} s wall, {per_stage - inside_a:5.1f} s outside training ({n} fits)")
-    print(f"  one fit for the group (farm): {grouped:6.1f} s wall, {grouped - inside_b:5.1f} s outside training (1 fit)")
-    print(f"ratio: {per_stage / grouped:.2f}x baseline / farm (no target: above 1, grouping saves that much)")
+    for mode, (wall, inside) in runs.items():
+        print(f"  {mode:<14} {wall:6.1f} s wall, {wall - inside:5.1f} s outside training, {base / wall:4.2f}x the baseline (fit per stage)")
     write_result("stage_overhead", result)
     return 0
 

@@ -18,7 +18,7 @@ from farm.eval.harmlessness import ANSWERS
 
 ANSWERS_FILE = "answers.json"
 
-# The trial function only waits on its TorchTrainer and eval task. Tune refuses an empty
+# The trial function only waits on its stage groups (Ray tasks or TorchTrainers) and eval task. Tune refuses an empty
 # request, and any CPU share it takes would leave a 1-CPU worker without a whole CPU on a
 # small machine, so a trial asks for a little memory and no CPU.
 TRIAL_RESOURCES = [{"memory": 128 * 2**20}]

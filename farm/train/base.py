@@ -124,7 +124,10 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
     for cb in ctx.callbacks:
         trainer.add_callback(cb)
     fp32_trainables(trainer.model)  # before train() builds the optimizer over them
+    from farm.train import logprob
     from farm.train.checkpoints import resume_from
+
+    logprob.install()  # the plain LM head where TRL's chunked kernel does not pay
 
     result = trainer.train(resume_from_checkpoint=resume_from(ctx))  # optimizer, scheduler, RNG, data position
     # ZeRO-3 shards the weights over the workers: all of them take part in gathering the whole state

@@ -1,21 +1,26 @@
-"""Run a group of consecutive stages of one trial under one Ray Train `TorchTrainer`.
+"""Run a group of consecutive stages of one trial: in one Ray task when it trains on one worker,
+under one Ray Train `TorchTrainer` when it trains data-parallel or under DeepSpeed.
 
-A `TorchTrainer.fit()` costs ~16 s before its first step and ~4.5 s after its last on a
-small machine, so the stages of a trial that no other trial shares run inside one fit
-rather than one fit each (bench/bench_stage_overhead.py measures the difference).
+A `TorchTrainer.fit()` starts a controller and a worker group in fresh processes that import
+torch, transformers and TRL again: ~33 s before the first step on 2 idle cores (~45 s under load;
+issue 23), more than most embedded stages train. One worker needs none of what Train adds (the
+process group, the worker group's placement, its restart policy: the farm's retries are Tune's and
+its checkpoints its own), so such a group runs as a Ray task, which Ray places in a pooled worker
+process that already has those imports from the last one. Either way the stages of a group run in
+one start, and both paths call the same `run_stages`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import queue
 import tempfile
+import threading
 import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from transformers import TrainerCallback
+import ray
 
 from farm.cache import PlannedStage, Store, join
 
@@ -23,13 +28,61 @@ RECORDS_FILE = "records.jsonl"  # the records a stage that builds data writes
 
 
 def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storage: str, in_tune: bool) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """Train the group's stages; in a Tune trial its progress lines reach Tune."""
     from farm.spec import Study
 
     study = Study.model_validate(study_json)
-    res = study.stages[group[0].name].resources
+    stage = study.stages[group[0].name]
+    res = stage.resources
+    config = {"study": study_json, "trial": trial_id, "stages": [asdict(s) for s in group], "storage": storage}
+    if res.num_workers > 1 or getattr(stage, "deepspeed", None):
+        return fit(study, config, in_tune)
+    task = group_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type,
+                              scheduling_strategy="DEFAULT")  # outside the trial's CPU-less placement group
+    report = _tune_report if in_tune else None
+    for ref in task.remote(config):
+        progress = ray.get(ref)
+        if report:
+            report(progress)
+
+
+def _tune_report(progress: dict) -> None:
+    from ray import tune
+
+    tune.report(progress)
+
+
+# Tune retries a failed trial (its failure policy), so the task itself is not retried.
+@ray.remote(max_retries=0)
+def group_task(config: dict):
+    """The group on one worker: trains in a thread and yields its progress (a streaming task),
+    then raises what the stages raised, if anything."""
+    lines: queue.Queue = queue.Queue()
+    failed: list[BaseException] = []
+
+    def work():
+        try:
+            run_stages(config, rank=0, local_rank=0, report=lines.put)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the task below)
+            failed.append(e)
+        finally:
+            lines.put(None)
+
+    worker = threading.Thread(target=work, name="farm-stages")
+    worker.start()
+    while (line := lines.get()) is not None:
+        yield line
+    worker.join()
+    if failed:
+        raise failed[0]
+
+
+def fit(study, config: dict, in_tune: bool) -> None:
+    """The group under one Ray Train `TorchTrainer` (its workers run `run_stages`)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = study.stages[config["stages"][0]["name"]].resources
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -37,7 +90,7 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"study": study_json, "trial": trial_id, "stages": [asdict(s) for s in group], "storage": storage},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -45,8 +98,8 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
             accelerator_type=res.accelerator_type,  # the GPU type its memory was checked against (farm.memory)
         ),
         run_config=RunConfig(
-            name=f"{study.name}-{trial_id}-{group[0].name}-{uuid.uuid4().hex[:6]}",
-            storage_path=join(storage, "ray_train"),  # a local path or a URI (s3://...)
+            name=f"{study.name}-{config['trial']}-{config['stages'][0]['name']}-{uuid.uuid4().hex[:6]}",
+            storage_path=join(config["storage"], "ray_train"),  # a local path or a URI (s3://...)
             callbacks=callbacks,
         ),
     )
@@ -55,6 +108,13 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
 
 def _train_loop(config: dict) -> None:
     import ray.train
+
+    context = ray.train.get_context()
+    run_stages(config, context.get_world_rank(), context.get_local_rank(), ray.train.report)
+
+
+def run_stages(config: dict, rank: int, local_rank: int, report) -> None:
+    """The group's stages in order on this worker; `report` takes each progress line."""
     import torch
     import torch.distributed as dist
 
@@ -63,26 +123,32 @@ def _train_loop(config: dict) -> None:
     quiet()
     study = Study.model_validate(config["study"])
     store = Store(config["storage"])
-    context = ray.train.get_context()
     for planned in (PlannedStage(**{**s, "refs": tuple(map(tuple, s["refs"]))}) for s in config["stages"]):
         torch.set_num_threads(max(1, int(study.stages[planned.name].resources.cpus_per_worker)))
-        run_stage(study, store, planned, config["trial"], context.get_world_rank(), context.get_local_rank())
+        run_stage(study, store, planned, config["trial"], rank, local_rank, report)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the next stage on every rank loads what rank 0 just saved
 
 
-def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int, local_rank: int = 0) -> None:
+def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int, local_rank: int = 0, report=None) -> None:
     """Read the stage's data (with its labels and the records of stages it reads), run it, and
-    write its artifact atomically (rank 0). A training stage resumes from its latest checkpoint."""
+    write its artifact atomically (rank 0). A training stage resumes from its latest checkpoint
+    and sends its progress lines to `report`."""
     from farm.data.prepare import training_records
     from farm.data.records import read_records
     from farm.label.stage import read_scores
     from farm.registry import stages
     from farm.train.base import StageContext
+    from farm.train.callbacks import ProgressReport, fault_callbacks
     from farm.train.checkpoints import Checkpoints
+
+    from transformers import set_seed
 
     if store.done(planned.kind, planned.key):
         return
+    # Every random draw before the trainer seeds itself (embeddings of added tokens) starts from the
+    # stage's seed: a pooled worker process carries the RNG state of whatever ran in it before.
+    set_seed(planned.seed)
     stage = study.stages[planned.name]
     data = stage.data or study.data
     inputs = {name: store.path(kind, key) for name, kind, key in planned.refs}
@@ -114,7 +180,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
             special_tokens=data.special_tokens(),
             output_dir=out,
             work_dir=checkpoints.local if checkpoints else Path(work),  # the trainer saves checkpoints there
-            callbacks=[ProgressReport(planned.name), *_fault(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints])]
+            callbacks=[*([ProgressReport(planned.name, report)] if report else []), *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints])]
             if stage.trains
             else [],
             inputs=inputs,
@@ -127,33 +193,6 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
         checkpoints.finish()
 
 
-def _fault(fault, trial: str, store: Store, key: str, rank: int) -> list:
-    """The fault-injection callback for this attempt, if the study asks for one here."""
-    if fault is None or (fault.trial and fault.trial != trial):
-        return []
-    counter = f"faults/{key}-{trial}"  # in the store: a retry on another node reads it too
-    try:
-        attempt = int(store.read_text(counter)) + 1
-    except FileNotFoundError:
-        attempt = 1
-    if fault.times is not None and attempt > fault.times:
-        return []
-    if rank == 0:
-        store.write_text(counter, str(attempt))
-    return [InjectFault(fault)]
-
-
-class InjectFault(TrainerCallback):
-    def __init__(self, fault):
-        self.fault = fault
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.fault.at_step:
-            if self.fault.kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault at step {state.global_step} (stage setting `fault`)")
-
-
 def quiet() -> None:
     """Keep worker output to the farm's own progress lines (on a cluster the driver's
     environment does not reach the workers, so this is set in each worker)."""
@@ -162,17 +201,3 @@ def quiet() -> None:
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-
-
-class ProgressReport(TrainerCallback):
-    """Stream a stage's training logs to Ray (and so to Tune and the farm's progress lines)."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        import ray.train
-
-        if logs and "loss" in logs:
-            ray.train.report({"stage": self.stage, "step": state.global_step, "max_steps": state.max_steps, "loss": float(logs["loss"])})
-

@@ -69,9 +69,11 @@ def paper_cluster(tmp_path_factory, hub_mirror_env):
             subprocess.run(["rm", "-rf", temp_dir], check=False)
 
 
-# The paper profiles `make test` rehearses (all six: `make rehearse`, ~20 minutes on 2 cores). Study E's
-# has stages its trials share (the lease on S3) and a pairwise step after the grid.
-JOBS = os.environ.get("FARM_REHEARSE", "quickstart rlaif").split()
+# The paper profiles rehearsed: all six, ~10 minutes on 2 cores (FARM_REHEARSE picks some). Study E's
+# has stages its trials share (the lease on S3) and a pairwise step after the grid; A's, B's, C's and
+# D's read the hub's webgpt parquet conversion, SHP/LIMA/Orca/HH and lm-eval's hub tasks, the
+# pile-detoxify shards labelled by a Ray Data actor pool, and the DeBERTa reward model's rankings.
+JOBS = os.environ.get("FARM_REHEARSE", "quickstart malign_labels data_impact conditional diversity rlaif").split()
 RERUN = "rlaif"
 UNDERPOWERED = {"safety_mean", "safety_implicit_hate"}
 
@@ -108,15 +110,18 @@ def test_a_paper_profile_runs_through_on_a_cluster_with_an_s3_store(paper_cluste
     missing = [m for m, cs in columns.items() if not cs or table[cs].isna().all().all()]
     # SafeNLP scores a group only where its toxic and benign statements' perplexities differ
     # significantly: a handful of statements a group under a random model gives none (it says how many).
-    missing = [m for m in missing if not (m in UNDERPOWERED and "safety_groups_reported" in table)]
+    # Its per-group scores (safety/<group>, and the report's "safety/" prefix) are missing for the same reason.
+    missing = [m for m in missing if not ((m in UNDERPOWERED or m.startswith("safety/")) and "safety_groups_reported" in table)]
     assert not missing, f"the table lacks {missing}: {list(table.columns)}"
-    # A stage several trials need trained once, although they ran at once on two nodes (the S3 lease).
+    # A stage several trials need trained once, although they ran at once on two nodes (the S3 lease):
+    # as many trainings of a stage name as it has distinct keys.
     trials = shrink(load_study(study_file, "paper"))
     plans = plan_study(trials)
     trained = {n for t in trials for n, st in t.study.stages.items() if isinstance(st, TrainingStage)}
     shared = {s.name for p in plans.values() for s in p.stages if len(s.users) > 1 and s.name in trained}
-    for name in shared:
-        assert proc.stdout.count(f": {name} step 1/") == 1, f"shared stage {name} did not train exactly once"
+    for name in shared:  # progress lines name the stage, not its key: Study B has an `sft` per chain
+        keys = {s.key for p in plans.values() for s in p.stages if s.name == name}
+        assert proc.stdout.count(f": {name} step 1/") == len(keys), f"a shared {name} stage did not train exactly once"
     if study.eval.pairwise:
         assert (tmp_path / f"{study.name}-smoke" / "pairwise" / "elo.csv").exists()
     if job == RERUN:
