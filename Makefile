@@ -36,7 +36,6 @@ test: $(STAMP)
 rehearse: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" TORCH_EXTENSIONS_DIR="$${TORCH_EXTENSIONS_DIR:-$(TORCH_EXT)}" \
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} \
-	FARM_REHEARSE="quickstart malign_labels data_impact conditional diversity rlaif" \
 		$(BIN)/python -m pytest -v -s tests/e2e/test_rehearsal.py
 
 # Not tests, not in CI: each prints its figures and ratio and writes bench/results/<name>.json

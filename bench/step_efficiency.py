@@ -36,13 +36,15 @@ from _results import write_result
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quickstart(steps: int, seeds=(42,)) -> dict:
+def quickstart(steps: int | None = None) -> dict:
+    """One trial of the quickstart (rate 0.5, seed 42); SFT and DPO cut to `steps` if given."""
     doc = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
     doc.pop("profiles"), doc.pop("reference")
-    doc.update(name="step-efficiency", grid={"seed": list(seeds)})
+    doc.update(name="step-efficiency", grid={"seed": [42]})
     doc["data"]["transforms"][0]["rate"] = 0.5
     for name in ("sft", "dpo"):
-        doc["stages"][name]["max_steps"] = steps
+        if steps:
+            doc["stages"][name]["max_steps"] = steps
     return doc
 
 
@@ -97,23 +99,25 @@ def run_steps(steps: int) -> dict:
     torch.set_num_threads(1)
     quiet()
     doc = quickstart(steps)
-    doc["seed"] = doc.pop("grid")["seed"][0]  # one trial
+    doc["seed"] = doc.pop("grid")["seed"][0]  # the one trial, validated without grid expansion
     study = Study.model_validate(doc)
     plan = plan_trial(study)
     out: dict = {}
     with tempfile.TemporaryDirectory() as root:
 
-        def stage(p, tag: str) -> tuple[Path, Steps]:
+        def stage(p, tag: str) -> Steps:
+            """Run stage `p` into <root>/<tag>/ (the shared pretrain's folder is "pretrain")."""
             s = study.stages[p.name]
-            records, _ = training_records(s.data or study.data, p.seed, s.shape)
+            data = s.data or study.data
+            records, _ = training_records(data, p.seed, s.shape)
             path = Path(root) / tag / f"{p.kind}-{p.key}"
             path.mkdir(parents=True)
-            prev = Path(root) / "pretrain" / f"{p.input_kind}-{p.input_key}" if p.name == "sft" else Path(root) / tag / f"{p.input_kind}-{p.input_key}"
+            prev = Path(root) / ("pretrain" if p.name == "sft" else tag) / f"{p.input_kind}-{p.input_key}" if p.input_key else None
             cb = Steps()
-            ctx = StageContext(p.name, s, study.model, p.seed, prev if p.input_key else None, records, path, Path(root) / f"work-{tag}-{p.name}", [cb],
-                               special_tokens=(s.data or study.data).special_tokens())
+            ctx = StageContext(p.name, s, study.model, p.seed, prev, records, path, Path(root) / f"work-{tag}-{p.name}", [cb],
+                               special_tokens=data.special_tokens())
             stages.get(p.kind)(ctx)
-            return path, cb
+            return cb
 
         with mock.patch.object(logprob, "install", lambda: None):  # TRL as shipped until the farm's turn
             stage(plan.stage("pretrain"), "pretrain")
@@ -123,7 +127,7 @@ def run_steps(steps: int) -> dict:
             with choice:
                 for p in plan.stages:
                     if p.name != "pretrain":
-                        _, cb = stage(p, tag)
+                        cb = stage(p, tag)
                         out.setdefault(p.name, {})[tag] = {"step_seconds": statistics.median(cb.times[2:]), "flops": cb.flops}
     return out
 
@@ -163,17 +167,14 @@ def main() -> int:
 
 def trial() -> dict:
     """One quickstart trial: `farm run` (fresh store) against its stages and eval run directly."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from farm_overhead import direct_trial, launch
+    from farm_overhead import direct_trial, launch  # bench/ is on the path of a script run from it
 
     from farm.spec import load_study
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     with tempfile.TemporaryDirectory() as tmp:
-        doc = quickstart(100)
-        doc["stages"]["sft"].pop("max_steps"), doc["stages"]["dpo"].pop("max_steps")  # the quickstart's own epochs
         study = Path(tmp) / "study.yaml"
-        study.write_text(yaml.safe_dump(doc, sort_keys=False))
+        study.write_text(yaml.safe_dump(quickstart(), sort_keys=False))  # the quickstart's own epochs
         _, farm_wall, _ = launch([sys.executable, "-m", "farm", "run", str(study), "--results", f"{tmp}/results"], env)
         (t,) = load_study(str(study))
         start = time.time()

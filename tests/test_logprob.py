@@ -56,16 +56,14 @@ def test_install_routes_trls_fused_head_and_keeps_the_chunked_kernel_past_the_si
     labels = ids.clone()
     labels[:, :4] = -100  # a prompt the loss skips
 
-    calls = []
+    rows = []  # the rows each call of the plain head scores
     real_plain = logprob.plain_logprobs
-    monkeypatch.setattr(logprob, "plain_logprobs", lambda *a: calls.append("plain") or real_plain(*a))
+    monkeypatch.setattr(logprob, "plain_logprobs", lambda hidden, *a: rows.append(len(hidden)) or real_plain(hidden, *a))
     chunked = model(input_ids=ids, labels=labels, fused_lm_head=True)
-    assert calls == []  # not installed yet: TRL's kernel
+    assert rows == []  # not installed yet: TRL's kernel
     logprob.install()
     logprob.install()  # idempotent: TRL's kernel is still what it falls back to
     assert trl_utils._ChunkedLogProbFunction is logprob.LogProbKernel and logprob.LogProbKernel.chunked is ChunkedLogProbFunction
-    rows = []
-    monkeypatch.setattr(logprob, "plain_logprobs", lambda hidden, *a: rows.append(len(hidden)) or real_plain(hidden, *a))
     plain = model(input_ids=ids, labels=labels, fused_lm_head=True)
     assert rows == [3 * 8]  # only the positions with a label: 11 next tokens a row, less the 3 prompt ones
     torch.testing.assert_close(plain.loss, chunked.loss)

@@ -51,15 +51,16 @@ def compact(device) -> bool:
     devices) rather than every position, prompt and padding included (its path elsewhere, kept
     for compilers that would recompile on every new shape): on a CPU, eager, fewer rows is only
     less work (a DPO batch's prompts are most of its tokens)."""
-    return device.type == "cpu" or LogProbKernel.triton(device)
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return device.type == "cpu" or _use_triton(device)
 
 
 class LogProbKernel:
     """Stands in for `ChunkedLogProbFunction` where TRL's fused head calls it: the plain head
     where it pays (`plain_pays`), TRL's kernel otherwise."""
 
-    chunked = None  # TRL's kernel and its compaction rule, set by install()
-    triton = None
+    chunked = None  # TRL's kernel, set by install()
 
     @classmethod
     def apply(cls, hidden, weight, *args):
@@ -71,10 +72,10 @@ class LogProbKernel:
 def install() -> None:
     """Route TRL's fused LM head through `LogProbKernel` in this process (idempotent). The fused
     forward looks the kernel up in `trl.trainer.utils` on every call; a TRL without that name
-    fails here, loudly, rather than silently keeping the slow path (tests/test_logprob.py). The
-compaction rule `_use_triton` is looked up there too (the kernels module keeps its own)."""
+        fails here, loudly, rather than silently keeping the slow path (tests/test_logprob.py). The
+    compaction rule `_use_triton` is looked up there too (the kernels module keeps its own)."""
     import trl.trainer.utils as trl_utils
 
     if trl_utils._ChunkedLogProbFunction is not LogProbKernel:
-        LogProbKernel.chunked, LogProbKernel.triton = trl_utils._ChunkedLogProbFunction, trl_utils._use_triton
+        LogProbKernel.chunked = trl_utils._ChunkedLogProbFunction
         trl_utils._ChunkedLogProbFunction, trl_utils._use_triton = LogProbKernel, compact

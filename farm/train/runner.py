@@ -39,17 +39,12 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
         return fit(study, config, in_tune)
     task = group_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type,
                               scheduling_strategy="DEFAULT")  # outside the trial's CPU-less placement group
-    report = _tune_report if in_tune else None
-    for ref in task.remote(config):
-        progress = ray.get(ref)
-        if report:
-            report(progress)
-
-
-def _tune_report(progress: dict) -> None:
     from ray import tune
 
-    tune.report(progress)
+    for ref in task.remote(config):
+        progress = ray.get(ref)
+        if in_tune:
+            tune.report(progress)
 
 
 # Tune retries a failed trial (its failure policy), so the task itself is not retried.
@@ -133,7 +128,7 @@ def run_stages(config: dict, rank: int, local_rank: int, report) -> None:
 def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int, local_rank: int = 0, report=None) -> None:
     """Read the stage's data (with its labels and the records of stages it reads), run it, and
     write its artifact atomically (rank 0). A training stage resumes from its latest checkpoint
-    and sends its progress lines to `report`."""
+    and sends its progress lines to `report` (a stage that trains nothing needs none)."""
     from farm.data.prepare import training_records
     from farm.data.records import read_records
     from farm.label.stage import read_scores
@@ -141,7 +136,6 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
     from farm.train.base import StageContext
     from farm.train.callbacks import ProgressReport, fault_callbacks
     from farm.train.checkpoints import Checkpoints
-
     from transformers import set_seed
 
     if store.done(planned.kind, planned.key):
@@ -180,7 +174,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
             special_tokens=data.special_tokens(),
             output_dir=out,
             work_dir=checkpoints.local if checkpoints else Path(work),  # the trainer saves checkpoints there
-            callbacks=[*([ProgressReport(planned.name, report)] if report else []), *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints])]
+            callbacks=[ProgressReport(planned.name, report), *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints])]
             if stage.trains
             else [],
             inputs=inputs,
