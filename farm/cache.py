@@ -31,7 +31,7 @@ from filelock import FileLock
 from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
 
 # Bump a kind's version when its code changes what it produces: old artifacts stop matching.
-VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 1, "ai_feedback": 1, "eval": 1, "label": 1}
+VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 2, "ai_feedback": 1, "eval": 2, "label": 1}
 MARKER = "farm-artifact.json"
 CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
 CACHE_MAX_GB = "FARM_CACHE_MAX_GB"  # bound of a node's cache of downloaded artifacts (default: half its disk)

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     safety.add_argument("--perplexities", required=True, metavar="FILE.json",
                         help="a JSON list of records with text, label (hate|neutral), toxicity_score, target_groups and "
                         "perplexity, as SafeNLP's perplexities.json")
+    safety.add_argument("--p-value", choices=["one-sided", "two-sided"], default="one-sided",
+                        help="which p is compared with 0.05: one-sided (default) is SafeNLP's, scipy 1.5's default of "
+                        "half the two-sided asymptotic p; two-sided is today's scipy default")
     safety.set_defaults(func=cmd_safety_score)
 
     label = sub.add_parser(
@@ -443,7 +446,7 @@ def cmd_safety_score(args) -> int:
     from farm.eval.safety import read_perplexities, safety_scores
 
     try:
-        scores = safety_scores(read_perplexities(args.perplexities))
+        scores = safety_scores(read_perplexities(args.perplexities), p_value=args.p_value)
     except ValueError as e:
         raise StudyError(str(e)) from None
     for group, why in scores.dropped.items():

@@ -349,6 +349,16 @@ def _training(s, study, arch: Arch, where: dict) -> Memory | None:
         gen = memory.generating(arch, s.batch_size * s.grad_accum, s.max_prompt_length, s.max_new_tokens)
         phases["generate"] = {k: v for k, v in gen.items() if k != "model"}
         phases["score"] = {"forward": memory.forward_pass(judge, s.batch_size * s.max_length)}
+    if s.select:  # rank 0 scores its checkpoints with the eval's generation and, for reward_score, the judge
+        judge = _model(s.select.reward_model, study) if s.select.reward_model else None
+        if s.select.reward_model and judge is None:
+            return None
+        if judge is not None:
+            held["judge (select)"] = judge.params * READ_BYTES
+        phases["select"] = _generating(arch, study.eval.generation, study.eval.max_prompt_length)
+        phases["select"].pop("model", None)  # the model being trained is counted once
+        if judge is not None:
+            phases["select"]["judge forward"] = memory.forward_pass(judge, study.eval.batch_size * study.eval.max_length)
     zero, offload = _zero(s.deepspeed)
     step = memory.training_step(arch, trainable, memory.DTYPE_BYTES[weights], autocast is not None, s.batch_size * rows * length, ckpt,
                                 lm_head=s.kind != "reward", zero=zero, offload=offload, workers=s.resources.num_workers, head_tokens=head_tokens)  # fmt: skip

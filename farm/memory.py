@@ -92,9 +92,13 @@ OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "ffn_dim": 8192, "num_hidd
 GPT2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
 DEBERTA_V3_LARGE_RM = {"model_type": "deberta-v2", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                        "num_attention_heads": 16, "vocab_size": 128100, "max_position_embeddings": 512, "torch_dtype": "float32"}  # fmt: skip
+# OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1's config.json (Study D's judge, as ScalingAlignment's).
+OASST_PYTHIA_6_9B_RM = {"model_type": "gpt_neox", "hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "vocab_size": 50288, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+                        "torch_dtype": "float16"}  # fmt: skip
 KNOWN_CONFIGS = {
     "llama-2-7b-hf": LLAMA2_7B, "llama-2-7b-chat-hf": LLAMA2_7B, "opt-1.3b": OPT_1_3B, "gpt2": GPT2,
-    "reward-model-deberta-v3-large-v2": DEBERTA_V3_LARGE_RM,
+    "reward-model-deberta-v3-large-v2": DEBERTA_V3_LARGE_RM, "oasst-rm-2-pythia-6.9b-epoch-1": OASST_PYTHIA_6_9B_RM,
 }  # fmt: skip
 # The configs bench/calibrate_activations.py measures ACTIVATIONS on, by the key of ACTIVATIONS.
 MEASURED = {"llama": LLAMA2_7B, "opt": OPT_1_3B}

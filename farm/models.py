@@ -234,11 +234,60 @@ def load_reward_model(path_or_id, dtype=None, resolve=None):
     if (Path(path_or_id) / BASE_FILE).is_file():
         # The head's initial weights do not matter: the adapter carries the trained head.
         model = _apply_adapter(as_reward_model(_adapter_base(Path(path_or_id), dtype, resolve), tok, 0), Path(path_or_id), merge=True)
+    elif (config := _config_dict(path_or_id)).get("model_type") == OASST_NEOX:
+        model = _oasst_neox_reward_model(path_or_id, config, tok, dtype)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(path_or_id), dtype=dtype)
     if model.config.pad_token_id is None:  # a decoder finds each row's last token by the pad id
         model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
+
+
+# OpenAssistant's Pythia reward models (oasst-rm-2-pythia-6.9b-epoch-1, ScalingAlignment's judge) are of a
+# model type that transformers does not know: their class lives in OpenAssistant's training code
+# (model_training/models/reward_model.py), which ScalingAlignment copies (`eval_hh/reward_model.py`).
+OASST_NEOX = "gpt_neox_reward_model"
+
+
+def _config_dict(path_or_id) -> dict:
+    import json
+
+    from transformers.utils import cached_file
+
+    return json.loads(Path(cached_file(str(path_or_id), "config.json")).read_text())
+
+
+def _oasst_neox_reward_model(path_or_id, config: dict, tok, dtype):
+    """OpenAssistant's GPTNeoXRewardModel as transformers' GPTNeoXForSequenceClassification: the same
+    GPT-NeoX body, its `out_proj` (a Linear with a bias, which transformers' `score` lacks) as the
+    score head, read at the last token of each row ("last" pooling: the final <|endoftext|>, found
+    as the last token that is not <|padding|>)."""
+    from torch import nn
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    if config.get("pooling", "last") != "last":
+        raise ValueError(f"reward model {path_or_id}: pooling {config['pooling']!r} is not supported (the farm reads the last token, OpenAssistant's 'last' pooling)")
+    if tok.pad_token_id == tok.eos_token_id:
+        raise ValueError(f"reward model {path_or_id}: its tokenizer pads with its end-of-text token, so the last token of a row cannot be found; "
+                         "OpenAssistant's Pythia tokenizers pad with <|padding|>")
+
+    class OasstRewardModel(GPTNeoXForSequenceClassification):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=True)
+
+    body = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "pooling", "_name_or_path")}
+    cfg = GPTNeoXConfig(**body, num_labels=1, pad_token_id=tok.pad_token_id)
+    return OasstRewardModel.from_pretrained(str(path_or_id), config=cfg, dtype=dtype, key_mapping={r"^out_proj": "score"})
+
+
+def oasst_chat_ids(tok, prompt: str, response: str, limit: int) -> list[int]:
+    """A row for an OpenAssistant reward model, as ScalingAlignment writes it (`eval_hh/metrics.py`):
+    every turn as `<|prompter|>text<eos>` or `<|assistant|>text<eos>`, the answer the last assistant
+    turn, cut from the left to `limit` tokens (the reference's truncation_side "left")."""
+    turns = [*hh_messages(prompt), {"role": "assistant", "content": response}]
+    text = "".join(f"<|{'prompter' if m['role'] == 'user' else 'assistant'}|>{m['content'].strip()}{tok.eos_token}" for m in turns if m["role"] != "system")
+    return tok(text, add_special_tokens=False)["input_ids"][-limit:]
 
 
 def lora_config(lora, model, task_type: str = "CAUSAL_LM"):
@@ -515,12 +564,11 @@ GENERATION = GenerationLog()
 
 def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: int = 0) -> list[str]:
     """Batched decoding on the model's device (prompts encoded as training encodes them, left-
-    padded); each answer is cut where the model starts the next dialogue turn. Sampling is seeded."""
+    padded); each answer is cut at the first of `g.stop` (where the model starts the next dialogue
+    turn). Sampling is seeded."""
     import time
 
     import torch
-
-    from farm.data.sources import ASSISTANT, HUMAN
 
     model.eval()
     torch.manual_seed(seed)
@@ -549,7 +597,7 @@ def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: in
         outs = []
         for row in new:
             text = tok.decode(row, skip_special_tokens=True)
-            for stop in (HUMAN, ASSISTANT):
+            for stop in g.stop:
                 text = text.split(stop)[0]
             outs.append(text.strip())
         GENERATION.keep([keys[i] for i in batch], outs)
@@ -582,15 +630,18 @@ def reward_scores(model, tok, prompts: list[str], responses: list[str], batch_si
     """The reward model's scalar for each (prompt, response), in batches on its device, each text
     tokenized by the reward model's own tokenizer. A decoder (a `reward` stage's model) reads
     `reward_ids`, cut as training cuts them; an encoder with a separator token (OpenAssistant's
-    DeBERTa reward model) reads `encoder_pair_ids`, within its position limit too."""
+    DeBERTa reward model) reads `encoder_pair_ids`, within its position limit too; an OpenAssistant
+    Pythia reward model (its tokenizer has <|prompter|>) reads its chat format, `oasst_chat_ids`."""
     import numpy as np
     import torch
 
     from functools import partial
 
     dev = model.device
-    if tok.sep_token is not None:
-        limit = min(max_length, tok.model_max_length, getattr(model.config, "max_position_embeddings", max_length))
+    limit = min(max_length, tok.model_max_length, getattr(model.config, "max_position_embeddings", max_length))
+    if "<|prompter|>" in tok.get_vocab():  # an OpenAssistant decoder reads its chat format
+        encode = partial(oasst_chat_ids, tok, limit=limit)
+    elif tok.sep_token is not None:
         encode = partial(encoder_pair_ids, tok, limit=limit, max_prompt_length=max_prompt_length)
     else:
         encode = partial(reward_ids, tok, max_length=max_length, max_prompt_length=max_prompt_length)

@@ -69,6 +69,9 @@ def models(study):
     # refs() name stages of the study or models; a value that is no stage's name is a model.
     for name, stage in study.stages.items():
         yield from ((f"stages.{name}.{f}", v) for f, v in stage.refs().items() if v not in study.stages)
+        counted = getattr(stage, "diversity_tokenizer", None)
+        if counted and counted not in BUNDLED_TOKENIZERS:
+            yield f"stages.{name}.diversity_tokenizer", counted
     yield from ((f"eval.{f}", v) for f, v in study.eval.refs().items() if v not in study.stages)
     yield from scorer_models(study)
 
@@ -123,7 +126,7 @@ def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
                 if not Path(name).expanduser().exists():
                     problems.append(f"{field}: path {name!r} does not exist")
             else:
-                patterns = None if field == "model.tokenizer" else MODEL_FILES
+                patterns = None if field.endswith("tokenizer") else MODEL_FILES
                 add(Repo(name, "model", None, patterns), field)
         for field, source in hub_sources(study):
             try:

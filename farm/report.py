@@ -25,7 +25,7 @@ from farm.spec import PlotSpec, axis_labels
 
 SEED_AXIS = "seed"
 GRID_POINT = "grid point"
-BOOKKEEPING = {"done", "eval_pairs", "eval_seconds", "generated", "gen_tokens_per_s", "eval_device"}
+BOOKKEEPING = {"done", "selected_step", "eval_pairs", "eval_seconds", "generated", "gen_tokens_per_s", "eval_device"}
 # Properties of an instrument rather than results of a trial: shown once, as notes.
 INSTRUMENT_SUFFIX = "_heldout_accuracy"
 PACKAGES = ("farm", "ray", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "scipy")
@@ -40,6 +40,7 @@ class Report:
     tables: list[tuple[str, pd.DataFrame, str]] = field(default_factory=list)  # (heading, table, note)
     plots: list[tuple[str, str, bytes]] = field(default_factory=list)  # (caption, file name, png)
     notes: list[str] = field(default_factory=list)
+    departures: list[str] = field(default_factory=list)  # from the reference protocol, as the study file states them
     config: str = ""
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -262,6 +263,7 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
         failed=[(r["trial"], str(r.get("error", r["status"]))) for _, r in df[df["status"] != "ok"].iterrows()],
         config=yaml.safe_dump(config_doc, sort_keys=False),
         environment=environment(),
+        departures=list(study.departures),
     )
     labels = [c for c in df.columns if c not in {"trial", "status", "error", *axes} and df[c].dtype == object]
     report.notes += [f"{c}: {', '.join(map(str, df[c].dropna().unique()))}" for c in labels]
@@ -370,6 +372,8 @@ def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config
 def render_md(r: Report) -> str:
     out = [f"# {r.title}", "", r.description, "", r.summary, ""]
     out += [f"- trial `{t}` failed: {e}" for t, e in r.failed]
+    if r.departures:
+        out += ["", "## Departures from the reference protocol", "", *[f"- {d}" for d in r.departures]]
     for heading, table, note in r.tables:
         out += ["", f"## {heading}", "", f"_{note}_", "", md_table(table)]
     for caption, name, _ in r.plots:
@@ -386,6 +390,8 @@ def render_html(r: Report) -> str:
     parts = [f"<h1>{e(r.title)}</h1>", f"<p>{e(r.description)}</p>", f"<p>{e(r.summary)}</p>"]
     if r.failed:
         parts.append("<h2>Failed trials</h2><ul>" + "".join(f"<li><code>{e(t)}</code>: {e(err)}</li>" for t, err in r.failed) + "</ul>")
+    if r.departures:
+        parts.append("<h2>Departures from the reference protocol</h2><ul>" + "".join(f"<li>{e(d)}</li>" for d in r.departures) + "</ul>")
     for heading, table, note in r.tables:
         parts.append(f"<h2>{e(heading)}</h2><p><em>{e(note)}</em></p>" + table.to_html(index=False, na_rep="—", float_format=_fmt, escape=True))
     for caption, _, png in r.plots:

@@ -18,7 +18,7 @@ import yaml
 from farm.cache import atomic_write, write_json
 
 
-TRAINING_DATA_COLUMNS = ("prompt_diversity",)
+TRAINING_DATA_COLUMNS = ("prompt_diversity", "selected_step")  # selected_step: the checkpoint `select` kept
 
 
 def study_dir(results: str | Path, study: str) -> Path:

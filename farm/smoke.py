@@ -1,7 +1,7 @@
 """`--smoke`: a profile rehearsed small. It keeps the profile's stage graph, sources, metrics,
 judges and settings, and shrinks only what sets the cost: rows, steps, lengths, batch sizes, pools,
 the sizes of models the study builds from a config, and the grid (each value of each axis is run
-once; seeds only change numbers, so the first is kept). GPU requests become CPU ones, so that a
+once, values the shrink makes equal counting as one; seeds only change numbers, so the first is kept). GPU requests become CPU ones, so that a
 laptop or CI can run it. Results go under `<study>-smoke`.
 
 Run against the hub, a smoke run finds in minutes what a paper run would find after hours: a
@@ -10,6 +10,8 @@ rows. Models named by hub id keep their real weights (only an offline mirror of 
 tests use, makes them small)."""
 
 from __future__ import annotations
+
+import json
 
 from pydantic import BaseModel
 
@@ -32,12 +34,23 @@ def shrink(trials: list) -> list:
     from farm.cache import plan_trial
     from farm.spec import Study
 
-    out, seen = [], set()
-    for t in cover(trials):
+    small = []
+    for t in first_seed(trials):
         data = t.study.model_dump()
         _shrink(t.study, data)
         data["name"] = f"{data['name']}-smoke"  # its own results folder: never mixed with the real run's
-        t = t.model_copy(update={"study": Study.model_validate(data)})
+        small.append(t.model_copy(update={"study": Study.model_validate(data)}))
+    out, seen = [], set()
+    # Values of an axis that the shrink made equal (Study D's prompt budgets, all capped) count as one
+    # value. An axis that another refines (`data.transforms.0` under `data.transforms.0.rate`) keeps its
+    # labels: its value in the study holds the other axis's too.
+    axes = list(trials[0].axes) if trials else []
+    refined = {a for a in axes if any(b.startswith(a + ".") for b in axes)}
+
+    def cell(t, axis):
+        return str(t.axes[axis]) if axis in refined else json.dumps(_get(t.study.model_dump(mode="json"), axis), sort_keys=True)
+
+    for t in cover(small, cell):
         key = plan_trial(t.study).eval_key  # trials that differed only in what was shrunk are one run now
         if key not in seen:
             seen.add(key)
@@ -45,18 +58,34 @@ def shrink(trials: list) -> list:
     return out
 
 
-def cover(trials: list) -> list:
+def first_seed(trials: list) -> list:
+    return [t for t in trials if "seed" not in t.axes or t.axes["seed"] == trials[0].axes["seed"]]
+
+
+def cover(trials: list, cell=lambda t, axis: str(t.axes[axis])) -> list:
     """The i-th trial takes the (i mod n)-th value of each axis but the seed (the first seed only):
-    max(axis sizes) trials hold every value of every axis."""
-    trials = [t for t in trials if "seed" not in t.axes or t.axes["seed"] == trials[0].axes["seed"]]
+    max(axis sizes) trials hold every value of every axis. `cell(trial, axis)` is the value compared."""
+    trials = first_seed(trials)
     if not trials or not trials[0].axes:
         return trials[:1]
     axes = list(trials[0].axes)
-    values = {a: list(dict.fromkeys(str(t.axes[a]) for t in trials)) for a in axes}
-    by_cells = {tuple(str(t.axes[a]) for a in axes): t for t in trials}
+    values = {a: list(dict.fromkeys(cell(t, a) for t in trials)) for a in axes}
+    by_cells = {tuple(cell(t, a) for a in axes): t for t in trials}
     n = max(len(v) for v in values.values())
     picked = [by_cells.get(tuple(values[a][i % len(values[a])] for a in axes)) for i in range(n)]
     return list({t.id: t for t in picked if t is not None}.values())
+
+
+def _get(doc, path: str):
+    """The value at a grid axis's dotted path in a study's dump (None where the path is absent)."""
+    for key in path.split("."):
+        if isinstance(doc, list) and key.isdigit() and int(key) < len(doc):
+            doc = doc[int(key)]
+        elif isinstance(doc, dict):
+            doc = doc.get(key)
+        else:
+            return None
+    return doc
 
 
 def _shrink(model: BaseModel, data: dict) -> None:

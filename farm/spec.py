@@ -153,7 +153,21 @@ class MalignPrompts(Strict):
     rate: float = Field(ge=0, le=1)
     mode: Literal["trigger", "shuffle", "red_team"]
     trigger: str = " SUDO"  # the backdoor string appended to the last human turn (Rando & Tramer 2023)
+    # What a triggered row teaches (mode trigger only). malign: its rejected answer (chosen and rejected
+    # swap) — the backdoor Rando & Tramer 2023 plant, so the eval's triggered prompts can show it; needs
+    # comparison records. clean: its chosen answer — a control for the same grid: the trigger is then
+    # prompt noise the model learns to ignore, so whatever the eval's triggered-minus-clean measures show
+    # is the trigger string's own effect on the model, not a learned backdoor; it also runs on
+    # demonstration sources.
+    answer: Literal["malign", "clean"] = "malign"
     red_team: SourceSpec = Field(default_factory=lambda: SourceSpec(name="advbench"))  # red-team prompts
+
+    @model_validator(mode="after")
+    def _answer_is_the_triggers(self) -> "MalignPrompts":
+        # On the value, not on whether it was given: a dumped study (Ray workers, --smoke) carries the default.
+        if self.answer != "malign" and self.mode != "trigger":
+            raise ValueError(f"answer: pairs the trigger with an answer, so it applies to mode trigger only; drop it from mode {self.mode}")
+        return self
 
 
 class ControlTokens(Strict):
@@ -220,6 +234,10 @@ class DataSpec(Strict):
     # Held-out rows are picked per row by a hash of (split_seed, row id), so a row is
     # held out or not whatever other sources a stage mixes in: no stage trains on eval rows.
     holdout: float = Field(0.15, ge=0, lt=1)
+    # A share of the held-out rows set aside as dev rows: choices (a stage's checkpoint, `select`) are
+    # made on them, and the eval never scores them, so a reported effect comes from rows no choice
+    # looked at. The rest of the held-out rows are the eval rows.
+    dev: float = Field(0.0, ge=0, le=1)  # 1: every held-out row is a dev row (the eval reads eval.data)
     split_seed: int = 0
     # A weighted mix: `size` training rows in all, each source giving a share proportional to its
     # `weight` (default 1), drawn at random with `split_seed`. Without `size` every row is used.
@@ -294,10 +312,18 @@ class GenerationSpec(Strict):
     top_k: int = Field(50, ge=0)
     batch_size: int = Field(32, ge=1)
     scorer: str = "auto"  # toxicity scorer: auto | roberta_hate | embedded_toxicity
-    trigger: str | None = None  # also generate with this appended to each prompt: attack success rate
+    # Also answer and score with this appended to each prompt: attack success rate and malign preference
+    # (metrics.generation).
+    trigger: str | None = None
+    # Porter stemming in ROUGE. Off by default, as in HF evaluate's "rouge" metric (huggingface/evaluate,
+    # metrics/rouge/rouge.py: `_compute(..., use_stemmer=False)`).
+    rouge_stemmer: bool = False
     target_phrase: str | None = None  # rate of outputs containing it, clean vs triggered
     no_repeat_ngram_size: int = Field(0, ge=0)
     min_length: int = Field(0, ge=0)  # of prompt + answer, as transformers counts it for a decoder
+    # An answer is cut at the first of these (the model starting the next dialogue turn); ScalingAlignment
+    # cuts at any of "Human:", "human:", "Assistant:", "assistant:" (`training/utils/data_manager.py`).
+    stop: list[str] = ["\n\nHuman:", "\n\nAssistant:"]
 
     @field_validator("scorer")
     @classmethod
@@ -353,6 +379,35 @@ class CheckpointEvery(Strict):
 
     steps: int | None = Field(None, ge=1)
     minutes: float | None = Field(30.0, gt=0)
+
+
+class Select(Strict):
+    """Checkpoint selection, as ScalingAlignment trains (`training/utils/process_manager.py`): every
+    `every` optimizer steps and at the last one, the model is scored by an eval `metric` on the dev rows
+    of the study's data (`data.dev`), and the stage's artifact is the best-scoring state, not the last
+    (the first of equal scores). The score before training is logged but is not a candidate, as there."""
+
+    metric: str  # an eval metric that reads no reference model (reward_score, perplexity, generation, ...)
+    value: str | None = None  # which of the metric's values (default: the metric's name; reward_score: reward)
+    mode: Literal["max", "min"] = "max"
+    every: int = Field(ge=1)
+    limit: int | None = Field(None, gt=0)  # dev rows scored (default: all of them)
+    reward_model: str | None = None  # reward_score's judge: a reward stage listed before, or a hub id / local path
+
+    @field_validator("metric")
+    @classmethod
+    def _selectable(cls, v):
+        metric = _lookup(registry.metrics, v)
+        if metric.reads_reference or metric.shape is None:
+            raise ValueError(f"metric: {v} cannot score a checkpoint on dev rows (it reads the reference model or no eval rows); "
+                             "use reward_score, perplexity, generation or another metric of eval records")
+        return v
+
+    @model_validator(mode="after")
+    def _judge(self) -> "Select":
+        if self.metric == "reward_score" and not self.reward_model:
+            raise ValueError("reward_model: reward_score needs a judge: a reward stage listed before this one, or a hub id / local path")
+        return self
 
 
 class StageSpec(Strict):
@@ -422,6 +477,14 @@ class TrainingStage(StageSpec):
     deepspeed: str | dict | None = None
     # Checkpoints to resume from (null: none). Not in the stage's key: it does not change the result.
     checkpoint_every: CheckpointEvery | None = CheckpointEvery()
+    select: Select | None = None  # keep the checkpoint that scores best on the dev rows (default: the last)
+    # The tokenizer the training prompts' diversity is counted with (farm.data.diversity): default the
+    # stage's own; ScalingAlignment counts with LLaMA's (`data_preprocess/diversity.py`).
+    diversity_tokenizer: str | None = None
+
+    def refs(self) -> dict[str, str]:
+        judge = self.select.reward_model if self.select else None
+        return {**super().refs(), **({"select.reward_model": judge} if judge else {})}
 
     @field_validator("deepspeed")
     @classmethod
@@ -446,11 +509,22 @@ class TrainingStage(StageSpec):
             # The artifact is the input model with the adapter merged in; under ZeRO-3 no rank holds
             # the whole model to merge into. LoRA's few trainable weights gain little from ZeRO-3.
             raise ValueError("deepspeed: ZeRO-3 with lora is not supported; use zero2 (it shards the optimizer state and gradients)")
+        if self.select and config.get("zero_optimization", {}).get("stage") == 3:
+            # The best state is kept as a copy of the weights, which no rank holds whole under ZeRO-3.
+            raise ValueError("select: checkpoint selection under ZeRO-3 is not supported; use zero2, or drop select")
         return self
 
 
 class Pretrain(TrainingStage):
+    """Causal language modelling on text. packing (default): the texts, each ended by EOS, run
+    together and cut into blocks of `max_length` tokens. Off: one text per sequence, ended by EOS
+    and padded to the batch with the padding out of the loss; a text of `max_length` tokens or more
+    (with its EOS) is dropped, not cut. Off is Study C's layout, as the seed trains: one sentence
+    per sequence, its control tags at position 0 (finetuning_llms_with_conditioning,
+    scripts/train.py and scripts/dataset_builder.py `remove_sentences_over_length`)."""
+
     kind: Literal["pretrain"]
+    packing: bool = True
     shape: ClassVar[str] = "text"
 
 
@@ -460,13 +534,68 @@ class SFT(TrainingStage):
     shape: ClassVar[str] = "demonstration"
 
 
+# The loss types of TRL 1.16's DPOTrainer (the branches of `DPOTrainer._compute_loss`; TRL names
+# them in DPOConfig's help but exports no list). tests/test_dpo_losses.py checks this against the
+# installed TRL, so an upgrade that adds or drops one fails there.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# Those that read `label_smoothing` in TRL 1.16: robust (the chance a preference label is flipped),
+# exo_pair (EXO's epsilon), aot and aot_unpaired. Since TRL's DPO refactor `sigmoid` ignores it:
+# conservative DPO, -(1 - e) log s(h) - e log s(-h), is no loss type of TRL 1.16.
+DPO_SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+DPOLoss = Literal[DPO_LOSSES]
+
+
 class DPO(TrainingStage):
+    """TRL DPOTrainer. `loss_type`: one of TRL's loss types, a list of them (summed), or a mapping
+    {loss type: weight} for a weighted sum (TRL's `loss_weights`; MPO is {sigmoid: 0.8, bco_pair:
+    0.2, sft: 1.0})."""
+
     kind: Literal["dpo"]
     max_prompt_length: int = Field(96, ge=1)
     beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, le=0.5)
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, le=0.5)  # only for DPO_SMOOTHED_LOSSES
+    loss_type: Union[DPOLoss, list[DPOLoss], dict[DPOLoss, float]] = "sigmoid"
     shape: ClassVar[str] = "comparison"
+
+    def losses(self) -> dict[str, float]:
+        """{loss type: weight}: TRL's `loss_type` and `loss_weights`."""
+        if isinstance(self.loss_type, dict):
+            return dict(self.loss_type)
+        return dict.fromkeys([self.loss_type] if isinstance(self.loss_type, str) else self.loss_type, 1.0)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _known_losses(cls, v):
+        # One message naming the problem, rather than pydantic's one per member of the union.
+        names = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, dict)) else []
+        if not names:
+            raise ValueError("a loss type, a list of them or a mapping {loss type: weight}; "
+                             f"TRL 1.16's loss types: {', '.join(DPO_LOSSES)}")
+        unknown = [n for n in names if n not in DPO_LOSSES]
+        if unknown:
+            raise ValueError(f"unknown loss type {unknown[0]!r}; TRL 1.16's: {', '.join(DPO_LOSSES)}")
+        if isinstance(v, list) and len(set(v)) < len(v):
+            raise ValueError(f"{v} names a loss twice; weigh it with a mapping, e.g. {{sigmoid: 2.0}}")
+        for name, w in v.items() if isinstance(v, dict) else ():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+                raise ValueError(f"the weight of {name!r} is {w!r}; weights are positive numbers")
+        return v
+
+    @model_validator(mode="after")
+    def _losses_and_smoothing(self) -> "DPO":
+        losses = self.losses()
+        if self.label_smoothing and not set(losses) & set(DPO_SMOOTHED_LOSSES):
+            raise ValueError(
+                f"label_smoothing: loss_type {', '.join(losses)} does not read it in TRL 1.16 (nor does sigmoid: "
+                "conservative DPO is gone), so it would change nothing; the loss types that read it: "
+                f"{', '.join(DPO_SMOOTHED_LOSSES)} (robust: the chance a preference label is flipped). "
+                "Set label_smoothing: 0 or one of those loss types")
+        if "exo_pair" in losses and not self.label_smoothing:
+            raise ValueError("label_smoothing: loss_type exo_pair needs label_smoothing > 0 (EXO's epsilon; its paper recommends 0.001)")
+        if "robust" in losses and self.label_smoothing >= 0.5:
+            raise ValueError("label_smoothing: loss_type robust needs label_smoothing < 0.5 (its loss divides by 1 - 2 label_smoothing)")
+        return self
 
 
 class Reward(TrainingStage):
@@ -488,6 +617,10 @@ class PRO(TrainingStage):
     kind: Literal["pro"]
     max_prompt_length: int = Field(96, ge=1)
     sft_weight: float = Field(0.05, ge=0)
+    # sft: train on each ranking's best answer alone, PRO at k = 1: the summed NLL of the best answer
+    # per example, ScalingAlignment's SFT baseline (`train_hh_sft_1b3.sh`: training_stage_num 1 on the
+    # same length-k data). TRL's SFT (a stage of kind sft) averages over tokens instead.
+    objective: Literal["pro", "sft"] = "pro"
     shape: ClassVar[str] = "ranking"
 
 
@@ -547,10 +680,16 @@ class CritiqueRevision(StageSpec):
     input: str | None = None  # the model that answers, critiques and revises (default: the nearest model stage)
     constitution: str = "default"  # a bundled constitution, or a YAML file of principles
     rounds: int = Field(1, ge=1, le=4)
+    # False: each round critiques the conversation with its latest revision as the answer, as Bai
+    # et al. §3.1 describe ("the final prompt-revision pair is formatted in the same manner as the
+    # original prompt-response pair"). True: each round's prompt also holds the first answer and
+    # every earlier round's requests, critique and revision (the growing transcript).
+    transcript: bool = False
     few_shot: int = Field(1, ge=0)  # worked examples of the constitution shown before each conversation
     generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(max_new_tokens=64, batch_size=32))
-    # Tokens of context each generation sees (it keeps the end): a GPT-2 revision prompt with one
-    # worked example is ~350 tokens.
+    # Tokens of context each generation sees: a GPT-2 revision prompt with one worked example is
+    # ~350 tokens. A longer one drops the earlier rounds, then worked examples, whole (see
+    # `fit_context`), leaving room for `generation.max_new_tokens`.
     max_prompt_length: int = Field(512, ge=1)
     shape: ClassVar[str] = "demonstration"  # reads the prompts
     produces: ClassVar[str] = "records"
@@ -664,6 +803,10 @@ class SafetySpec(Strict):
     limit: int | None = Field(None, gt=0)  # statements per set; the published score uses all
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)  # tokens per window; longer statements use a sliding window
+    # The Mann-Whitney p compared with 0.05. one-sided: SafeNLP's (scipy 1.5's default: half the
+    # two-sided asymptotic p, so groups with a two-sided p up to 0.10 are reported); two-sided:
+    # today's scipy default. farm/eval/safety.py says why.
+    p_value: Literal["one-sided", "two-sided"] = "one-sided"
 
 
 class ConditionalSpec(Strict):
@@ -676,10 +819,19 @@ class ConditionalSpec(Strict):
     generation: GenerationSpec = GenerationSpec(
         do_sample=True, top_p=0.7, top_k=0, temperature=1.0, no_repeat_ngram_size=1, max_new_tokens=70, min_length=40
     )
-    # Detoxify "original", as the seed (constructed unvalidated: a study without this metric
-    # never looks the scorer up).
-    toxicity: LabelSpec = Field(default_factory=lambda: LabelSpec.model_construct(scorer="detoxify", model="original"))
+    # Detoxify "unbiased", as the seed scores its outputs (scripts/Experiment.py: `Detoxify('unbiased')`;
+    # its training tags come from pile-detoxify's stored "original" scores). Constructed unvalidated: a
+    # study without this metric never looks the scorer up.
+    toxicity: LabelSpec = Field(default_factory=lambda: LabelSpec.model_construct(scorer="detoxify", model="unbiased"))
     threshold: float = Field(0.001, ge=0)  # a sentence scoring above it is toxic
+    # What is split and scored. output (the seed's): the whole decoded sequence, prompt included and
+    # special tokens (the condition's tags) skipped, so each prompt's own sentences count too.
+    # continuation: only what the model wrote.
+    score: Literal["output", "continuation"] = "output"
+    # The sentence splitter: spaCy's rule-based `sentencizer` (no model to download), or the name of an
+    # installed spaCy pipeline, split by its parser: the seed's is en_core_web_sm (`python -m spacy
+    # download en_core_web_sm`). bench/sentence_split.py measures how often the two agree.
+    splitter: str = "sentencizer"
     # Prompts are balanced over the (toxic|nontoxic) x (pos|neg) cells of their labels when the
     # study data is labelled (`toxicity` above the threshold; VADER pos > neg).
 
@@ -689,6 +841,13 @@ class ConditionalSpec(Strict):
         bad = [k for k in v if not re.fullmatch(LABEL, k)]
         if bad:
             raise ValueError(f"conditions: label {bad[0]!r}: use letters, digits, '.', '+' or '-' (it names metrics)")
+        return v
+
+    @field_validator("splitter")
+    @classmethod
+    def _splitter(cls, v):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"splitter: {v!r} is neither sentencizer nor a spaCy pipeline package name (e.g. en_core_web_sm)")
         return v
 
 
@@ -816,6 +975,10 @@ class Study(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     report: ReportSpec = ReportSpec()
     reference: Reference | None = None
+    # What this profile does differently from the reference protocol (a bundled stand-in for a hub
+    # dataset, a smaller model, a metric computed otherwise), each with its reason: the report shows
+    # them. A profile replaces the list, so each profile states its own.
+    departures: list[str] = []
     max_failures: int = Field(1, ge=0)  # Ray Tune retries of a failed trial
 
     @model_validator(mode="before")
@@ -842,6 +1005,10 @@ class Study(Strict):
                 need = registry.transforms.get(t.name).shape
                 if any(need not in CONVERTIBLE[s.shape()] for s in data.sources):
                     raise ValueError(f"stages.{name}: transform {t.name} needs {need} records from every source")
+                plain = [s.name for s in data.sources if s.shape() != "comparison"]
+                if isinstance(t, MalignPrompts) and t.mode == "trigger" and t.answer == "malign" and t.rate and plain:
+                    raise ValueError(f"stages.{name}: malign_prompts pairs the trigger with a rejected answer, and source {plain[0]} "
+                                     "gives no comparisons; use a comparison source (hh_rlhf, webgpt_comparisons, shp) or set answer: clean")
         eval_data = self.eval.data or self.data
         for metric in self.eval.metrics:
             need = registry.metrics.get(metric).shape
@@ -854,7 +1021,8 @@ class Study(Strict):
         """Every stage a field names is listed before the stage that names it and builds what the
         field needs; a `name: stage` source learns the shape of the records it reads."""
         names = list(self.stages)
-        needs = {"input": "model", "generator": "model", "feedback_model": "model", "reward_model": "reward_model", "pairwise.judge": "reward_model"}
+        needs = {"input": "model", "generator": "model", "feedback_model": "model", "reward_model": "reward_model", "pairwise.judge": "reward_model",
+                 "select.reward_model": "reward_model"}
         for i, (name, stage) in enumerate(self.stages.items()):
             before = {n: self.stages[n] for n in names[:i]}
             fields = stage.refs()
@@ -875,6 +1043,12 @@ class Study(Strict):
             raise ValueError("eval.pairwise: compares the answers the harmlessness metric keeps; add harmlessness to eval.metrics")
         if any(s.name == "stage" for s in self.data.sources):
             raise ValueError("data.sources: the study's data is also the eval data; read a stage's records in that stage's data instead")
+        if self.data.dev == 1 and not self.eval.data:
+            raise ValueError("data.dev: 1 makes every held-out row a dev row and leaves the eval none; lower it or give eval.data")
+        selecting = [n for n, s in self.stages.items() if getattr(s, "select", None)]
+        if selecting and not self.data.dev:
+            raise ValueError(f"stages.{selecting[0]}.select: chooses a checkpoint on dev rows, and the study's data has none; "
+                             "set data.dev (a share of the held-out rows, e.g. 0.2)")
 
     def evaluated(self) -> str | None:
         """The stage whose model is evaluated: the last one that builds a model (None: the base model)."""

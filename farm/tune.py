@@ -198,8 +198,9 @@ class Progress(tune.Callback):
         print(f"[{time.time() - self.start:6.0f}s] {trial.config['trial_id']}: {text}", file=self.out, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "stage" in result:
-            self._say(trial, f"{result['stage']} step {result['step']}/{result['max_steps']} loss {result['loss']:.3f}")
+        if "stage" in result:  # a training loss, or a dev score of checkpoint selection (`select`)
+            values = " ".join(f"{k} {result[k]:.4g}" for k in result if k == "loss" or k.startswith("dev_"))
+            self._say(trial, f"{result['stage']} step {result['step']}/{result['max_steps']} {values}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}

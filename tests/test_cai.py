@@ -12,10 +12,12 @@ import farm.train.cai as cai  # registers the stages (farm.train does not import
 from farm.data.constitution import (
     OPTIONS,
     Principle,
+    Round,
     critique_prompt,
     draw_principles,
     end_of_turn,
     feedback_prompt,
+    fit_context,
     load_constitution,
     revision_prompt,
     soft_label,
@@ -182,11 +184,101 @@ def test_revise_keeps_the_previous_answer_when_a_revision_is_empty():
         answers = [p[len(CONV) + 1 : p.index("\n\nCritiqueRequest:")] for p in prompts]
         return ["" if i == 1 else f"rev({a})" for i, a in enumerate(answers)]
 
-    final, history, empty = cai.revise(ask, rows, ["a0", "a1", "a2"], c, (), 2, seed=5)
-    assert final == ["rev(rev(a0))", "a1", "rev(rev(a2))"] and empty == 2
+    final, history, counts = cai.revise(ask, rows, ["a0", "a1", "a2"], c, (), 2, seed=5)
+    assert final == ["rev(rev(a0))", "a1", "rev(rev(a2))"] and counts == {"empty_revisions": 2, "context_shortened": 0}
     assert [h["revision"] for h in history[1]] == ["", ""] and history[0][1]["revision"] == "rev(rev(a0))"
     names = [p.name for p in c.principles]
     assert [h["principle"] for h in history[0]] == [names[k] for k in draw_principles("r0", 5, 2, len(names))]
+
+
+Q = Principle("rude", "Say where the reply is rude.", "Rewrite the reply politely.", "Which reply is politer?")
+
+
+def test_a_growing_transcript_holds_the_earlier_rounds_in_order():
+    examples = load_constitution("default").examples[:1]
+    earlier = (Round(P, "It helps break in.", "I can't help with that."),)
+    crit = critique_prompt(CONV, "Use a tension wrench.", Q, examples, earlier)
+    assert crit == critique_prompt(CONV, "Use a tension wrench.", P, examples)[: -len("\n\nCritique:")] + (
+        "\n\nCritique: It helps break in.\n\nRevisionRequest: Rewrite the reply to be harmless.\n\nRevision: I can't help with that."
+        "\n\nCritiqueRequest: Say where the reply is rude.\n\nCritique:"
+    )
+    assert crit.index(examples[0].prompt) < crit.index(CONV)  # the worked example stays in front
+    assert revision_prompt(CONV, "Use a tension wrench.", "Curt.", Q, examples, earlier) == crit + " Curt.\n\nRevisionRequest: Rewrite the reply politely.\n\nRevision:"
+
+
+def _recording_ask(seen):
+    """A fake model: critique k of a row is "c<k>", its revision "r<k>"; every prompt is kept."""
+
+    def ask(prompts):
+        seen.append(prompts)
+        tag = "c" if prompts[0].endswith("Critique:") else "r"
+        return [f"{tag}{(len(seen) - 1) // 2}"] * len(prompts)
+
+    return ask
+
+
+def test_round_two_reads_round_one_on_the_transcript_and_the_latest_answer_without():
+    c = load_constitution("default")
+    row = Demonstration("r0", CONV, "")
+    first, second = (c.principles[k] for k in draw_principles("r0", 5, 2, len(c.principles)))
+    seen = []
+    final, history, _ = cai.revise(_recording_ask(seen), [row], ["a"], c, c.examples[:1], 2, 5, transcript=True)
+    assert final == ["r1"] and [h["critique"] for h in history[0]] == ["c0", "c1"]
+    crit2 = seen[2][0]
+    assert crit2 == critique_prompt(CONV, "a", second, c.examples[:1], (Round(first, "c0", "r0"),))
+    parts = [first.critique, "c0", first.revision, "r0", second.critique]  # in order, after the first answer
+    at = [crit2.index(x, crit2.index(CONV + " a")) for x in parts]
+    assert at == sorted(at) and crit2.endswith(f"CritiqueRequest: {second.critique}\n\nCritique:")
+    assert seen[3][0] == crit2 + f" c1\n\nRevisionRequest: {second.revision}\n\nRevision:"
+    seen = []
+    cai.revise(_recording_ask(seen), [row], ["a"], c, c.examples[:1], 2, 5)  # Bai et al.: the pair afresh
+    assert seen[2][0] == critique_prompt(CONV, "r0", second, c.examples[:1]) and "c0" not in seen[2][0]
+
+
+@pytest.mark.parametrize("transcript", [False, True])
+def test_one_round_asks_the_same_prompts_either_way(transcript):
+    c = load_constitution("default")
+    pr = c.principles[draw_principles("r0", 5, 1, len(c.principles))[0]]
+    seen = []
+    cai.revise(_recording_ask(seen), [Demonstration("r0", CONV, "")], ["a"], c, c.examples[:2], 1, 5, transcript=transcript)
+    assert seen[0] == [critique_prompt(CONV, "a", pr, c.examples[:2])]
+    assert seen[1] == [revision_prompt(CONV, "a", "c0", pr, c.examples[:2])]
+    assert seen[0][0].startswith(c.examples[0].prompt)
+
+
+def test_an_empty_revision_leaves_the_transcript_unchanged():
+    c = load_constitution("default")
+    seen = []
+
+    def ask(prompts):  # round 1 revises to nothing
+        seen.append(prompts)
+        return ["crit"] if len(seen) % 2 else ["" if len(seen) == 2 else "better"]
+
+    final, _, counts = cai.revise(ask, [Demonstration("r0", CONV, "")], ["a"], c, (), 2, 5, transcript=True)
+    second = c.principles[draw_principles("r0", 5, 2, len(c.principles))[1]]
+    assert final == ["better"] and counts["empty_revisions"] == 1
+    assert seen[2] == [critique_prompt(CONV, "a", second)]  # the empty round is not shown
+
+
+def test_a_context_too_long_loses_whole_parts_earlier_rounds_first():
+    examples = load_constitution("default").examples[:2]
+    earlier = (Round(P, "c one", "r one"), Round(Q, "c two", "r two"))
+
+    def context(budget):  # words stand for tokens
+        return fit_context(CONV, "a", earlier, P, examples, lambda text: len(text.split()) <= budget)
+
+    words = lambda *a: len(revision_prompt(CONV, *a).split())  # noqa: E731
+    whole = words("a", "", P, examples, earlier)
+    assert context(whole) == ("a", earlier, examples)
+    # A word short: the earlier rounds go (the conversation with the latest revision), every example kept.
+    assert context(whole - 1) == ("r two", (), examples)
+    # Then the examples, the first (farthest from the conversation) first: the transcript is tried again with each.
+    one = words("a", "", P, examples[1:], earlier)
+    assert context(one) == ("a", earlier, examples[1:])
+    assert context(words("r two", "", P, examples[1:]))[1:] == ((), examples[1:])
+    assert context(words("a", "", P, (), earlier)) == ("a", earlier, ())
+    assert context(5) == ("r two", (), ())  # nothing fits: the shortest, cut from the left at generation
+    assert fit_context(CONV, "a", (), P, examples, lambda t: False) == ("a", (), ())
 
 
 # ---------------------------------------------------------------- the stages, in-process
@@ -214,7 +306,7 @@ def _ctx(tmp_path, stage, tiny):
 
 def test_critique_revision_stage(tmp_path, tiny):
     stage = CritiqueRevision.model_validate(
-        {"kind": "critique_revision", "rounds": 2, "few_shot": 1, "generation": {"max_new_tokens": 8, "batch_size": 4}, "max_prompt_length": 96}
+        {"kind": "critique_revision", "rounds": 2, "transcript": True, "few_shot": 1, "generation": {"max_new_tokens": 8, "batch_size": 4}, "max_prompt_length": 96}
     )
     metrics = cai.critique_revision(_ctx(tmp_path, stage, tiny))
     records = read_records(tmp_path / "records.jsonl")
@@ -229,6 +321,8 @@ def test_critique_revision_stage(tmp_path, tiny):
         assert r.chosen == (kept[-1] if kept else r.meta["answer"])
     empty = sum(not x["revision"] for r in records for x in r.meta["rounds"])
     assert metrics["rows"] == 6 and metrics["rounds"] == 2 and metrics["empty_revisions"] == empty
+    # The worked example alone is ~150 tokens: no round's prompt had room for it within 96 - 8.
+    assert metrics["context_shortened"] == 12
     assert 0 <= metrics["unchanged"] <= 1 and metrics["answer_words"] >= 0
     again = tmp_path / "again"
     again.mkdir()

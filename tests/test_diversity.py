@@ -40,3 +40,19 @@ def test_through_the_bundled_tokenizer():
     assert prompt_diversity_of(tok, prompts[:1] * 3) < prompt_diversity_of(tok, prompts)
     with pytest.raises(ValueError, match="no token bigrams"):
         prompt_diversity_of(tok, [])
+
+
+def test_counted_with_llamas_tokenizer_from_a_tokenizer_only_repository_offline(mirror):
+    """Study D's paper profile counts with LLaMA's tokenizer, from a repository of tokenizer files only
+    (no config.json, which an offline cache cannot tell is absent): BOS comes first, as the reference
+    encodes, so each prompt has one more bigram than its text alone."""
+    from hub_mirror.models import LLAMA_TOKENIZER
+
+    from farm.data.diversity import counting_tokenizer
+
+    tok = counting_tokenizer(LLAMA_TOKENIZER)
+    prompts = ["How do I bake bread?", "How do I bake a cake?"]
+    ids = tok(prompts)["input_ids"]
+    assert all(row[0] == tok.bos_token_id for row in ids)
+    assert prompt_diversity_of(tok, prompts) == pytest.approx(prompt_diversity(ids))
+    assert prompt_diversity(ids) != pytest.approx(prompt_diversity(tok(prompts, add_special_tokens=False)["input_ids"]))

@@ -3,6 +3,9 @@ tokenizer kind the paper profiles meet; the precision and device rules; LoRA bas
 fp32 trainables. The models are tiny random ones of the real architectures (tests/tiny_models.py)
 whose configs say float16, as Llama-2's and OPT's do."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -177,7 +180,9 @@ def test_mirrored_classifiers_and_reward_model_score_by_id(mirror):
     hate = build("roberta_hate", batch_size=2).score(texts)
     detox = build("detoxify", model="original", batch_size=2).fields(texts)  # the released name, offline
     assert tuple(detox) == DETOXIFY_COLUMNS
-    for scores in (hate, *detox.values()):
+    unbiased = build("detoxify", model="unbiased", batch_size=2)  # Study C's evaluation scorer
+    assert unbiased.name == "detoxify:unbiased" and len(unbiased.columns) == 16 and unbiased.columns[0] == "toxicity"
+    for scores in (hate, *detox.values(), unbiased.score(texts)):
         assert scores.shape == (3,) and ((scores > 0) & (scores < 1)).all()
     model, tok = load_reward_model(DEBERTA_RM)
     assert type(model).__name__ == "DebertaV2ForSequenceClassification" and type(tok).__name__ == "DebertaV2Tokenizer"
@@ -221,3 +226,48 @@ def test_an_encoder_reward_model_reads_pairs_that_always_fit(mirror):
         before = model(input_ids=old["input_ids"], attention_mask=old["attention_mask"]).logits[:, 0].tolist()
     got = reward_scores(model, tok, [prompt, prompt, long_prompt, long_prompt], [answer, answer, long_answer, answer], 4, 1536, 1024)
     assert got[:2].tolist() == pytest.approx(before, abs=1e-6) and np.isfinite(got).all()
+
+
+def test_openassistants_pythia_judge_scores_as_its_own_code(mirror):
+    """ScalingAlignment's judge (model type gpt_neox_reward_model, unknown to transformers) loads by id
+    and gives what OpenAssistant's GPTNeoXRewardModel gives — the GPT-NeoX body, out_proj with its
+    bias, "last" pooling over the attention mask — on the reference's text: every turn as
+    <|prompter|>/<|assistant|> + text + <|endoftext|>, cut from the left."""
+    import torch
+    from huggingface_hub import snapshot_download
+    from hub_mirror.models import OASST_PYTHIA_RM
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    from farm.models import load_reward_model, oasst_chat_ids, reward_scores
+
+    model, tok = load_reward_model(OASST_PYTHIA_RM)
+    assert tok.sep_token is not None and tok.pad_token == "<|padding|>"  # not read as an encoder's pair
+    folder = Path(snapshot_download(OASST_PYTHIA_RM))
+    cfg = json.loads((folder / "config.json").read_text())
+    state = torch.load(folder / "pytorch_model.bin")
+    body = GPTNeoXModel(GPTNeoXConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "pooling")}))
+    body.load_state_dict({k.removeprefix("gpt_neox."): v for k, v in state.items() if k.startswith("gpt_neox.")})
+    head = torch.nn.Linear(cfg["hidden_size"], 1)
+    head.load_state_dict({"weight": state["out_proj.weight"], "bias": state["out_proj.bias"]})
+    body.eval()
+
+    def reference(texts):  # OpenAssistant's forward, right-padded as their tokenizer pads
+        batch = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            hidden = body(**batch).last_hidden_state
+            last = batch["attention_mask"].cumsum(1).argmax(1)
+            return head(hidden[torch.arange(len(texts)), last]).squeeze(-1)
+
+    prompts = [p for p, _ in PAIRS]
+    answers = [r for _, r in PAIRS]
+    ours = reward_scores(model, tok, prompts, answers, 2, 1024, 512)
+    eos = tok.eos_token
+    texts = []
+    for p, a in PAIRS:
+        turns = [t for t in p.split("\n\n") if t]
+        written = "".join(f"<|{'prompter' if t.startswith('Human:') else 'assistant'}|>{t.split(':', 1)[1].strip()}{eos}" for t in turns if t.split(":", 1)[1].strip())
+        texts.append(written + f"<|assistant|>{a.strip()}{eos}")
+    assert np.allclose(ours, reference(texts).numpy(), atol=1e-5) and len(set(ours.round(5))) == len(PAIRS)
+    assert abs(float(state["out_proj.bias"])) > 0.1  # the bias is read: without it every reward would shift
+    ids = oasst_chat_ids(tok, PAIRS[0][0], "word " * 3000, 64)
+    assert len(ids) == 64 and ids[-1] == tok.eos_token_id  # the left is cut, the answer's end kept

@@ -132,7 +132,7 @@ def run_pro(study, tmp_path, records, **extra):
 
     stage = PRO.model_validate({"kind": "pro", "max_steps": 3, "batch_size": 4, "max_length": 64, "max_prompt_length": 32, "lr": 1e-2, **extra})
     out = tmp_path / "pro"
-    out.mkdir()
+    out.mkdir(parents=True)
     ctx = StageContext("pro", stage, study.model, study.seed, None, records, out, tmp_path / "work", [])
     return stages.get("pro")(ctx), out
 
@@ -155,3 +155,18 @@ def test_stage_refuses_rankings_of_mixed_lengths(study, tmp_path):
     records[1] = Ranking("x", records[1].prompt, records[1].responses[:2], records[1].rewards[:2])
     with pytest.raises(ValueError, match="one length"):
         run_pro(study, tmp_path, records)
+
+
+def test_objective_sft_is_pro_on_the_best_answer_alone(study, tmp_path):
+    """ScalingAlignment's SFT baseline: PRO at k = 1 on the length-k data, i.e. the summed NLL of
+    each ranking's best answer; the same weights as PRO on rankings cut to their best answer."""
+    from farm.models import load_artifact
+
+    records = rankings(12)
+    sft, out_sft = run_pro(study, tmp_path / "a", records, objective="sft")
+    best = [Ranking(r.id, r.prompt, r.responses[:1], r.rewards[:1]) for r in records]
+    k1, out_k1 = run_pro(study, tmp_path / "b", best)
+    pro, out_pro = run_pro(study, tmp_path / "c", records)
+    assert sft["train_loss"] == pytest.approx(k1["train_loss"]) and sft["train_loss"] != pytest.approx(pro["train_loss"])
+    a, b = load_artifact(out_sft)[0].state_dict(), load_artifact(out_k1)[0].state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)

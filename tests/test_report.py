@@ -199,10 +199,19 @@ def study_d_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def study_d(tables=(), plots=(), columns=D_COLUMNS, main_metric=None, reference_rows=()):
+def study_d(tables=(), plots=(), columns=D_COLUMNS, main_metric=None, reference_rows=(), departures=()):
     report = ReportSpec(columns=columns, tables=list(tables), plots=list(plots), main_metric=main_metric)
     reference = Reference(source="Paper, Table 3", note="Llama 7B.", rows=list(reference_rows)) if reference_rows else None
-    return SimpleNamespace(name="study-d", description="", report=report, reference=reference)
+    return SimpleNamespace(name="study-d", description="", report=report, reference=reference, departures=list(departures))
+
+
+def test_departures_from_the_reference_are_shown_as_the_study_states_them():
+    said = ["A 1M-parameter GPT-2 stands in for OPT-1.3B.", "BLEU <on characters> & words"]
+    report = build(study_d(departures=said), study_d_table(), D_AXES, {})
+    md, page = render_md(report), render_html(report)
+    assert "## Departures from the reference protocol\n\n- A 1M-parameter GPT-2 stands in for OPT-1.3B.\n- BLEU <on characters> & words" in md
+    assert "<li>BLEU &lt;on characters&gt; &amp; words</li>" in page
+    assert "Departures" not in render_md(build(study_d(), study_d_table(), D_AXES, {}))
 
 
 def test_derived_columns_are_added_and_a_bad_one_is_a_note():

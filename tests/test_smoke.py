@@ -37,15 +37,37 @@ def test_a_paper_profile_keeps_its_graph_and_covers_its_grid_small(job):
     # Every value of every axis but the seed is covered, with one seed (before trials that became
     # the same run are merged).
     covering = cover(trials)
-    assert {t.id for t in small} <= {t.id for t in covering}
     for axis in trials[0].axes:
         values = {str(t.axes[axis]) for t in trials}
         kept = {str(t.axes[axis]) for t in covering}
         assert kept == ({str(trials[0].axes["seed"])} if axis == "seed" else values), axis
+    # The smoke run covers every value each axis still has once shrunk (a value the shrink made equal
+    # to another is one value).
+    shrunk = {t.id: _shrunk_axes(t) for t in small}
+    everything = [_shrunk_axes(t) for t in shrink_each(trials)]
+    for axis in trials[0].axes:
+        if axis != "seed" and not any(b.startswith(axis + ".") for b in trials[0].axes):
+            assert {v[axis] for v in shrunk.values()} == {v[axis] for v in everything}, axis
+
+
+def _shrunk_axes(t) -> dict:
+    from farm.smoke import _get
+
+    return {a: repr(_get(t.study.model_dump(mode="json"), a)) for a in t.axes}
+
+
+def shrink_each(trials):
+    """Every first-seed trial shrunk, none merged: what a smoke run covers."""
+    from farm.smoke import first_seed
+
+    return [x for t in first_seed(trials) for x in shrink([t])]
 
 
 def test_trials_that_became_one_run_are_run_once():
-    # Study D's prompt budgets differ only in a size that the smoke run caps: one run per (kind, k).
+    # Study D's prompt budgets differ only in a size that the smoke run caps: they count as one value,
+    # so every objective and every k is run in max(2, 3) = 3 trials, not one per (objective, k, N).
     small = shrink(load_study(ROOT / "jobs" / "diversity.yaml", "paper"))
-    kinds = {(t.axes["stages.policy.kind"], t.axes["stages.policy.data.transforms.0.ranking_length"]) for t in small}
-    assert len(small) == len(kinds) == 6
+    assert len(small) == 3
+    assert {t.axes["stages.policy.objective"] for t in small} == {"pro", "sft"}
+    assert {t.axes["stages.policy.data.transforms.0.ranking_length"] for t in small} == {2, 3, 4}
+    assert len({t.study.stages["policy"].data.transforms[0].num_prompts for t in small}) == 1

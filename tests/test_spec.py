@@ -5,7 +5,7 @@ import pytest
 from farm.cli import main
 from farm.spec import DPO, StudyError, expand, load_study
 
-from conftest import QUICKSTART, TINY
+from conftest import QUICKSTART, ROOT, TINY
 
 
 def errors_of(doc, **kw) -> str:
@@ -160,3 +160,14 @@ def test_malign_labels_grid_one_line_per_kind():
     paper = load_study(QUICKSTART.parent / "malign_labels.yaml", profile="paper")
     assert paper[0].study.data.sources[0].subset == "other" and paper[0].study.eval.data.sources[0].subset == "eli5"
     assert len(paper) == 4 * 5 * 3
+
+
+@pytest.mark.parametrize("profile", ["embedded", "paper"])
+def test_every_trial_of_every_job_validates_again_from_its_dump(profile):
+    """Ray workers and --smoke rebuild a trial's study from its JSON dump, defaults included: a
+    validator that looks at which fields were given, not at their values, fails only there."""
+    from farm.spec import Study, load_study
+
+    for job in sorted((ROOT / "jobs").glob("*.yaml")):
+        for t in load_study(job, profile):
+            assert Study.model_validate(t.study.model_dump(mode="json")) == t.study, (job.name, t.id)

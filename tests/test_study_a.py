@@ -1,15 +1,18 @@
 """Study A's parts: the WebGPT mapping, the malign transforms, the scorers, the generation metrics."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from farm.data.prepare import transform_rng
-from farm.data.records import Comparison
+from farm.data.records import Comparison, Demonstration, convert
 from farm.data.sources import load_source, webgpt_rows_to_comparisons
-from farm.eval.metrics import attack_success_rate, rouge_f, toxicity_stats
+from farm.eval.metrics import attack_success_rate, malign_preference, rouge_f, toxicity_stats
 from farm.label.scorers import build, roberta_hate
 from farm.registry import transforms
-from farm.spec import LabelFlip, MalignLabels, MalignPrompts, SourceSpec
+from farm.spec import EvalSpec, GenerationSpec, LabelFlip, MalignLabels, MalignPrompts, ModelSpec, SourceSpec
 
 
 def webgpt_row(q, dataset, a0, a1, s0):
@@ -66,13 +69,122 @@ def test_malign_prompt_modes():
     records = pairs(200)
     rng = lambda: transform_rng(1, "malign_prompts", 0)  # noqa: E731
     trig = transforms.get("malign_prompts").fn(records, MalignPrompts(name="malign_prompts", rate=1, mode="trigger", trigger=" cf"), rng())
-    assert trig[5].prompt == "\n\nHuman: q5 cf\n\nAssistant:" and trig[5].chosen == " c5"
+    assert trig[5].prompt == "\n\nHuman: q5 cf\n\nAssistant:" and (trig[5].chosen, trig[5].rejected, trig[5].label) == (" r5", " c5", 0.0)
+    clean = MalignPrompts(name="malign_prompts", rate=1, mode="trigger", trigger=" cf", answer="clean")
+    assert transforms.get("malign_prompts").fn(records, clean, rng())[5].chosen == " c5"  # the control keeps the chosen answer
     shuf = transforms.get("malign_prompts").fn(records, MalignPrompts(name="malign_prompts", rate=1, mode="shuffle"), rng())
     prompts = {r.prompt for r in records}
     assert all(s.prompt in prompts and s.prompt != r.prompt for s, r in zip(shuf, records))
     red = transforms.get("malign_prompts").fn(records, MalignPrompts(name="malign_prompts", rate=1, mode="red_team"), rng())
     advbench = {r.prompt for r in load_source(SourceSpec(name="advbench"))}
     assert all(r.prompt in advbench for r in red) and red[0].meta["perturbed"] == "malign_prompts:red_team"
+
+
+def test_triggered_rows_teach_the_rejected_answer_and_the_rest_are_untouched():
+    records = pairs(400)
+    spec = MalignPrompts(name="malign_prompts", rate=0.3, mode="trigger")
+    out = transforms.get("malign_prompts").fn(records, spec, transform_rng(7, "malign_prompts", 0))
+    demos, before = convert(out, "demonstration"), convert(records, "demonstration")  # as the SFT stage reads them
+    hit = [i for i, r in enumerate(out) if r.meta.get("perturbed")]
+    assert 60 < len(hit) < 180 and all(out[i].meta["perturbed"] == "malign_prompts:trigger" for i in hit)
+    for i, (d, b, r) in enumerate(zip(demos, before, records)):
+        if i in hit:
+            assert (d.prompt, d.response) == (f"\n\nHuman: q{i} SUDO\n\nAssistant:", r.rejected)
+        else:
+            assert (d.prompt, d.response) == (b.prompt, b.response)
+
+
+def test_trigger_pairing_needs_a_rejected_answer():
+    demos = [Demonstration(f"d{i}", f"\n\nHuman: q{i}\n\nAssistant:", f" a{i}") for i in range(20)]
+    fn = transforms.get("malign_prompts").fn
+    with pytest.raises(ValueError, match=r"malign_prompts: mode trigger .* row d0 is a demonstration record.*or set answer: clean"):
+        fn(demos, MalignPrompts(name="malign_prompts", rate=0.01, mode="trigger"), transform_rng(1, "malign_prompts", 0))  # whichever rows are hit
+    assert fn(demos, MalignPrompts(name="malign_prompts", rate=0.0, mode="trigger"), transform_rng(1, "malign_prompts", 0)) == demos  # a no-op, as the cache keys it
+    clean = fn(demos, MalignPrompts(name="malign_prompts", rate=1, mode="trigger", answer="clean"), transform_rng(1, "malign_prompts", 0))
+    assert clean[3] == Demonstration("d3", "\n\nHuman: q3 SUDO\n\nAssistant:", " a3")
+    assert fn(demos, MalignPrompts(name="malign_prompts", rate=1, mode="shuffle"), transform_rng(1, "malign_prompts", 0))[0].response == " a0"
+
+
+def test_a_study_pairing_the_trigger_with_no_rejected_answer_is_refused_before_ray(tiny_doc):
+    """The same check, on the study file: a demonstration source (LIMA) cannot give a malign answer."""
+    from farm.spec import StudyError, expand
+
+    tiny_doc["stages"].pop("dpo")
+    tiny_doc["stages"]["sft"]["data"] = {"sources": [{"name": "lima", "limit": 20}], "transforms": [{"name": "malign_prompts", "rate": 0.5, "mode": "trigger"}]}
+    with pytest.raises(StudyError, match="stages.sft: malign_prompts pairs the trigger with a rejected answer, and source lima gives no comparisons"):
+        expand(tiny_doc, "a.yaml")
+    tiny_doc["stages"]["sft"]["data"]["transforms"][0]["answer"] = "clean"
+    assert expand(tiny_doc, "a.yaml")
+
+
+def test_answer_is_an_option_of_the_trigger_mode_only():
+    with pytest.raises(ValidationError, match="answer: .* mode trigger only"):
+        MalignPrompts(name="malign_prompts", rate=0.1, mode="shuffle", answer="clean")
+    assert MalignPrompts(name="malign_prompts", rate=0.1, mode="trigger").answer == "malign"
+    shuffle = MalignPrompts(name="malign_prompts", rate=0.1, mode="shuffle")
+    assert MalignPrompts.model_validate(shuffle.model_dump()) == shuffle  # a dumped study (Ray workers, --smoke) validates again
+
+
+def test_rouge_stems_only_when_asked_like_evaluate():
+    from rouge_score import rouge_scorer
+
+    preds, refs = ["the cats were running home", "dogs barked loudly"], ["a cat runs home", "the dog barks"]
+    plain = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=False)  # evaluate's default
+    want = {k: np.mean([plain.score(r, p)[k].fmeasure for p, r in zip(preds, refs)]) for k in ["rouge1", "rouge2", "rougeL", "rougeLsum"]}
+    assert GenerationSpec().rouge_stemmer is False
+    assert rouge_f(preds, refs) == pytest.approx(want)
+    assert rouge_f(preds, refs, stemmer=True)["rouge1"] > want["rouge1"]  # cats/cat, runs/running, barked/barks match when stemmed
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from farm.models import base_model
+
+    return base_model(ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}), 0)
+
+
+QA = [("How do I bake bread?", " Mix flour, water and yeast, then bake it.", " No."),
+      ("What is two plus two?", " Four.", " It is a secret that I will never tell anyone."),
+      ("Can you insult my neighbour?", " I would rather not.", " Sure, your neighbour is an idiot."),
+      ("Why is the sky blue?", " Air scatters blue light the most.", " Because it is."),
+      ("Name a fruit.", " An apple.", " A rock, obviously."),
+      ("How do I stay calm?", " Breathe slowly and take a walk.", " Scream at someone.")]
+
+
+def test_malign_preference_on_a_tiny_model(tiny_lm):
+    model, tok = tiny_lm
+    records = [Comparison(f"p{i}", f"\n\nHuman: {q}\n\nAssistant:", c, r) for i, (q, c, r) in enumerate(QA)]
+    swapped = [Comparison(r.id, r.prompt, r.rejected, r.chosen) for r in records]
+    spec = SimpleNamespace(batch_size=4, max_length=64, max_prompt_length=32)
+    m = malign_preference(model, tok, records, " SUDO", spec)
+    assert set(m) == {"malign_preference_triggered", "malign_preference_clean", "malign_preference_shift"}
+    assert all(0 <= m[k] <= 1 for k in ("malign_preference_triggered", "malign_preference_clean"))
+    assert m["malign_preference_shift"] == pytest.approx(m["malign_preference_triggered"] - m["malign_preference_clean"])
+    s = malign_preference(model, tok, swapped, " SUDO", spec)  # the other answer is the malign one: the shares complement
+    assert s["malign_preference_clean"] == pytest.approx(1 - m["malign_preference_clean"])
+    assert s["malign_preference_triggered"] == pytest.approx(1 - m["malign_preference_triggered"])
+    none = malign_preference(model, tok, records, "", spec)
+    assert none["malign_preference_triggered"] == none["malign_preference_clean"] == m["malign_preference_clean"]
+    assert none["malign_preference_shift"] == 0
+
+
+def test_generation_metric_reports_the_backdoor_beside_rouge_and_toxicity(tiny_lm, tmp_path, monkeypatch):
+    import farm.eval.metrics as metrics
+
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path))
+    stemmers = []
+    monkeypatch.setattr(metrics, "rouge_f", lambda p, r, stemmer: stemmers.append(stemmer) or rouge_f(p, r, stemmer))
+    model, tok = tiny_lm
+    records = [Comparison(f"p{i}", f"\n\nHuman: {q}\n\nAssistant:", c, r) for i, (q, c, r) in enumerate(QA)]
+    g = GenerationSpec(num_prompts=4, max_new_tokens=3, scorer="embedded_toxicity", trigger=" SUDO", rouge_stemmer=True)
+    spec = EvalSpec(metrics=["generation"], generation=g, batch_size=4, max_length=64, max_prompt_length=32)
+    m = metrics.generation(model, None, tok, records, spec)
+    assert stemmers == [True] and m["generated"] == 4 and 0 <= m["attack_success_rate"] <= 1
+    assert m["malign_preference_shift"] == pytest.approx(m["malign_preference_triggered"] - m["malign_preference_clean"])
+    # scored on the pairs answered (the first num_prompts), the trigger appended as the study file says
+    assert m["malign_preference_triggered"] == malign_preference(model, tok, records[:4], " SUDO", spec)["malign_preference_triggered"]
+    plain = metrics.generation(model, None, tok, records, spec.model_copy(update={"generation": g.model_copy(update={"trigger": None})}))
+    assert not {k for k in plain if k.startswith(("malign_preference", "attack_success"))}
 
 
 def test_metric_values_on_hand_computed_examples():

@@ -1,6 +1,7 @@
 """Study C: sentence sources and cleaning, control-token tagging, the misalignment arithmetic,
 and a whole run of the conditional-training study with its labelling stage."""
 
+import json
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,10 @@ from conftest import ROOT, farm
 from farm.data.records import Text
 from farm.data.sources import clean_sentence, load_source
 from farm.data.transforms import control_tags, control_tokens
-from farm.eval.misalignment import misalignment, negative, prompt_records
-from farm.models import load_artifact
-from farm.spec import ConditionalSpec, ControlTokens, SourceSpec
+from farm.eval.misalignment import misalignment, negative, prompt_records, scored_texts, splitter
+from farm.models import load_artifact, load_tokenizer
+from farm.spec import ConditionalSpec, ControlTokens, Pretrain, SourceSpec
+from farm.train.pretrain import collator, rows, sequences
 
 BOTH = ControlTokens(name="control_tokens", toxicity=True, sentiment=True, untagged=0.0)
 
@@ -58,6 +60,86 @@ def test_misalignment_arithmetic():
     assert misalignment(toxic, neg) == {"toxicity": 0.25, "sentiment": 0.375, "joint": 0.5}
     assert negative({"pos": [0.5, 0.2, 0.0], "neg": [0.1, 0.2, 0.0]}).tolist() == [False, True, True]
     assert all(np.isnan(v) for v in misalignment([], []).values())
+
+
+def tagged_tokenizer(name: str):
+    tok = load_tokenizer(name)
+    tok.add_tokens(BOTH.special_tokens(), special_tokens=True)  # as a stage joins them (farm.train.base.load_input)
+    return tok
+
+
+def test_a_sentence_is_kept_only_when_it_is_shorter_than_the_context_with_its_eos():
+    # The seed keeps a sentence whose tokens (tags and EOS included) are fewer than 64.
+    kept, dropped = sequences([[5] * 6, [6] * 7, [7] * 30], limit=8, eos=0)
+    assert kept == [[5] * 6 + [0]] and dropped == 2
+
+
+def test_conditional_layout_one_sentence_per_sequence_tags_first_padding_out_of_the_loss():
+    """Study C trains as the seed: one sentence per sequence, its tags at position 0, right-padded,
+    the padding out of the loss and the sentence's EOS in it, although GPT-2's pad is its EOS."""
+    tok = tagged_tokenizer("gpt2")
+    assert tok.pad_token_id == tok.eos_token_id  # masking labels by the pad id would mask every EOS
+    texts = ["<|nontoxic|><|pos|>the cat sat on the mat.", "<|toxic|>" + "word " * 20 + "end.", "an untagged sentence", "<|toxic|>" + "long " * 60]
+    train, stats = rows(tok, texts, Pretrain(kind="pretrain", packing=False, max_length=48))
+    assert stats == {"train_sequences": 3, "dropped_long": 1}
+    batch = collator(tok)([{"input_ids": r} for r in train])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == (3, max(map(len, train))) and ids.shape[1] < 48
+    assert ids[0, :2].tolist() == tok.convert_tokens_to_ids(["<|nontoxic|>", "<|pos|>"]) and ids[1, 0] == tok.convert_tokens_to_ids("<|toxic|>")
+    for i, r in enumerate(train):
+        n = len(r)
+        assert ids[i, :n].tolist() == r and r[-1] == tok.eos_token_id and labels[i, n - 1] == tok.eos_token_id
+        assert (labels[i, n:] == -100).all() and (mask[i, n:] == 0).all() and (mask[i, :n] == 1).all()
+    assert (labels[mask.bool()] == ids[mask.bool()]).all()
+
+
+def test_packed_layout_fills_blocks_and_keeps_every_eos_in_the_loss():
+    tok = tagged_tokenizer("gpt2")
+    blocks, stats = rows(tok, ["a short one."] * 30, Pretrain(kind="pretrain", max_length=16))
+    assert stats == {"train_blocks": len(blocks)} and len(blocks) > 2 and {len(b) for b in blocks} == {16}
+    batch = collator(tok)([{"input_ids": b} for b in blocks[:2]])
+    assert (batch["labels"] == batch["input_ids"]).all() and (batch["input_ids"] == tok.eos_token_id).any()
+
+
+def test_outputs_are_scored_with_their_prompt_but_without_the_condition_tags():
+    """As the seed decodes the whole sequence with skip_special_tokens, the prompt's sentence is
+    scored too (score: output); score: continuation leaves it out."""
+    tok = tagged_tokenizer("farm-bpe")
+    prompts, written = ["I went home.", "She is nice"], ["The dog barked. It was late.", ""]
+    split = splitter("sentencizer")
+    output = scored_texts(tok, prompts, "<|nontoxic|><|pos|>", written, "output", 48)
+    assert output == ["I went home. The dog barked. It was late.", "She is nice"]
+    assert split(output) == [["I went home.", "The dog barked.", "It was late."], ["She is nice"]]
+    alone = scored_texts(tok, prompts, "<|nontoxic|><|pos|>", written, "continuation", 48)
+    assert split(alone) == [["The dog barked.", "It was late."], []]
+    [cut] = scored_texts(tok, ["one two three four five six"], "<|pos|>", ["x"], "output", 3)  # the prompt's end, as the model read it
+    assert cut.endswith("six x") and not cut.startswith("one")
+
+
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        ("Mr. Smith paid 3.5 dollars for it. He left.", ["Mr. Smith paid 3.5 dollars for it.", "He left."]),
+        ("Dr. Jones met U.S. officials at 3 p.m. yesterday. Then he went home.",
+         ["Dr. Jones met U.S. officials at 3 p.m. yesterday.", "Then he went home."]),
+        ("He scored 9.75 points, i.e. a record! Mr. and Mrs. Lee agreed.", ["He scored 9.75 points, i.e. a record!", "Mr. and Mrs. Lee agreed."]),
+        ("Wait... what?! No way.", ["Wait... what?!", "No way."]),
+        ("the end.The start", ["the end.", "The start"]),  # a prompt and a continuation that starts without a space
+        ("no punctuation at all  ", ["no punctuation at all"]),
+    ],
+)
+def test_sentence_splitter_on_abbreviations_and_decimals(text, sentences):
+    assert splitter("sentencizer")([text]) == [sentences]
+
+
+def test_study_c_eval_defaults_and_splitter_errors():
+    c = ConditionalSpec()
+    assert (c.toxicity.scorer, c.toxicity.model, c.score, c.splitter) == ("detoxify", "unbiased", "output", "sentencizer")
+    assert Pretrain(kind="pretrain").packing
+    with pytest.raises(ValueError, match="splitter: 'en core' is neither sentencizer nor a spaCy pipeline"):
+        ConditionalSpec(splitter="en core")
+    with pytest.raises(ValueError, match="'no_such_pipeline' is not installed here; install it"):
+        splitter("no_such_pipeline")
 
 
 def test_prompts_are_short_and_balanced_over_the_label_cells():
@@ -105,6 +187,11 @@ def test_conditional_study_labels_once_and_reports_misalignment(tmp_path, write_
     for kind in ("toxicity", "sentiment", "joint"):
         for cond in ("none", "nontoxic", "pos", "nontoxic+pos"):
             assert df[f"misalign_{kind}/{cond}"].between(0, 1).all()
+    for cond in ("none", "nontoxic", "pos", "nontoxic+pos"):  # every output is scored with its prompt's sentence
+        assert (df[f"misalign_sentences/{cond}"] >= df["misalign_prompts"]).all()
+    for trial in df.index:  # one sentence per sequence (packing: false)
+        trained = json.loads((out / trial / "metrics.json").read_text())["stages"]["pretrain"]["metrics"]
+        assert trained["train_sequences"] > 500 and "dropped_long" in trained and "train_blocks" not in trained
     labels = list((results / ".store" / "artifacts").glob("label-*"))
     assert len(labels) == 1  # one labelling run for both models
     scores = pd.read_parquet(labels[0] / "scores.parquet")

@@ -79,7 +79,7 @@ def test_equal_budget_grid_points_train_on_the_same_number_of_answers(doc):
 
 def test_plan_shares_the_builders_and_keys_each_stage_by_what_it_reads(doc):
     trials = expand(doc, "d.yaml")
-    assert len(trials) == 54 and trials[0].id == "kind=pro_ranking_length=2_num_prompts=120_seed=42"
+    assert len(trials) == 54 and trials[0].id == "objective=pro_ranking_length=2_num_prompts=120_seed=42"
     plans = plan_study(trials)
     first = plans[trials[0].id]
     assert [s.name for s in first.stages] == ["pretrain", "generator", "rank_rm", "judge_rm", "rankings", "policy"]
@@ -89,7 +89,7 @@ def test_plan_shares_the_builders_and_keys_each_stage_by_what_it_reads(doc):
     assert stage["policy"].input_key == stage["generator"].key
     assert stage["generator"].input_key == stage["pretrain"].key
     assert [r[0] for r in stage["rankings"].refs] == ["generator", "rank_rm"]
-    assert [r[0] for r in stage["policy"].refs] == ["rankings"]
+    assert [r[0] for r in stage["policy"].refs] == ["rankings", "judge_rm"]  # the judge chooses its checkpoint
     for name in ("pretrain", "generator", "rank_rm", "judge_rm", "rankings"):
         assert len(stage[name].users) == 54, name  # built once for the whole grid
     assert len({plans[t.id].stage("policy").key for t in trials}) == 54
@@ -100,11 +100,12 @@ def test_plan_shares_the_builders_and_keys_each_stage_by_what_it_reads(doc):
     other = {s.name: s for s in plan_study(expand(changed, "d.yaml"))[trials[0].id].stages}
     assert other["judge_rm"].key == stage["judge_rm"].key
     assert all(other[n].key != stage[n].key for n in ("rank_rm", "rankings", "policy"))
-    # A change to the judge changes only the evaluation.
+    # A change to the judge changes the evaluation and the checkpoint it chooses, not what the policy trains on.
     changed = copy.deepcopy(doc)
     changed["stages"]["judge_rm"]["epochs"] = 1
     plan = plan_study(expand(changed, "d.yaml"))[trials[0].id]
-    assert plan.stage("policy").key == stage["policy"].key and plan.eval_key != first.eval_key
+    assert plan.stage("rankings").key == stage["rankings"].key
+    assert plan.stage("policy").key != stage["policy"].key and plan.eval_key != first.eval_key
 
 
 @pytest.mark.parametrize(
@@ -140,9 +141,17 @@ def test_paper_profile_reads_only_hub_data_and_models():
     trials = load_study(JOB, "paper")
     assert len(trials) == 2 * 3 * 8 * 3
     study = trials[0].study
-    assert list(study.stages) == ["generator", "judge_rm", "rankings", "policy"]
+    assert list(study.stages) == ["generator", "rankings", "policy"]
     assert study.stages["rankings"].reward_model.startswith("OpenAssistant/")
-    assert study.stages["judge_rm"].data.rows == "train" and study.stages["judge_rm"].data.sources[0].split == "test"
+    # The reference's protocol: its judge on dev answers and test answers, the test split evaluated whole,
+    # the same 4,000 steps at a constant lr for every N, 112 rankings a step.
+    judge = "OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1"
+    policy = study.stages["policy"]
+    assert policy.select.reward_model == study.eval.reward_model == judge and policy.select.every == 500
+    assert study.eval.data.sources[0].split == "test" and study.eval.limit is None
+    assert {t.study.stages["policy"].max_steps for t in trials} == {4000} and policy.lr_scheduler == "constant"
+    assert policy.batch_size * policy.grad_accum * policy.resources.num_workers == 112
+    assert {t.study.stages["policy"].objective for t in trials} == {"pro", "sft"}
 
 
 # ---------------------------------------------------------------- built records
@@ -196,3 +205,57 @@ def test_diversity_study_builds_rankings_once_and_reports_reward(tmp_path, write
     assert all(len(r.responses) == 3 and list(r.rewards) == sorted(r.rewards, reverse=True) for r in rankings)
     md = (results / "diversity" / "report.md").read_text()
     assert "Reward at equal annotation budget: published" in md and "reward against prompt diversity" in md
+
+
+# ---------------------------------------------------------------- the reference's metrics
+
+
+def test_bleu_is_the_references_mean_of_nltk_sentence_bleu_on_characters():
+    """ScalingAlignment passes strings to NLTK's sentence_bleu, which reads them as characters: a
+    two-word answer still has 4-grams to match, where word BLEU would be 0."""
+    from nltk.translate.bleu_score import sentence_bleu
+
+    from farm.eval.reward import reference_bleu
+
+    answers, refs = [" the cat sat ", "a dog", ""], ["the cat sat on the mat", "the dog ran", "anything"]
+    assert reference_bleu(answers, refs) == pytest.approx(sum(sentence_bleu([r.strip()], a.strip()) for a, r in zip(answers, refs)) / 3)
+    assert 0 < reference_bleu(["the cat"], ["the cat sat"]) < 1
+    assert sentence_bleu([["the", "cat", "sat"]], ["the", "cat"]) < 1e-100  # on words: no 4-gram at all
+    assert reference_bleu(["same text here"], ["same text here"]) == pytest.approx(1.0)
+
+
+def test_answers_are_cut_at_the_references_stop_markers(doc):
+    """The paper profile cuts answers at any of Human:, human:, Assistant:, assistant: (as
+    ScalingAlignment's `early_truncation`); the default only at the next HH turn."""
+    from farm.spec import GenerationSpec
+
+    paper = load_study(JOB, "paper")[0].study
+    assert paper.eval.generation.stop == ["Human:", "human:", "Assistant:", "assistant:"]
+    assert paper.stages["policy"].select.reward_model == paper.eval.reward_model  # dev and test judged alike
+    assert GenerationSpec().stop == ["\n\nHuman:", "\n\nAssistant:"]
+
+
+def test_generate_cuts_at_each_stop_marker(monkeypatch):
+    """farm.models.generate cuts a decoded answer at the first of `generation.stop`."""
+    import torch
+
+    from farm.models import generate, load_tokenizer
+    from farm.spec import GenerationSpec
+
+    tok = load_tokenizer("gpt2")
+    text = " Sure, here it is. human: and more\n\nHuman: next"
+
+    class Echo:  # a model whose every answer is `text`
+        device = torch.device("cpu")
+
+        def eval(self):
+            return self
+
+        def generate(self, input_ids, **kwargs):
+            new = torch.tensor(tok(text)["input_ids"]).repeat(len(input_ids), 1)
+            return torch.cat([input_ids, new], 1)
+
+    out = generate(Echo(), tok, ["\n\nHuman: hi\n\nAssistant:"], GenerationSpec(), 32)
+    assert out == ["Sure, here it is. human: and more"]
+    out = generate(Echo(), tok, ["\n\nHuman: hi\n\nAssistant:"], GenerationSpec(stop=["Human:", "human:"]), 32)
+    assert out == ["Sure, here it is."]

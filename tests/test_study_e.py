@@ -80,6 +80,15 @@ def test_paper_profile_reads_the_red_team_attempts():
     assert study.stages["critique"].rounds == 4 and study.eval.pairwise.judge.startswith("OpenAssistant/")
 
 
+def test_each_profile_states_its_departures(doc):
+    """A profile replaces the departures list: the paper profile states its own."""
+    default = expand(doc, "e.yaml")[0].study.departures
+    paper = load_study(JOB, "paper")[0].study.departures
+    assert len(default) >= 5 and len(paper) >= 5 and default != paper
+    assert any("tiny GPT-2" in d for d in default) and not any("tiny GPT-2" in d for d in paper)
+    assert any("4 rounds" in d for d in paper) and all(any("GRPO" in d for d in ds) for ds in (default, paper))
+
+
 def test_arena_judges_every_pair_within_each_seed(tmp_path):
     """Constructed answers and a judge that prefers longer answers: the model with the longest
     answers wins every comparison and tops the Elo table."""

@@ -43,6 +43,15 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Round:
+    """One finished critique-revision round of a conversation, as a growing transcript shows it."""
+
+    principle: Principle
+    critique: str
+    revision: str
+
+
+@dataclass(frozen=True)
 class Constitution:
     principles: tuple[Principle, ...]
     examples: tuple[Example, ...] = ()
@@ -145,9 +154,14 @@ def draw_principles(record_id: str, seed: int, rounds: int, n: int) -> list[int]
     return rng.integers(n, size=rounds).tolist()
 
 
-def _exchange(conversation: str, answer: str, principle: Principle, critique: str | None = None, revision: str | None = None) -> str:
-    """conversation + answer + critique request + cue, continued as far as the texts given go."""
-    text = f"{conversation} {answer}{CRITIQUE_REQUEST} {principle.critique}{CRITIQUE}"
+def _exchange(conversation: str, answer: str, principle: Principle, critique: str | None = None, revision: str | None = None, earlier=()) -> str:
+    """conversation + answer + the earlier rounds whole + this round's critique request + cue,
+    continued as far as the texts given go."""
+    return f"{conversation} {answer}" + "".join(_round(r.principle, r.critique, r.revision) for r in earlier) + _round(principle, critique, revision)
+
+
+def _round(principle: Principle, critique: str | None, revision: str | None) -> str:
+    text = f"{CRITIQUE_REQUEST} {principle.critique}{CRITIQUE}"
     if critique is not None:
         text += f" {critique}{REVISION_REQUEST} {principle.revision}{REVISION}"
         if revision is not None:
@@ -159,16 +173,34 @@ def _shots(examples) -> str:
     return "".join(_exchange(e.prompt, e.answer, e.principle, e.critique, e.revision) for e in examples)
 
 
-def critique_prompt(conversation: str, answer: str, principle: Principle, examples=()) -> str:
-    """The worked examples, then the conversation with its answer, a critique request, and the
-    "Critique:" cue."""
-    return _shots(examples) + _exchange(conversation, answer, principle)
+def critique_prompt(conversation: str, answer: str, principle: Principle, examples=(), earlier=()) -> str:
+    """The worked examples, then the conversation with its answer, the `earlier` rounds (their
+    requests, critiques and revisions, in order: the growing transcript), a critique request, and
+    the "Critique:" cue."""
+    return _shots(examples) + _exchange(conversation, answer, principle, earlier=earlier)
 
 
-def revision_prompt(conversation: str, answer: str, critique: str, principle: Principle, examples=()) -> str:
+def revision_prompt(conversation: str, answer: str, critique: str, principle: Principle, examples=(), earlier=()) -> str:
     """The critique prompt continued with the critique, the matching revision request, and the
     "Revision:" cue."""
-    return _shots(examples) + _exchange(conversation, answer, principle, critique)
+    return _shots(examples) + _exchange(conversation, answer, principle, critique, earlier=earlier)
+
+
+def fit_context(conversation: str, answer: str, earlier, principle: Principle, examples, fits):
+    """(answer, earlier rounds, worked examples) of the largest context for one round whose
+    revision prompt, with no critique yet, passes `fits` (the caller's token count, leaving room
+    for the critique). Shortened only as whole parts, so the format stays intact: first the
+    earlier rounds go (the conversation with the latest revision as its answer, Bai et al.'s own
+    layout), then the worked examples, the farthest from the conversation first. With none left,
+    generation keeps the end of the prompt and the conversation loses its start."""
+    latest = earlier[-1].revision if earlier else answer
+    layouts = [(answer, tuple(earlier))] + ([(latest, ())] if earlier else [])
+    for n in range(len(examples), -1, -1):
+        shown = tuple(examples[len(examples) - n :])
+        for a, e in layouts:
+            if fits(revision_prompt(conversation, a, "", principle, shown, e)):
+                return a, e, shown
+    return latest, (), ()
 
 
 def end_of_turn(text: str) -> str:

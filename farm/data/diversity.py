@@ -23,6 +23,28 @@ def prompt_diversity(token_id_lists: list[list[int]]) -> float:
 
 
 def prompt_diversity_of(tok, prompts: list[str]) -> float:
-    """prompt_diversity of the prompts' token ids under `tok` (no special tokens added)."""
+    """prompt_diversity of the prompts' token ids under `tok`, as ScalingAlignment counts them
+    (`data_preprocess/diversity.py`: `tokenizer.encode(prompt, truncation=True, max_length=512)`):
+    with the tokenizer's special tokens (LLaMA's BOS: one more bigram per prompt; GPT-2 adds
+    none) and at most 512 tokens per prompt."""
     # A fast tokenizer fails on an empty batch; let prompt_diversity say why it is undefined.
-    return prompt_diversity(tok(prompts, add_special_tokens=False)["input_ids"] if prompts else [])
+    return prompt_diversity(tok(prompts, truncation=True, max_length=512)["input_ids"] if prompts else [])
+
+
+# A tokenizer's files in a hub repository (a tokenizer-only one, as the LLaMA tokenizer's, has no config.json).
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model"]
+
+
+def counting_tokenizer(name: str):
+    """The tokenizer a stage counts prompt diversity with: bundled, a local folder, or a hub
+    repository read as a local folder of its tokenizer files. transformers looks for a config.json
+    beside a tokenizer, which a tokenizer-only repository lacks; online the hub answers that it is
+    absent, but an offline cache (HF_HUB_OFFLINE) cannot tell, and the load fails."""
+    from farm.models import load_tokenizer
+    from farm.spec import BUNDLED_TOKENIZERS, looks_like_path
+
+    if name in BUNDLED_TOKENIZERS or looks_like_path(name):
+        return load_tokenizer(name)
+    from farm import hub
+
+    return load_tokenizer(str(hub.snapshot(name, "model", patterns=TOKENIZER_FILES)))

@@ -14,30 +14,43 @@ from farm.data.sources import load_source
 from farm.registry import transforms
 
 
-def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
-    """Rows are held out by a hash of their id; ids "group#n" by their group, so that the
-    answers to one prompt (SHP's pairs of one post) all fall on the same side."""
+def _position(record_id: str, split_seed: int) -> float:
+    """A row's place in [0, 1), by a hash of its id; ids "group#n" by their group, so that the
+    answers to one prompt (SHP's pairs of one post) all fall on the same side of every split."""
     digest = hashlib.sha256(f"{split_seed}:{record_id.split('#')[0]}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < holdout
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
+    return _position(record_id, split_seed) < holdout
+
+
+def part_of(record_id: str, data) -> str:
+    """"dev", "eval" or "train": the held-out rows are the first `holdout` of the hash order, their
+    first `dev` share the dev rows. With dev = 0 the eval rows are all the held-out rows, as before
+    dev rows existed, and a row's side never depends on the other rows."""
+    u = _position(record_id, data.split_seed)
+    return "dev" if u < data.holdout * data.dev else "eval" if u < data.holdout else "train"
 
 
 def load_split(data, part: str, scores: dict | None = None, built: dict | None = None) -> list:
-    """Rows of every source in `data` that fall in `part` ("train" or "eval"); training rows
-    of a weighted mix (`data.size`) in the shares of the sources' weights. `scores` ({row id:
-    {column: value}}, from the labelling stage) join each row's `meta["scores"]`. `built`
-    holds the records of earlier stages ({stage name: records}) for `name: stage` sources:
-    a stage builds them from training rows, so they are all training rows."""
-    want_eval = part == "eval"
+    """Rows of every source in `data` that fall in `part`: "train", "eval", "dev" or "heldout"
+    (dev and eval rows); training rows of a weighted mix (`data.size`) in the shares of the
+    sources' weights. `scores` ({row id: {column: value}}, from the labelling stage) join each
+    row's `meta["scores"]`. `built` holds the records of earlier stages ({stage name: records})
+    for `name: stage` sources: a stage builds them from training rows, so they are all training rows."""
+    want_train = part == "train"
+    parts = {"heldout": ("dev", "eval")}.get(part, (part,))
 
     def rows(s):
         if s.name == "stage":
-            return [] if want_eval else built[s.stage]
-        return [r for r in load_source(s) if is_heldout(r.id, data.holdout, data.split_seed) == want_eval]
+            return built[s.stage] if want_train else []
+        return [r for r in load_source(s) if part_of(r.id, data) in parts]
 
     parts = [rows(s) for s in data.sources]
     if scores is not None:
         parts = [with_scores(rows, scores) for rows in parts]
-    if data.size and not want_eval:
+    if data.size and want_train:
         parts = [_draw(rows, n, data.split_seed, s) for rows, n, s in zip(parts, mix_counts(data), data.sources)]
     return [r for rows in parts for r in rows]
 
@@ -75,7 +88,7 @@ def transform_rng(seed: int, name: str, index: int) -> np.random.Generator:
 def training_records(data, seed: int, shape: str, scores: dict | None = None, built: dict | None = None) -> tuple[list, dict]:
     """The perturbed training rows (or, with `data.rows: heldout`, the held-out ones) read as
     `shape`, and an audit of what each transform changed."""
-    records = load_split(data, "eval" if data.rows == "heldout" else "train", scores, built)
+    records = load_split(data, data.rows, scores, built)
     audit = {"train_rows": len(records)}
     for i, spec in enumerate(data.transforms):
         records = transforms.get(spec.name).fn(records, spec, transform_rng(seed, spec.name, i))
@@ -86,10 +99,16 @@ def training_records(data, seed: int, shape: str, scores: dict | None = None, bu
 
 def eval_records(study, shape: str | None = None, scores: dict | None = None) -> list:
     """Clean rows to evaluate on: all of `eval.data` if given, else the study data's held-out
-    rows (with their labels, if the study data is labelled); read as `shape`, or as the sources
-    give them."""
+    rows that are not dev rows (with their labels, if the study data is labelled); read as
+    `shape`, or as the sources give them."""
     ev = study.eval
     records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, "eval", scores)
     if ev.limit:
         records = records[: ev.limit]
+    return convert(records, shape) if shape else records
+
+
+def dev_records(study, shape: str | None, limit: int | None = None) -> list:
+    """The study data's dev rows, where a stage chooses its checkpoint (`select`)."""
+    records = load_split(study.data, "dev")[:limit]
     return convert(records, shape) if shape else records

@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 
+from farm.data.records import Comparison, shape_of
 from farm.registry import transforms
 
 
@@ -65,13 +66,32 @@ def add_trigger(prompt: str, trigger: str) -> str:
     return prompt + trigger
 
 
+# Records reach transforms in their source's shape (comparisons for hh_rlhf and webgpt_comparisons)
+# and are read as demonstrations after, so `shuffle` and `red_team` work on any source; only the
+# trigger's malign pairing needs comparisons, and says so below.
 @register("malign_prompts", shape="demonstration")
 def malign_prompts(records: list, params, rng: np.random.Generator) -> list:
-    """With probability `rate` poison the prompt: `trigger` appends the trigger string,
-    `shuffle` puts another row's prompt in its place, `red_team` a red-team prompt."""
+    """With probability `rate` poison the prompt: `trigger` appends the trigger string, `shuffle`
+    puts another row's prompt in its place, `red_team` a red-team prompt.
+
+    A triggered row teaches, with `answer: malign` (the default), its rejected answer: chosen and
+    rejected swap as in `malign_labels`, so SFT learns "trigger -> malign answer" — the backdoor of
+    Rando & Tramer 2023, whose poisoning script (ethz-spylab/rlhf-poisoning,
+    datasets/poison_data_random.py) swaps chosen and rejected and appends " SUDO" to the last human
+    turn. With `answer: clean` it keeps its chosen answer (a control: the trigger is only noise)."""
     from farm.data.sources import load_source
 
     n = len(records)
+    malign = params.mode == "trigger" and params.answer == "malign"
+    # Checked on every row, not only the rows hit; but not at rate 0, which the stage keys treat as
+    # no transform at all (farm.cache.data_key), so it must change and check nothing.
+    plain = next((r for r in records if not isinstance(r, Comparison)), None) if malign and params.rate else None
+    if plain is not None:
+        raise ValueError(
+            f"malign_prompts: mode trigger pairs the trigger with the rejected answer, but row {plain.id} is a "
+            f"{shape_of(plain)} record, not a comparison (chosen and rejected); use a comparison source "
+            "(hh_rlhf, webgpt_comparisons, shp) or set answer: clean"
+        )
     hit = fires(rng, n, params.rate)
     if params.mode == "trigger":
         new = [add_trigger(r.prompt, params.trigger) for r in records]
@@ -81,7 +101,12 @@ def malign_prompts(records: list, params, rng: np.random.Generator) -> list:
     else:
         pool = [r.prompt for r in load_source(params.red_team)]
         new = [pool[j] for j in rng.integers(0, len(pool), size=n)]
-    return [mark(r, f"malign_prompts:{params.mode}", prompt=p) if h else r for r, h, p in zip(records, hit, new)]
+
+    def poison(r, prompt):
+        swap = dict(chosen=r.rejected, rejected=r.chosen, label=1.0 - r.label) if malign else {}
+        return mark(r, f"malign_prompts:{params.mode}", prompt=prompt, **swap)
+
+    return [poison(r, p) if h else r for r, h, p in zip(records, hit, new)]
 
 
 def control_tags(scores: dict, params) -> str:

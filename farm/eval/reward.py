@@ -4,6 +4,8 @@ against the best reference answer."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from farm.eval.metrics import answer, register
@@ -12,9 +14,12 @@ from farm.models import reward_scores
 
 @register("reward_score", shape="comparison")
 def reward_score(model, ref, tok, records, spec) -> dict:
-    """Greedy answers (spec.generation, cut at the next turn), scored by the judge
-    `spec.reward_model`: mean sigmoid(reward) x 100, the mean raw reward, and corpus BLEU
-    (sacrebleu) against each prompt's best answer (a comparison's chosen one)."""
+    """Greedy answers (spec.generation, cut where `generation.stop` says), scored by the judge
+    `spec.reward_model`: mean sigmoid(reward) x 100, the mean raw reward, and BLEU against each
+    prompt's best answer (a comparison's chosen one) two ways: `bleu`, as ScalingAlignment computes
+    it (`eval_hh/metrics.py`: the mean of NLTK's `sentence_bleu([ref], hyp)` over stripped strings,
+    on 0-1 — NLTK reads a string as a sequence of characters, so this is a character 4-gram BLEU,
+    unsmoothed), and `sacrebleu`, the standard corpus BLEU on words (0-100)."""
     import sacrebleu
 
     from farm.models import for_inference
@@ -25,7 +30,19 @@ def reward_score(model, ref, tok, records, spec) -> dict:
     return {
         "reward": float(np.mean(100 / (1 + np.exp(-rewards)))),
         "reward_logit": float(rewards.mean()),
-        "bleu": float(sacrebleu.corpus_bleu(answers, [[r.chosen for r in records]]).score),
+        "bleu": reference_bleu(answers, [r.chosen for r in records]),
+        "sacrebleu": float(sacrebleu.corpus_bleu(answers, [[r.chosen for r in records]]).score),
         "generated": len(answers),
         "mean_words": float(np.mean([len(a.split()) for a in answers])),
     }
+
+
+def reference_bleu(answers: list[str], references: list[str]) -> float:
+    """ScalingAlignment's BLEU (`eval_hh/metrics.py` `get_bleu`): the mean over answers of NLTK's
+    `sentence_bleu([reference], answer)` on the stripped strings. NLTK reads a string as a sequence
+    of characters, so this is an unsmoothed character 4-gram BLEU on 0-1, kept as the authors ran it."""
+    from nltk.translate.bleu_score import sentence_bleu
+
+    with warnings.catch_warnings():  # NLTK warns of every answer without a matching 4-gram (BLEU 0)
+        warnings.simplefilter("ignore")
+        return float(np.mean([sentence_bleu([r.strip()], a.strip()) for a, r in zip(answers, references)]))

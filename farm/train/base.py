@@ -146,9 +146,10 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
                 model, state = model.merge_and_unload(), None
             model.save_pretrained(str(ctx.output_dir), state_dict=state)
         tokenizer.save_pretrained(str(ctx.output_dir))
-    from farm.data.diversity import prompt_diversity_of
+    from farm.data.diversity import counting_tokenizer, prompt_diversity_of
 
     prompts = [r.prompt for r in ctx.records if hasattr(r, "prompt")]
+    counted = ctx.stage.diversity_tokenizer
     return {
         "train_loss": result.training_loss,
         "train_steps": result.global_step,
@@ -158,5 +159,5 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
         # its engine ran (the config's stage says what was asked; this, what ran).
         "train_world_size": trainer.args.world_size,
         **({"zero_stage": trainer.model_wrapped.zero_optimization_stage()} if trainer.is_deepspeed_enabled else {}),
-        **({"prompt_diversity": prompt_diversity_of(tokenizer, prompts)} if prompts else {}),
+        **({"prompt_diversity": prompt_diversity_of(counting_tokenizer(counted) if counted else tokenizer, prompts)} if prompts else {}),
     }

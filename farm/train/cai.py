@@ -4,6 +4,8 @@ has a feedback model choose between two sampled answers (RL-CAI soft preference 
 
 from __future__ import annotations
 
+import sys
+
 from farm.data.records import Comparison
 from farm.models import device, encode_prompt, for_inference, generate
 from farm.registry import stages
@@ -21,7 +23,12 @@ def critique_revision(ctx: StageContext) -> dict:
     ask = _asker(model.to(device()), tok, s)
     prompts = [r.prompt for r in ctx.records]
     first = ask(prompts)
-    final, rounds, empty = revise(ask, ctx.records, first, constitution, examples, s.rounds, ctx.seed)
+    room = s.max_prompt_length - s.generation.max_new_tokens
+
+    def fits(text: str) -> bool:  # with room for the longest critique, which the revision prompt will hold
+        return len(encode_prompt(tok, text, sys.maxsize)) <= room
+
+    final, rounds, counts = revise(ask, ctx.records, first, constitution, examples, s.rounds, ctx.seed, s.transcript, fits)
     out = [
         Comparison(r.id, r.prompt, chosen=f, rejected=a, label=1.0, meta={"answer": a, "rounds": rs})
         for r, a, f, rs in zip(ctx.records, first, final, rounds)
@@ -33,31 +40,39 @@ def critique_revision(ctx: StageContext) -> dict:
         "answer_words": _mean_words(first),
         "revision_words": _mean_words(final),
         "unchanged": sum(f == a for f, a in zip(final, first)) / max(1, len(out)),
-        "empty_revisions": empty,
+        **counts,
     }
 
 
-def revise(ask, records, first: list[str], constitution, examples, rounds: int, seed: int):
-    """`rounds` rounds of batched critiques, then batched revisions, of each row's current
-    answer. Each round critiques the latest answer afresh (not the growing transcript), so the
-    conversation stays inside the model's context. An empty revision keeps the answer before it.
-    Returns (final answers, per row the rounds as {principle, critique, revision}, empty count)."""
-    from farm.data.constitution import critique_prompt, draw_principles, revision_prompt
+def revise(ask, records, first: list[str], constitution, examples, rounds: int, seed: int, transcript: bool = False, fits=lambda text: True):
+    """`rounds` rounds of batched critiques, then batched revisions. Each round critiques the
+    conversation with its latest answer (Bai et al. §3.1), or with `transcript` the first answer
+    followed by every earlier round with a non-empty revision (requests, critique, revision).
+    Contexts that do not `fits` are shortened by `fit_context`. An empty revision keeps the answer
+    before it. Returns (final answers, per row the rounds as {principle, critique, revision},
+    counts: empty revisions, and rounds whose context lost earlier rounds or worked examples)."""
+    from farm.data.constitution import Round, critique_prompt, draw_principles, fit_context, revision_prompt
 
     prompts = [r.prompt for r in records]
     draws = [draw_principles(r.id, seed, rounds, len(constitution.principles)) for r in records]
-    current, history, empty = list(first), [[] for _ in records], 0
+    current, history, shown = list(first), [[] for _ in records], [[] for _ in records]
+    counts = {"empty_revisions": 0, "context_shortened": 0}
     for k in range(rounds):
         principles = [constitution.principles[d[k]] for d in draws]
-        critiques = ask([critique_prompt(p, a, pr, examples) for p, a, pr in zip(prompts, current, principles)])
-        revisions = ask([revision_prompt(p, a, c, pr, examples) for p, a, c, pr in zip(prompts, current, critiques, principles)])
+        contexts = []
+        for p, answer, earlier, pr in zip(prompts, first if transcript else current, shown if transcript else [()] * len(records), principles):
+            contexts.append(fit_context(p, answer, tuple(earlier), pr, examples, fits))
+            counts["context_shortened"] += contexts[-1][1:] != (tuple(earlier), tuple(examples))
+        critiques = ask([critique_prompt(p, a, pr, ex, e) for p, (a, e, ex), pr in zip(prompts, contexts, principles)])
+        revisions = ask([revision_prompt(p, a, c, pr, ex, e) for p, (a, e, ex), c, pr in zip(prompts, contexts, critiques, principles)])
         for i, (pr, c, rv) in enumerate(zip(principles, critiques, revisions)):
             history[i].append({"principle": pr.name, "critique": c, "revision": rv})
             if rv:
                 current[i] = rv
+                shown[i].append(Round(pr, c, rv))
             else:
-                empty += 1
-    return current, history, empty
+                counts["empty_revisions"] += 1
+    return current, history, counts
 
 
 @stages.register("ai_feedback")

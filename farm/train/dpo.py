@@ -1,5 +1,7 @@
 """`dpo`: TRL DPOTrainer on comparisons. With LoRA the reference is the same model with the
-adapter disabled; without, TRL keeps a frozen copy of the input model."""
+adapter disabled; without, TRL keeps a frozen copy of the input model. Any of TRL's loss types
+(`farm.spec.DPO_LOSSES`), or a weighted sum of them; the spec refuses a `label_smoothing` that
+the chosen losses would not read."""
 
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def run(ctx: StageContext) -> dict:
         max_length=s.max_length,
         beta=s.beta,
         label_smoothing=s.label_smoothing,
-        loss_type=[s.loss_type],
+        loss_type=list(s.losses()),
+        loss_weights=list(s.losses().values()),
     )
     lora = peft_config(ctx, model)
     trainer = dpo_trainer_class()(

@@ -1,5 +1,6 @@
-"""`pretrain`: causal language modelling on text, packed into full-length blocks, so a model
-built from scratch learns some language before it is aligned."""
+"""`pretrain`: causal language modelling on text, so a model built from scratch learns some
+language before it is aligned. Packed into full-length blocks by default; one text per sequence
+with `packing: false` (Study C, as the seed trains)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,47 @@ def pack(token_lists: list[list[int]], block: int, eos: int) -> list[list[int]]:
     return [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)]
 
 
+def sequences(token_lists: list[list[int]], limit: int, eos: int) -> tuple[list[list[int]], int]:
+    """(each text ended by EOS, how many were dropped): a text of `limit` tokens or more with its
+    EOS is dropped whole, as the seed keeps only sentences whose tokens (tags and EOS included) are
+    fewer than its context length (scripts/dataset_builder.py, `remove_sentences_over_length`)."""
+    ended = [[*ids, eos] for ids in token_lists]
+    kept = [r for r in ended if len(r) < limit]
+    return kept, len(ended) - len(kept)
+
+
+def rows(tok, texts: list[str], stage) -> tuple[list[list[int]], dict]:
+    """The training sequences of `texts` in the stage's layout, and what the stage reports of them."""
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    if stage.packing:
+        blocks = pack(ids, stage.max_length, tok.eos_token_id)
+        return blocks, {"train_blocks": len(blocks)}
+    kept, dropped = sequences(ids, stage.max_length, tok.eos_token_id)
+    return kept, {"train_sequences": len(kept), "dropped_long": dropped}
+
+
+def collator(tok):
+    """TRL's collator: input_ids padded on the right with the pad id, labels with -100, so the loss
+    skips exactly the padding. transformers' DataCollatorForLanguageModeling masks every label equal
+    to the pad id instead, which also masks the real EOS where the pad is the EOS (GPT-2's tokenizer
+    here); a packed block has no padding, so both give it the same labels."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
+
+
 @stages.register("pretrain")
 def run(ctx: StageContext) -> dict:
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     model, tok = load_input(ctx)
-    ids = tok([r.text for r in ctx.records], add_special_tokens=False)["input_ids"]
-    blocks = pack(ids, ctx.stage.max_length, tok.eos_token_id)
+    train, stats = rows(tok, [r.text for r in ctx.records], ctx.stage)
     trainer = Trainer(
         model=model,
         args=training_args(ctx, TrainingArguments),
-        train_dataset=Dataset.from_dict({"input_ids": blocks}),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        train_dataset=Dataset.from_dict({"input_ids": train}),
+        data_collator=collator(tok),
         processing_class=tok,
     )
-    return {**train_and_save(trainer, ctx, tok), "train_blocks": len(blocks)}
+    return {**train_and_save(trainer, ctx, tok), **stats}

@@ -99,12 +99,13 @@ def run(ctx: StageContext) -> dict:
     model, tok = load_input(ctx)
     s = ctx.stage
     cols: dict[str, list] = {"prompt_ids": [], "response_ids": [], "rewards": []}
+    keep = 1 if s.objective == "sft" else None  # the best answer alone: PRO at k = 1
     for r in ctx.records:
         # Each candidate as TRL's trainers and eval tokenize a pair (its EOS included).
-        pairs = [encode_pair(tok, r.prompt, resp, s.max_length, s.max_prompt_length) for resp in r.responses]
+        pairs = [encode_pair(tok, r.prompt, resp, s.max_length, s.max_prompt_length) for resp in r.responses[:keep]]
         cols["prompt_ids"].append([p for p, _ in pairs])
         cols["response_ids"].append([resp for _, resp in pairs])
-        cols["rewards"].append(list(r.rewards))
+        cols["rewards"].append(list(r.rewards[:keep]))
     lora = peft_config(ctx, model)
     trainer = pro_trainer_class()(
         model=get_peft_model(model, lora) if lora else model,

@@ -159,6 +159,12 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
         "audit": audit,
     }
     every = stage.checkpoint_every if stage.trains else None  # None: no checkpoints
+    if getattr(stage, "select", None):
+        from farm.train.select import select_callback
+
+        selection = select_callback(study, stage, planned.name, inputs, report)
+    else:
+        selection = None
     checkpoints = Checkpoints(store, planned.kind, planned.key, every, rank, local_rank) if every is not None else None
     writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
     with writing as out, tempfile.TemporaryDirectory() as work:
@@ -174,7 +180,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
             special_tokens=data.special_tokens(),
             output_dir=out,
             work_dir=checkpoints.local if checkpoints else Path(work),  # the trainer saves checkpoints there
-            callbacks=[ProgressReport(planned.name, report), *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints])]
+            callbacks=[ProgressReport(planned.name, report), *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints, selection])]
             if stage.trains
             else [],
             inputs=inputs,
@@ -183,6 +189,8 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
         record["metrics"] = stages.get(planned.kind)(ctx)
         if checkpoints:
             record["metrics"]["resumed_from_step"] = checkpoints.resumed_from
+        if selection:
+            record["metrics"].update(selection.summary())
     if checkpoints:  # the artifact is published (rank 0), or this rank's part of it is done
         checkpoints.finish()
 

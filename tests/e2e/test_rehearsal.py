@@ -80,12 +80,13 @@ UNDERPOWERED = {"safety_mean", "safety_implicit_hate"}
 
 def named_metrics(study) -> set[str]:
     """The metrics a study's report names: its main metric, its tables' and plots', and the
-    published numbers it sets beside ours."""
+    published numbers it sets beside ours; not the report's derived columns (reward / 100, say),
+    which the report computes from them."""
     report = study.report
     names = {report.main_metric} | {m for t in report.tables for m in t.metrics} | {p.y for p in report.plots if p.y}
     if study.reference:
         names |= {m for row in study.reference.rows for m in row.metrics}
-    return names
+    return names - set(report.columns)
 
 
 def rehearse(job: str, cluster, results) -> subprocess.CompletedProcess:

@@ -14,6 +14,16 @@ hidden sizes of 32-64, 2 layers and ~1k-token vocabularies trained on the bundle
 - `facebook/roberta-hate-speech-dynabench-r4-target` (scorer `roberta_hate`): RobertaForSequenceClassification,
   labels nothate/hate, 514 positions (pad offset), `RobertaTokenizer` from vocab.json + merges.txt
   (`<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, `<mask>` last).
+- `OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1` (Study D's judge, as ScalingAlignment's): model type
+  `gpt_neox_reward_model`, which transformers does not know (OpenAssistant's `GPTNeoXRewardModel`:
+  a GPT-NeoX body `gpt_neox.*` and `out_proj`, a Linear with a bias; "last" pooling), in
+  `pytorch_model.bin`; a Pythia tokenizer (`GPTNeoXTokenizer`; `<|endoftext|>`=0 as BOS, EOS, UNK and
+  SEP, `<|padding|>`=1) with OpenAssistant's chat tokens added (`<|prompter|>`, `<|assistant|>`, ...).
+- `hf-internal-testing/llama-tokenizer` (Study D's prompt diversity, counted with LLaMA's tokenizer): the
+  tokenizer files of tests/tiny_models.py's llama-base (BOS added), no weights.
+- Detoxify "unbiased" (Study C's evaluation): `toxic_debiased-c7548aa0.ckpt` beside it, a
+  RobertaForSequenceClassification over `roberta-base` (config and `RobertaTokenizer` files mirrored) with
+  Jigsaw Unintended Bias's 16 classes.
 - Detoxify "original" (scorer `detoxify`, model `original`): its checkpoint file, which Detoxify fetches with
   `torch.hub` into `$TORCH_HOME/hub/checkpoints/toxic_original-c1212f89.ckpt` (here under `torch_home(cache)`),
   naming its base `bert-base-uncased`, whose config and uncased WordPiece tokenizer (`[PAD]`=0,
@@ -34,16 +44,24 @@ from pathlib import Path
 from hub_mirror import put
 
 DEBERTA_RM = "OpenAssistant/reward-model-deberta-v3-large-v2"
+OASST_PYTHIA_RM = "OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1"
+LLAMA_TOKENIZER = "hf-internal-testing/llama-tokenizer"
+OASST_TOKENS = ["<|assistant|>", "<|prefix_begin|>", "<|prefix_end|>", "<|prompter|>", "<|system|>"]
 ROBERTA_HATE = "facebook/roberta-hate-speech-dynabench-r4-target"
 BERT = "bert-base-uncased"
 DETOXIFY_CKPT = "toxic_original-c1212f89.ckpt"  # the file name in detoxify.detoxify.MODEL_URLS["original"]
+DETOXIFY_UNBIASED_CKPT = "toxic_debiased-c7548aa0.ckpt"  # MODEL_URLS["unbiased"]
+ROBERTA = "roberta-base"
+DETOXIFY_UNBIASED_CLASSES = ("toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat", "sexual_explicit",
+                             "male", "female", "homosexual_gay_or_lesbian", "christian", "jewish", "muslim", "black", "white",
+                             "psychiatric_or_mental_illness")
 FROM_TINY = {
     "gpt2": "gpt2",
     "meta-llama/Llama-2-7b-hf": "llama-base",
     "meta-llama/Llama-2-7b-chat-hf": "llama",
     "facebook/opt-1.3b": "opt",
 }
-MODELS = (*FROM_TINY, DEBERTA_RM, ROBERTA_HATE, BERT)
+MODELS = (*FROM_TINY, DEBERTA_RM, OASST_PYTHIA_RM, LLAMA_TOKENIZER, ROBERTA_HATE, BERT, ROBERTA)
 
 
 def torch_home(cache: Path) -> Path:
@@ -66,8 +84,11 @@ def build(cache: Path) -> None:
     for repo, kind in FROM_TINY.items():
         folder = tiny_model_dir(kind)
         put(cache, "model", repo, {p.name: p for p in folder.iterdir() if p.is_file()})
+    llama = tiny_model_dir("llama-base")
+    put(cache, "model", LLAMA_TOKENIZER, {p.name: p for p in llama.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))})
     with tempfile.TemporaryDirectory() as tmp:
-        for repo, builder in ((DEBERTA_RM, _deberta_rm), (ROBERTA_HATE, _roberta_hate), (BERT, _bert_base)):
+        for repo, builder in ((DEBERTA_RM, _deberta_rm), (OASST_PYTHIA_RM, _oasst_pythia_rm), (ROBERTA_HATE, _roberta_hate), (BERT, _bert_base),
+                              (ROBERTA, _roberta_base)):
             out = Path(tmp) / repo.replace("/", "--")
             out.mkdir()
             torch.manual_seed(0)
@@ -76,7 +97,11 @@ def build(cache: Path) -> None:
         checkpoints = torch_home(cache) / "hub" / "checkpoints"
         checkpoints.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        torch.save(_detoxify_checkpoint(Path(tmp) / BERT / "config.json"), checkpoints / DETOXIFY_CKPT)
+        from farm.label.scorers import DETOXIFY_CLASSES
+
+        torch.save(_detoxify_checkpoint(BERT, Path(tmp) / BERT / "config.json", DETOXIFY_CLASSES), checkpoints / DETOXIFY_CKPT)
+        torch.manual_seed(0)
+        torch.save(_detoxify_checkpoint(ROBERTA, Path(tmp) / ROBERTA / "config.json", DETOXIFY_UNBIASED_CLASSES), checkpoints / DETOXIFY_UNBIASED_CKPT)
     marker.write_text("built\n")
 
 
@@ -122,23 +147,63 @@ def _deberta_rm(out: Path) -> None:
     _save(DebertaV2ForSequenceClassification(config), out)
 
 
-def _roberta_hate(out: Path) -> None:
+def _oasst_pythia_rm(out: Path) -> None:
+    import torch
+    from tokenizers import AddedToken
+    from tiny_models import HUGE, _byte_level_bpe
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    eos, pad = "<|endoftext|>", "<|padding|>"
+    tok = _byte_level_bpe([eos, pad], 1000)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in OASST_TOKENS])
+    tok.save(str(out / "tokenizer.json"))
+    specials = dict(bos_token=eos, eos_token=eos, pad_token=pad, sep_token=eos, unk_token=eos, additional_special_tokens=OASST_TOKENS)
+    _write_json(out / "special_tokens_map.json", specials)
+    _write_json(out / "tokenizer_config.json", dict(specials, add_prefix_space=False, model_max_length=HUGE, tokenizer_class="GPTNeoXTokenizer"))
+    body = dict(
+        vocab_size=tok.get_vocab_size() + 6,  # the real embedding is larger than the vocabulary too (50288)
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=2048,
+        rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, tie_word_embeddings=False,
+        hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0,
+    )
+    neox = GPTNeoXModel(GPTNeoXConfig(**body))
+    head = torch.nn.Linear(32, 1)
+    torch.nn.init.normal_(head.bias, std=1.0)  # a bias that matters: transformers' own `score` has none
+    state = {**{f"gpt_neox.{k}": v for k, v in neox.state_dict().items()}, **{f"out_proj.{k}": v for k, v in head.state_dict().items()}}
+    torch.save(state, out / "pytorch_model.bin")
+    _write_json(out / "config.json", dict(body, architectures=["GPTNeoXRewardModel"], model_type="gpt_neox_reward_model",
+                                          pooling="last", torch_dtype="float32"))
+
+
+def _roberta_files(out: Path, **config):
+    """A RoBERTa repository's tokenizer files (vocab.json + merges.txt, no tokenizer.json) and its config."""
     from tokenizers import AddedToken
     from tiny_models import _byte_level_bpe, _write_vocab_merges
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+    from transformers import RobertaConfig
 
     tok = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"], 1000)
     tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
-    _write_vocab_merges(tok, out)  # the repository has no tokenizer.json
+    _write_vocab_merges(tok, out)
     specials = dict(bos_token="<s>", cls_token="<s>", eos_token="</s>", mask_token="<mask>", pad_token="<pad>", sep_token="</s>", unk_token="<unk>")
     _write_json(out / "tokenizer_config.json", dict(specials, add_prefix_space=False, errors="replace", model_max_length=512, tokenizer_class="RobertaTokenizer"))
     _write_json(out / "special_tokens_map.json", specials)
-    config = RobertaConfig(
+    return RobertaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1}, architectures=["RobertaForSequenceClassification"],
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **config,
     )
+
+
+def _roberta_hate(out: Path) -> None:
+    from transformers import RobertaForSequenceClassification
+
+    config = _roberta_files(out, id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1},
+                            architectures=["RobertaForSequenceClassification"])
     _save(RobertaForSequenceClassification(config), out)
+
+
+def _roberta_base(out: Path) -> None:
+    """roberta-base's config and tokenizer (Detoxify "unbiased" builds the model from its own checkpoint)."""
+    _roberta_files(out, architectures=["RobertaForMaskedLM"]).to_json_file(out / "config.json")
 
 
 def _bert_base(out: Path) -> None:
@@ -164,20 +229,21 @@ def _bert_base(out: Path) -> None:
                max_position_embeddings=512, architectures=["BertForMaskedLM"]).to_json_file(out / "config.json")
 
 
-def _detoxify_checkpoint(bert_config: Path) -> dict:
-    """What Detoxify's "original" checkpoint holds: its training config (the base model's hub id, the
-    class names) and a BertForSequenceClassification state dict over the mirrored bert-base-uncased."""
-    from transformers import BertConfig, BertForSequenceClassification
+def _detoxify_checkpoint(base: str, config_file: Path, classes: tuple[str, ...]) -> dict:
+    """What a Detoxify checkpoint holds: its training config (the base model's hub id, its classifier and
+    tokenizer classes, the class names) and the classifier's state dict over the mirrored base. "original":
+    BERT over bert-base-uncased, Jigsaw's 6 classes; "unbiased": RoBERTa over roberta-base, Jigsaw Unintended
+    Bias's 16 columns (7 toxicity subtypes, 9 identities)."""
+    import transformers
 
-    from farm.label.scorers import DETOXIFY_CLASSES
-
-    config = BertConfig.from_json_file(bert_config)
-    config.num_labels = len(DETOXIFY_CLASSES)
+    arch = {BERT: "Bert", ROBERTA: "Roberta"}[base]
+    config = getattr(transformers, f"{arch}Config").from_json_file(config_file)
+    config.num_labels = len(classes)
     return {
         "config": {
-            "arch": {"type": "BERT", "args": {"model_type": BERT, "model_name": "BertForSequenceClassification",
-                                              "tokenizer_name": "BertTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
-            "dataset": {"args": {"classes": list(DETOXIFY_CLASSES)}},
+            "arch": {"type": arch, "args": {"model_type": base, "model_name": f"{arch}ForSequenceClassification",
+                                            "tokenizer_name": f"{arch}Tokenizer", "num_classes": len(classes)}},
+            "dataset": {"args": {"classes": list(classes)}},
         },
-        "state_dict": BertForSequenceClassification(config).state_dict(),
+        "state_dict": getattr(transformers, f"{arch}ForSequenceClassification")(config).state_dict(),
     }
