@@ -47,8 +47,11 @@ def test_install_routes_trls_fused_head_and_keeps_the_chunked_kernel_past_the_si
     import trl.trainer.utils as trl_utils
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    for name in ("_ChunkedLogProbFunction", "_use_triton"):  # undone after the test
-        monkeypatch.setattr(trl_utils, name, getattr(trl_utils, name))
+    from trl.kernels import chunked_logprob
+
+    # TRL as shipped, whatever an earlier test of this process installed; undone after the test.
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()  # no dropout
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))

@@ -188,14 +188,15 @@ def test_diversity_study_builds_rankings_once_and_reports_reward(tmp_path, write
     doc["stages"]["rankings"].update(samples=1, generation={"do_sample": True, "max_new_tokens": 8, "batch_size": 64})
     doc["stages"]["policy"].update(max_steps=3, batch_size=4)
     doc["eval"].update(limit=8, generation={"max_new_tokens": 8})
-    doc["grid"] = {"stages.policy.kind": ["pro", "sft"], "stages.policy.data.transforms.0.ranking_length": [2, 3],
+    doc["grid"] = {"stages.policy.objective": ["pro", "sft"], "stages.policy.data.transforms.0.ranking_length": [2, 3],
                    "stages.policy.data.transforms.0.num_prompts": [30], "seed": [1]}
     doc["report"]["tables"][0]["where"] = "budget == 30"
     results = tmp_path / "results"
     farm("run", write_study(doc), "--results", results)
     df = pd.read_csv(results / "diversity" / "table.csv").set_index("trial")
     assert (df["status"] == "ok").all() and len(df) == 4
-    assert df["reward"].between(0, 100).all() and df["bleu"].ge(0).all()
+    assert df["reward"].between(0, 100).all() and df["bleu"].between(0, 1).all() and df["sacrebleu"].ge(0).all()
+    assert (df["selected_step"] == 3).all()  # every 10 steps and the last: of 3 steps, the last is the only candidate
     # The same 30 prompts at both lengths: one prompt diversity, stored with every trial.
     assert df["prompt_diversity"].nunique() == 1 and df["prompt_diversity"].iloc[0] > 0
     store = results / ".store" / "artifacts"
@@ -204,7 +205,7 @@ def test_diversity_study_builds_rankings_once_and_reports_reward(tmp_path, write
     rankings = read_records(next(store.glob("rank-*")) / "records.jsonl")
     assert all(len(r.responses) == 3 and list(r.rewards) == sorted(r.rewards, reverse=True) for r in rankings)
     md = (results / "diversity" / "report.md").read_text()
-    assert "Reward at equal annotation budget: published" in md and "reward against prompt diversity" in md
+    assert "Reward at equal annotation budget: published" in md and "reward (0-1) against prompt diversity" in md
 
 
 # ---------------------------------------------------------------- the reference's metrics
