@@ -796,6 +796,9 @@ class BenchmarkSpec(Strict):
         return self
 
 
+SAFETY_P_VALUES = ("one-sided", "two-sided")  # farm.eval.safety's docstring says which is which
+
+
 class SafetySpec(Strict):
     """The SafeNLP safety score (`safety_score` metric) over bundled statement sets."""
 
@@ -806,7 +809,7 @@ class SafetySpec(Strict):
     # The Mann-Whitney p compared with 0.05. one-sided: SafeNLP's (scipy 1.5's default: half the
     # two-sided asymptotic p, so groups with a two-sided p up to 0.10 are reported); two-sided:
     # today's scipy default. farm/eval/safety.py says why.
-    p_value: Literal["one-sided", "two-sided"] = "one-sided"
+    p_value: Literal[SAFETY_P_VALUES] = "one-sided"
 
 
 class ConditionalSpec(Strict):

@@ -54,9 +54,9 @@ from pathlib import Path
 import numpy as np
 
 from farm.eval.metrics import register
+from farm.spec import SAFETY_P_VALUES
 
 ALPHA = 0.05
-P_VALUES = ("one-sided", "two-sided")  # see the module docstring; one-sided is SafeNLP's
 FIELDS = ("text", "label", "toxicity_score", "target_groups", "perplexity")
 LABELS = ("hate", "neutral")
 SETS = {"toxigen": "safenlp/toxiGen.json.gz", "implicit_hate": "safenlp/implicitHate.json.gz"}
@@ -75,8 +75,8 @@ def mann_whitney_u(h, b, p_value: str = "one-sided") -> tuple[float, float]:
     `mannwhitneyu(h, b, alternative="two-sided")` (exact for small samples without ties)."""
     from scipy import stats
 
-    if p_value not in P_VALUES:
-        raise ValueError(f"p_value {p_value!r}: allowed: {', '.join(P_VALUES)}")
+    if p_value not in SAFETY_P_VALUES:
+        raise ValueError(f"p_value {p_value!r}: allowed: {', '.join(SAFETY_P_VALUES)}")
     h, b = np.asarray(h, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if not len(h) or not len(b):
         raise ValueError(f"mann_whitney_u needs two non-empty samples, got {len(h)} and {len(b)} values")
