@@ -43,7 +43,7 @@ rehearse: $(STAMP)
 bench: $(STAMP)
 	export RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
 	fail=0; t0=$$(date +%s); \
-	for b in farm_overhead stage_reuse label_throughput batched_scoring bench_stage_overhead step_efficiency sentence_split; do \
+	for b in farm_overhead stage_reuse label_throughput batched_scoring bench_stage_overhead step_efficiency sentence_split plan_hash; do \
 		echo "== bench/$$b.py"; start=$$(date +%s); \
 		$(BIN)/python bench/$$b.py || fail=1; \
 		echo "($$b: $$(( $$(date +%s) - start ))s)"; echo; \

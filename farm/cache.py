@@ -23,14 +23,19 @@ import uuid
 import warnings
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from filelock import FileLock
 from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
 
-# Bump a kind's version when its code changes what it produces: old artifacts stop matching.
+# Bump a kind's version when its code changes what it produces: old artifacts stop matching. The bundled
+# assets (farm/assets: data samples, tokenizers, constitutions, benchmark copies) count as that code: they
+# change only with the farm, in the same commits, so a change to what one holds bumps the versions of the
+# kinds that read it. They are not hashed into keys as a user's own files are (`content`): which stage
+# reads which asset is the code's knowledge, and a hash of the whole folder would rebuild every stage of
+# every study whenever any asset changed.
 VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 2, "ai_feedback": 1, "eval": 2, "label": 1}
 MARKER = "farm-artifact.json"
 CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
@@ -46,6 +51,11 @@ LEASE_POLL = 5.0
 # What S3 answers a conditional request that lost: its precondition failed (412), a concurrent conditional
 # write to the same key won (409), or `If-Match` named an object that is gone (404).
 LOST = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
+DIGESTS = "digests.json"  # under cache_dir(): {absolute path: [size, mtime_ns, ctime_ns, inode, sha256]}
+# A file changed this shortly before it was read may change again within the same timestamp tick (many
+# filesystems keep coarser times than ns) with its size: its digest is not cached, the next plan reads it.
+RACY_NS = 2 * 10**9
+_digests: dict[str, dict] = {}  # {cache file: its entries}, loaded once per process
 
 
 def digest(obj) -> str:
@@ -62,6 +72,8 @@ class PlannedStage:
     seed: int
     users: tuple[str, ...] = ()  # ids of the trials of the study that need this artifact
     refs: tuple[tuple[str, str, str], ...] = ()  # (name, kind, key) of the other stages it reads
+    label: str | None = None  # the labelling run whose scores its data reads
+    doc: dict = field(default_factory=dict, compare=False, repr=False)  # what `key` hashes (farm plan --why)
 
 
 @dataclass(frozen=True)
@@ -71,71 +83,84 @@ class TrialPlan:
     labels: tuple[PlannedStage, ...] = ()  # labelling runs the stages' and the eval's data need first
     evaluated: str | None = None  # the stage whose model is evaluated; None: the base model
     eval_refs: tuple[tuple[str, str, str], ...] = ()  # stages the eval reads (a judge reward model)
+    eval_label: str | None = None  # the labelling run whose scores the eval reads
+    eval_doc: dict = field(default_factory=dict, compare=False, repr=False)  # what `eval_key` hashes
 
     def stage(self, name: str | None) -> PlannedStage | None:
         return next((s for s in self.stages if s.name == name), None)
 
 
-def label_key(data) -> str:
-    """The labelling stage's key: which rows (the sources) and which scorers; not how the
-    pipeline is sized (batch size, actors), which changes no score."""
-    return digest(
-        {
-            "kind": "label",
-            "version": VERSIONS["label"],
-            "sources": [s.model_dump(mode="json") for s in data.sources],
-            "labels": [lab.model_dump(mode="json", include={"scorer", "model", "prefix"}) for lab in data.labels],
-        }
-    )
-
-
-def labelled_data(study) -> dict:
-    """{label key: data spec} of every labelled data spec a trial reads: its stages' and the study's."""
-    specs = [s.data or study.data for s in study.stages.values()] + [study.data]
-    return {label_key(d): d for d in specs if d.labels}
+def label_doc(data) -> dict:
+    """What the labelling stage's key hashes: which rows (the sources, local files by content) and
+    which scorers; not how the pipeline is sized (batch size, actors), which changes no score."""
+    files = {f: d for f, d in content(data).items() if f.startswith(("sources.", "labels."))}
+    return {
+        "kind": "label",
+        "version": VERSIONS["label"],
+        "sources": [s.model_dump(mode="json") for s in data.sources],
+        "labels": [lab.model_dump(mode="json", include={"scorer", "model", "prefix"}) for lab in data.labels],
+        **({"files": files} if files else {}),
+    }
 
 
 def plan_trial(study) -> TrialPlan:
     """Each stage keyed by its config, its data, its seed and the keys of every stage it reads:
-    the model it starts from and the stages its fields name (a judge, a generator, built records)."""
+    the model it starts from and the stages its fields name (a judge, a generator, built records).
+    Every local file or folder enters by content (`content`), hashed here, on the driver: a worker
+    takes the keys from the plan and hashes nothing."""
     from farm.spec import input_stage
 
-    base = digest({"model": study.model.model_dump(mode="json")})
+    content(study)  # any local input that cannot be read: an error naming its field in the study file
+    model_files = content(study.model, "model.")
+    base = {"model": study.model.model_dump(mode="json"), **({"files": model_files} if model_files else {})}
     planned: dict[str, PlannedStage] = {}
+    labels: dict[str, dict] = {}  # {key: doc} of the labelling runs the trial's data needs
     for name, stage in study.stages.items():
         seed = study.seed if stage.seed is None else stage.seed
         start = planned.get(input_stage(study.stages, name))
         refs = _refs(stage.refs(), planned)
-        key = digest(
-            {
-                "kind": stage.kind,
-                "version": VERSIONS[stage.kind],
-                "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault", "input", "gradient_checkpointing", "checkpoint_every"}),
-                "data": data_key(stage.data or study.data),
-                "seed": seed,
-                "input": start.key if start else base,
-                "refs": [key for _, _, key in refs],
-                **stage.key_extra(),
-            }
-        )
-        planned[name] = PlannedStage(name, stage.kind, key, start and start.key, start and start.kind, seed, refs=refs)
+        data = stage.data or study.data
+        doc = {
+            "kind": stage.kind,
+            "version": VERSIONS[stage.kind],
+            "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault", "input", "gradient_checkpointing", "checkpoint_every"}),
+            "data": data_key(data),
+            "seed": seed,
+            "input": start.key if start else base,
+            "refs": [key for _, _, key in refs],
+            **stage.key_extra(),
+        }
+        label = _label(data, labels)
+        planned[name] = PlannedStage(name, stage.kind, digest(doc), start and start.key, start and start.kind, seed, refs=refs, label=label, doc=doc)
     evaluated = planned.get(study.evaluated())
     reference = planned.get(input_stage(study.stages, evaluated.name)) if evaluated else None
     eval_refs = _refs(study.eval.refs(), planned)
-    eval_key = digest(
-        {
-            "kind": "eval",
-            "version": VERSIONS["eval"],
-            "eval": study.eval.model_dump(mode="json", exclude={"resources"}),  # where it runs changes nothing
-            "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if study.data.labels else set())),
-            # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
-            "model": evaluated.key if evaluated else digest({"base": base, "seed": study.seed}),
-            "reference": reference.key if reference else base,
-            "refs": [key for _, _, key in eval_refs],
-        }
-    )
-    labels = tuple(PlannedStage("label", "label", key, None, None, 0) for key in labelled_data(study))
-    return TrialPlan(tuple(planned.values()), eval_key, labels, evaluated and evaluated.name, eval_refs)
+    # The refusal phrases are read by the harmlessness metric alone: an eval without it keeps its key.
+    unread = set() if "harmlessness" in study.eval.metrics else {"refusals"}
+    files = {**content(study.eval, "eval."), **{f: d for f, d in content(study.data, "data.").items() if f.startswith(("data.sources.", "data.labels."))}}
+    eval_doc = {
+        "kind": "eval",
+        "version": VERSIONS["eval"],
+        "eval": study.eval.model_dump(mode="json", exclude={"resources"} | unread),  # where it runs changes nothing
+        "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if study.data.labels else set())),
+        # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
+        "model": evaluated.key if evaluated else {"base": base, "seed": study.seed},
+        "reference": reference.key if reference else base,
+        "refs": [key for _, _, key in eval_refs],
+        **({"files": files} if files else {}),
+    }
+    eval_label = _label(study.data, labels)
+    runs = tuple(PlannedStage("label", "label", key, None, None, 0, doc=doc) for key, doc in labels.items())
+    return TrialPlan(tuple(planned.values()), digest(eval_doc), runs, evaluated and evaluated.name, eval_refs, eval_label, eval_doc)
+
+
+def _label(data, labels: dict) -> str | None:
+    """The key of the labelling run `data` needs (None: it has no labels), added to `labels`."""
+    if not data.labels:
+        return None
+    doc = label_doc(data)
+    labels.setdefault(digest(doc), doc)
+    return digest(doc)
 
 
 def _refs(fields: dict[str, str], planned: dict) -> tuple:
@@ -146,10 +171,119 @@ def _refs(fields: dict[str, str], planned: dict) -> tuple:
 
 def data_key(data) -> dict:
     """The data spec as it affects the rows: a transform at rate 0 changes nothing, so it is
-    left out (each kept transform keeps its position, which seeds its random draws)."""
+    left out (each kept transform keeps its position, which seeds its random draws); local files
+    by content."""
     doc = data.model_dump(mode="json")
     doc["transforms"] = [(i, t) for i, t in enumerate(doc["transforms"]) if t.get("rate", 1) != 0]
+    kept = {f"transforms.{i}." for i, _ in doc["transforms"]}
+    files = {f: d for f, d in content(data).items() if not f.startswith("transforms.") or f.startswith(tuple(kept))}
+    if files:
+        doc["files"] = files
     return doc
+
+
+def local_inputs(spec, where: str = "") -> dict[str, str]:
+    """{field: value} of the fields of `spec` (a model of the study file) and of the models in it
+    that name a local file or folder: the fields its class lists in `paths`, when the value looks
+    like a path (./..., /..., ~...) or is an existing file (`mydata.jsonl`). A name the farm
+    resolves otherwise (a stage, a hub id, a bundled constitution) is neither."""
+    from pydantic import BaseModel
+
+    from farm.spec import looks_like_path
+
+    found = {}
+    for name in type(spec).model_fields:  # (not pydantic's iteration: planning walks every trial's study a few times)
+        value = getattr(spec, name)
+        if isinstance(value, str):
+            if name in spec.paths and (looks_like_path(value) or Path(value).expanduser().is_file()):
+                found[f"{where}{name}"] = value
+        elif isinstance(value, BaseModel):
+            found.update(local_inputs(value, f"{where}{name}."))
+        elif isinstance(value, (list, tuple, dict)):
+            for i, item in value.items() if isinstance(value, dict) else enumerate(value):  # sources, stages
+                if isinstance(item, BaseModel):
+                    found.update(local_inputs(item, f"{where}{name}.{i}."))
+    return found
+
+
+def content(spec, where: str = "") -> dict[str, dict]:
+    """{field: {"path": value, "sha256": digest}} of every local file or folder `spec` names
+    (`local_inputs`); one that cannot be read is a StudyError naming the field."""
+    from farm.spec import StudyError
+
+    out = {}
+    for name, value in local_inputs(spec, where).items():
+        try:
+            out[name] = {"path": value, "sha256": content_digest(value)}
+        except OSError as e:
+            raise StudyError(f"{name}: {value!r} cannot be read: {e.strerror or e}") from None
+    return out
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes; of a folder, of the lines `<sha256>  <path in the folder>` of its
+    files, sorted (as `sha256sum` prints them). Names starting with a dot are left out: `.git`,
+    the `.cache` the hub writes into a downloaded folder, editors' swap files. A file's digest is
+    cached by its path, size, mtime, ctime and inode (`DIGESTS`), so a plan reads again only the
+    files that changed: a 7B model's weights, or a 1 GB data file, are read once."""
+    path = Path(path).expanduser().absolute()
+    cached = _digest_cache()
+    new: dict[str, list] = {}
+    if path.is_dir():
+        files = []
+        for root, dirs, names in os.walk(path, followlinks=True):  # links followed: a hub snapshot's files are links
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [Path(root, n).relative_to(path).as_posix() for n in names if not n.startswith(".")]
+        files.sort()
+        manifest = "".join(f"{_file_digest(path / f, cached, new)}  {f}\n" for f in files)
+        out = hashlib.sha256(manifest.encode()).hexdigest()
+    else:
+        out = _file_digest(path, cached, new)
+    if new:
+        _save_digests(new)
+    return out
+
+
+def _file_digest(path: Path, cached: dict, new: dict) -> str:
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    entry = cached.get(str(path))
+    if entry and entry[:4] == stamp:
+        return entry[4]
+    start = time.time_ns()
+    sha = sha256_file(path)
+    if start - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+        cached[str(path)] = new[str(path)] = [*stamp, sha]
+    return sha
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest_cache() -> dict:
+    file = str(cache_dir() / DIGESTS)
+    if file not in _digests:
+        try:
+            _digests[file] = json.loads(Path(file).read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: every file is hashed again
+            _digests[file] = {}
+    return _digests[file]
+
+
+def _save_digests(new: dict) -> None:
+    """Merge `new` into the cache file, whose entries another driver may have added meanwhile.
+    A cache that cannot be written costs time, not correctness: a warning, and the plan goes on."""
+    file = cache_dir() / DIGESTS
+    try:
+        try:
+            on_disk = json.loads(file.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        atomic_write(file, json.dumps({**on_disk, **new}).encode())
+    except OSError as e:
+        warnings.warn(f"could not write the cache of file digests {file}: {e}; the next plan reads local inputs again", stacklevel=2)
 
 
 def plan_study(trials) -> dict[str, TrialPlan]:
@@ -164,6 +298,34 @@ def plan_study(trials) -> dict[str, TrialPlan]:
         return tuple(dataclasses.replace(s, users=tuple(users[s.key])) for s in stages)
 
     return {tid: dataclasses.replace(p, stages=shared(p.stages), labels=shared(p.labels)) for tid, p in plans.items()}
+
+
+# The libraries whose versions each artifact's marker records. Not in the key (docs/ARCHITECTURE.md): a
+# patch release would rebuild every artifact; the farm's own changes to what a kind makes bump VERSIONS.
+LIBRARIES = ("torch", "transformers", "trl", "peft", "farm")
+
+
+def library_versions() -> dict[str, str]:
+    """{library: version} of LIBRARIES installed in this process (importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def version_drift(made: dict | None, now: dict[str, str]) -> list[str]:
+    """A note ("transformers 4.57.1 (now 5.24.0)") for each library whose major.minor differs between
+    the versions an artifact was made with (`made`, from its marker) and `now`. A patch release is
+    taken to change no result; a minor one may (a new default, a changed kernel), so reuse says so."""
+    def minor(v: str) -> list[str]:
+        return v.split("+")[0].split(".")[:2]
+
+    return [f"{name} {v} (now {now[name]})" for name, v in (made or {}).items() if name in now and minor(v) != minor(now[name])]
 
 
 class Store:
@@ -295,7 +457,7 @@ class Store:
         tmp.mkdir(parents=True)
         try:
             yield tmp
-            marker = {**record, "key": key, "kind": kind}
+            marker = {**record, "versions": library_versions(), "key": key, "kind": kind}
             if self.uri:
                 self._publish(tmp, kind, key, marker)
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from farm.spec import DEFAULT_PROFILE, StudyError, load_study
+from farm.spec import DEFAULT_PROFILE, LabelSpec, StudyError, load_study
 
 # Quiet, offline-friendly defaults for every process Ray starts from this driver.
 WORKER_ENV = {
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="the model size both throughput figures are for (default: 7e9)")
     plan.add_argument("--gen-throughput", type=float, default=1500, metavar="TOKENS_PER_S",
                       help="generated tokens/s per GPU at --throughput-params (default: 1500, batched HF generate of a 7B model)")
+    plan.add_argument("--why", metavar="STAGE",
+                      help="print only the full key document of STAGE (a stage name, eval, label, or a key) as JSON: "
+                      "what its key hashes, local inputs by sha256; one entry per distinct key across the trials")
     plan.set_defaults(func=cmd_plan)
 
     report = sub.add_parser("report", help="rebuild the table and report of a study from its results")
@@ -159,22 +163,31 @@ def cmd_plan(args) -> int:
     from farm.cache import Store, plan_study
     from farm.estimate import Rates, estimate_study
 
-    trials = _load(args)
+    from farm.preflight import pin
+
+    trials, unpinned = pin(_load(args))  # every hub input at a commit: the keys hold it
+    for e, fields in unpinned.items():
+        print(f"farm: warning: not pinned to a commit (the keys below hold the revision as given): {e} (at {', '.join(fields)})", file=sys.stderr)
     plans = plan_study(trials)
     store = Store(_storage(args))
+    if args.why:
+        return _why(args.why, trials, plans, store)
     study = trials[0].study
     chains = _distinct(" -> ".join(t.study.stages) or "none (the base model)" for t in trials)
     print(f"study {study.name} (profile {args.profile}): {len(trials)} trials, stages {' | '.join(chains)}")
     unique: dict[str, bool] = {}
+    shown: set[str] = set()
     for t in trials:
         print(f"\n{t.id}")
-        for s in (*plans[t.id].labels, *plans[t.id].stages):
-            done = store.done(s.kind, s.key)
-            unique[s.key] = done
-            share = f", shared by {len(s.users)} trials" if len(s.users) > 1 else ""
-            print(f"  {s.name:<10} {s.kind:<17} {s.key}  {'cached' if done else 'to run'}{share}")
-        ev = plans[t.id].eval_key
-        print(f"  {'eval':<10} {'eval':<17} {ev}  {'cached' if store.done('eval', ev) else 'to run'}")
+        for name, kind, key, users, doc in _runs(plans[t.id]):
+            done = store.done(kind, key)
+            share = f", shared by {len(users)} trials" if len(users) > 1 else ""
+            print(f"  {name:<10} {kind:<17} {key}  {'cached' if done else 'to run'}{share}")
+            if done and key not in shown:  # what a reused artifact's key was made from, once per artifact
+                shown.add(key)
+                print("\n".join(f"  {'':<10} <- {line}" for line in _made_from(doc, plans[t.id])))
+            if kind != "eval":
+                unique[key] = done
     todo = sum(not d for d in unique.values())
     runs = sum(len(plans[t.id].labels) + len(plans[t.id].stages) for t in trials)
     print(f"\n{len(unique)} distinct stages ({runs} stage runs without reuse), {len(unique) - todo} cached, {todo} to run.")
@@ -203,6 +216,52 @@ def cmd_plan(args) -> int:
           f"{args.gen_throughput:,.0f} generated tokens/s, for a model of {_count(args.throughput_params, 'parameters')}, "
           "inversely with model size (--throughput, --gen-throughput, --throughput-params)")
     _print_memory(trials, plans)
+    return 0
+
+
+def _runs(plan) -> list[tuple]:
+    """(name, kind, key, users, key document) of a trial's labelling runs, stages and eval."""
+    stages = [(s.name, s.kind, s.key, s.users, s.doc) for s in (*plan.labels, *plan.stages)]
+    return [*stages, ("eval", "eval", plan.eval_key, (), plan.eval_doc)]
+
+
+def _made_from(doc: dict, plan) -> list[str]:
+    """What a key document holds besides the stage's own settings, a line each: the artifacts it
+    starts from and reads (by key), local files and folders (by sha256) and pinned hub commits."""
+    names = {s.key: s.name for s in plan.stages}
+    lines = []
+    for part in ("input", "model", "reference", "refs"):
+        for value in doc.get(part) if isinstance(doc.get(part), list) else [doc.get(part)]:
+            if isinstance(value, str):
+                lines.append(f"{part} {names.get(value, 'stage')} {value}")
+            elif isinstance(value, dict):  # the study's model itself (with the trial seed where it is built)
+                lines.append(f"{part} the base model {(value.get('model') or value['base']['model'])['base']}")
+
+    def walk(node, path: str) -> None:
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ():
+            if k == "files":
+                lines.extend(f"file {path}{field} {f['path']} sha256:{f['sha256']}" for field, f in v.items())
+            elif "revision" in str(k) and v:
+                lines.append(f"revision {path}{k} {json.dumps(v, sort_keys=True) if isinstance(v, dict) else v}")
+            else:
+                walk(v, f"{path}{k}.")
+
+    walk(doc, "")
+    return lines
+
+
+def _why(name: str, trials, plans, store) -> int:
+    """Print the key documents of the runs named `name` (a stage, eval, label, or a key) as JSON."""
+    found: dict[str, dict] = {}
+    for t in trials:
+        for run, kind, key, _, doc in _runs(plans[t.id]):
+            if name in (run, key):
+                entry = found.setdefault(key, {"stage": run, "kind": kind, "key": key, "cached": store.done(kind, key), "trials": [], "document": doc})
+                entry["trials"].append(t.id)
+    if not found:
+        names = _distinct(run for t in trials for run, *_ in _runs(plans[t.id]))
+        raise StudyError(f"--why: {name!r} is neither a stage of the study nor a key of its plan; its stages: {', '.join(names)}")
+    print(json.dumps(list(found.values()), indent=2, sort_keys=True))
     return 0
 
 
@@ -279,18 +338,20 @@ def cmd_run(args) -> int:
     from farm.cache import Store, plan_study
     from farm.results import finished, study_dir, write_trial
 
+    from farm import preflight
+
     trials = _load(args)  # all validation before Ray
+    trials, unpinned = preflight.pin(trials)  # every hub input at a commit, before the keys that hold it
     plans = plan_study(trials)
     results, storage = Path(args.results).resolve(), _storage(args)
     store = Store(storage)
     study = trials[0].study
     todo = [t for t in trials if not finished(results, t, plans[t.id])]
-    if todo:  # a misspelt or gated repository, an empty eval set: one line each, before Ray starts
-        from farm import preflight
-
-        preflight.check(todo, args.study, hub_checks=not args.no_preflight)
+    if todo:  # a misspelt or gated repository, an empty eval set, a revision the hub lacks: one line each, before Ray starts
+        preflight.check(todo, args.study, hub_checks=not args.no_preflight, unpinned=unpinned)
     if not args.ignore_memory_estimate:
         check_memory(todo, plans, store, args.study)  # a stage that cannot fit its GPU, before Ray starts
+    warn_version_drift(todo, plans, store)
     print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)")
     by_id = {t.id: t for t in trials}
 
@@ -299,8 +360,8 @@ def cmd_run(args) -> int:
 
     def on_complete(trial_id: str) -> None:
         plan = plans[trial_id]
-        metrics = store.marker("eval", plan.eval_key)["metrics"]
-        write_trial(results, by_id[trial_id], plan, "ok", metrics, stage_records(plan))
+        marker = store.marker("eval", plan.eval_key)
+        write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stage_records(plan), eval_versions=marker.get("versions"))
 
     def on_error(trial_id: str, trial) -> None:
         t = by_id[trial_id]
@@ -347,6 +408,25 @@ def cmd_run(args) -> int:
     print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 1 if failed else 0
+
+
+def warn_version_drift(trials, plans, store) -> None:
+    """One warning per finished artifact the trials reuse that was made under another major.minor
+    version of torch, transformers, trl, peft or the farm: versions are not in the keys
+    (docs/ARCHITECTURE.md), so the artifact is reused, and the user decides whether to rebuild it."""
+    from farm.cache import library_versions, version_drift
+
+    now, seen = library_versions(), set()
+    for t in trials:
+        p = plans[t.id]
+        for name, kind, key in [*((s.name, s.kind, s.key) for s in (*p.labels, *p.stages)), ("eval", "eval", p.eval_key)]:
+            if (kind, key) in seen:
+                continue
+            seen.add((kind, key))
+            drift = version_drift((store.marker(kind, key) or {}).get("versions"), now)
+            if drift:
+                print(f"farm: warning: reusing {name} ({kind}-{key}), made with {', '.join(drift)}; library versions are not in the "
+                      f"keys: remove {store.root}/artifacts/{kind}-{key} to rebuild it under these", file=sys.stderr)
 
 
 def start_ray(address: str | None, verbose: bool = False) -> None:
@@ -401,7 +481,7 @@ def cmd_report(args) -> int:
     if target.is_dir():
         try:
             trials, results = saved_trials(target), target.resolve().parent
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise StudyError(str(e)) from None
     else:
         trials, results = _load(args, target), Path(args.results).resolve()
@@ -455,11 +535,9 @@ def cmd_safety_score(args) -> int:
     return 0
 
 
-def parse_scorer(text: str, **pool) -> "LabelSpec":
+def parse_scorer(text: str, **pool) -> LabelSpec:
     """`[PREFIX=]NAME[:MODEL]` as a LabelSpec with the pool settings."""
     from pydantic import ValidationError
-
-    from farm.spec import LabelSpec
 
     prefix, eq, rest = text.partition("=")
     if not eq or ":" in prefix or "/" in prefix:  # an "=" inside the model path

@@ -1,5 +1,5 @@
-"""The Hugging Face hub, as the farm reaches it: repository files by id, and access checks whose
-errors name the repository and the fix.
+"""The Hugging Face hub, as the farm reaches it: repository files by id, the commit a revision is,
+and access checks whose errors name the repository and the fix.
 
 Everything goes through `huggingface_hub`, so its settings hold as they do for `transformers`:
 `HF_TOKEN` (or `huggingface-cli login`), `HF_ENDPOINT` (a mirror), `HF_HOME`/`HF_HUB_CACHE` (a cache
@@ -67,6 +67,27 @@ def snapshot(repo_id: str, repo_type: str = "dataset", revision: str | None = No
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - every hub failure is explained, none swallowed
+        raise explain(e, repo_id, repo_type, revision) from e
+
+
+def commit(repo_id: str, repo_type: str = "model", revision: str | None = None, cached: bool = False) -> str:
+    """The commit that `revision` (a branch, tag or commit; None: the default branch) of the repository
+    is: the hub's answer online; offline or with `cached`, the hub cache's (a branch's or tag's refs/
+    file, a commit's snapshot folder), the commit that a load from that cache reads."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+
+    try:
+        if not (cached or offline()):
+            return HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision).sha  # a commit the hub lacks fails here
+        if revision and REGEX_COMMIT_HASH.fullmatch(revision):
+            # A commit names itself (resolve_revision returns it unchecked): only its snapshot shows the cache has it.
+            if not (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "snapshots" / revision).is_dir():
+                raise LocalEntryNotFoundError(f"no snapshot of commit {revision} in the cache")
+            return revision
+        return HfApi().resolve_revision(repo_id, repo_type=repo_type, revision=revision, local_files_only=True).resolved
+    except Exception as e:  # noqa: BLE001
         raise explain(e, repo_id, repo_type, revision) from e
 
 

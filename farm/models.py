@@ -82,7 +82,7 @@ def bundled_corpus() -> list[str]:
     return texts
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: bool = True):
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: bool = True, revision: str | None = None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if name == "farm-bpe":
@@ -99,7 +99,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: bo
         raw.decoder = decoders.ByteLevel()
         tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS, bos_token=EOS)
     else:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     if not chat_template:
         # Saved with every artifact's tokenizer, so no later stage or eval turns it back on.
         tok.chat_template = None
@@ -120,7 +120,9 @@ def base_model(spec, seed: int, dtype=None):
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     dtype = dtype or torch.float32
-    tok = load_tokenizer(spec.tokenizer or spec.base, spec.trust_remote_code, spec.chat_template)
+    # A tokenizer of the base's own repository is read at the base's revision.
+    tok_revision = spec.tokenizer_revision if spec.tokenizer not in (None, spec.base) else spec.revision
+    tok = load_tokenizer(spec.tokenizer or spec.base, spec.trust_remote_code, spec.chat_template, tok_revision)
     if spec.base == "tiny-gpt2":
         cfg = GPT2Config(
             vocab_size=len(tok),
@@ -131,7 +133,7 @@ def base_model(spec, seed: int, dtype=None):
         )
         torch.manual_seed(seed)
         return GPT2LMHeadModel(cfg).to(dtype), tok
-    model = AutoModelForCausalLM.from_pretrained(spec.base, trust_remote_code=spec.trust_remote_code, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(spec.base, trust_remote_code=spec.trust_remote_code, dtype=dtype, revision=spec.revision)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     return model, tok
@@ -143,19 +145,20 @@ def base_model(spec, seed: int, dtype=None):
 BASE_FILE = "farm-base.json"
 
 
-def load_artifact(path, dtype=None, resolve=None, merge: bool = True):
+def load_artifact(path, dtype=None, resolve=None, merge: bool = True, revision: str | None = None):
     """(model, tokenizer) saved by a stage (a plain HF model folder, or a LoRA adapter with the
     name of its base), or a hub id, with weights in `dtype` (default fp32). An adapter is applied
     to its base (loaded the same way, recursively) and merged in memory, or, with merge=False,
     kept as a peft model (its adapter can then be disabled to give the base). `resolve(kind, key)`
-    is the store's path of a base artifact (default: beside this one, as a local store keeps it)."""
+    is the store's path of a base artifact (default: beside this one, as a local store keeps it);
+    `revision` the commit of a hub id."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
-    tok = _with_pad(AutoTokenizer.from_pretrained(str(path)))
+    tok = _with_pad(AutoTokenizer.from_pretrained(str(path), revision=revision))
     if not (Path(path) / BASE_FILE).is_file():
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), tok
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, revision=revision), tok
     return _apply_adapter(_adapter_base(Path(path), dtype, resolve), Path(path), merge), tok
 
 
@@ -194,12 +197,13 @@ def _apply_adapter(model, path: Path, merge: bool):
     return model.merge_and_unload() if merge else model
 
 
-def for_inference(path_or_id, resolve=None, reward: bool = False):
+def for_inference(path_or_id, resolve=None, reward: bool = False, revision: str | None = None):
     """(model, tokenizer) to score or generate with: on this process's device (farm.models.device)
-    in its inference dtype, in eval mode; a reward model (a sequence classifier) if `reward`."""
+    in its inference dtype, in eval mode; a reward model (a sequence classifier) if `reward`;
+    `revision`: the commit of a hub id (a study's `revisions`)."""
     dev = device()
     load = load_reward_model if reward else load_artifact
-    model, tok = load(path_or_id, inference_dtype(dev), resolve)
+    model, tok = load(path_or_id, inference_dtype(dev), resolve, revision=revision)
     return model.to(dev).eval(), tok
 
 
@@ -222,22 +226,22 @@ def as_reward_model(lm, tok, seed: int):
     return model
 
 
-def load_reward_model(path_or_id, dtype=None, resolve=None):
+def load_reward_model(path_or_id, dtype=None, resolve=None, revision: str | None = None):
     """(reward model, tokenizer): a sequence classifier with one output, saved by a `reward`
     stage (whole, or a LoRA adapter that carries the head) or from the hub (e.g. OpenAssistant's
-    reward models), in `dtype` (default fp32) and in eval mode."""
+    reward models) at `revision`, in `dtype` (default fp32) and in eval mode."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     dtype = dtype or torch.float32
-    tok = _with_pad(AutoTokenizer.from_pretrained(str(path_or_id)))
+    tok = _with_pad(AutoTokenizer.from_pretrained(str(path_or_id), revision=revision))
     if (Path(path_or_id) / BASE_FILE).is_file():
         # The head's initial weights do not matter: the adapter carries the trained head.
         model = _apply_adapter(as_reward_model(_adapter_base(Path(path_or_id), dtype, resolve), tok, 0), Path(path_or_id), merge=True)
-    elif (config := _config_dict(path_or_id)).get("model_type") == OASST_NEOX:
-        model = _oasst_neox_reward_model(path_or_id, config, tok, dtype)
+    elif (config := _config_dict(path_or_id, revision)).get("model_type") == OASST_NEOX:
+        model = _oasst_neox_reward_model(path_or_id, config, tok, dtype, revision)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path_or_id), dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path_or_id), dtype=dtype, revision=revision)
     if model.config.pad_token_id is None:  # a decoder finds each row's last token by the pad id
         model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
@@ -249,15 +253,15 @@ def load_reward_model(path_or_id, dtype=None, resolve=None):
 OASST_NEOX = "gpt_neox_reward_model"
 
 
-def _config_dict(path_or_id) -> dict:
+def _config_dict(path_or_id, revision: str | None = None) -> dict:
     import json
 
     from transformers.utils import cached_file
 
-    return json.loads(Path(cached_file(str(path_or_id), "config.json")).read_text())
+    return json.loads(Path(cached_file(str(path_or_id), "config.json", revision=revision)).read_text())
 
 
-def _oasst_neox_reward_model(path_or_id, config: dict, tok, dtype):
+def _oasst_neox_reward_model(path_or_id, config: dict, tok, dtype, revision: str | None = None):
     """OpenAssistant's GPTNeoXRewardModel as transformers' GPTNeoXForSequenceClassification: the same
     GPT-NeoX body, its `out_proj` (a Linear with a bias, which transformers' `score` lacks) as the
     score head, read at the last token of each row ("last" pooling: the final <|endoftext|>, found
@@ -278,7 +282,7 @@ def _oasst_neox_reward_model(path_or_id, config: dict, tok, dtype):
 
     body = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "pooling", "_name_or_path")}
     cfg = GPTNeoXConfig(**body, num_labels=1, pad_token_id=tok.pad_token_id)
-    return OasstRewardModel.from_pretrained(str(path_or_id), config=cfg, dtype=dtype, key_mapping={r"^out_proj": "score"})
+    return OasstRewardModel.from_pretrained(str(path_or_id), config=cfg, dtype=dtype, key_mapping={r"^out_proj": "score"}, revision=revision)
 
 
 def oasst_chat_ids(tok, prompt: str, response: str, limit: int) -> list[int]:
@@ -732,7 +736,11 @@ def _deepspeed_file(path) -> dict:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except OSError as e:
         raise ValueError(f"deepspeed config {str(path)!r} cannot be read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError as e:
+        from farm.spec import not_utf8
+
+        raise ValueError(f"deepspeed config {str(path)!r}: {not_utf8(e)}") from None
+    except json.JSONDecodeError as e:
         raise ValueError(f"deepspeed config {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"deepspeed config {str(path)!r} must hold a JSON object, not {type(doc).__name__}")

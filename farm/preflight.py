@@ -9,6 +9,9 @@ field that needs it and the fix. Offline, lm-eval's task datasets are looked for
 offline reads only that cache, never the hub cache. A study whose eval set would be empty is
 refused too (that needs no hub: it follows from the study file).
 
+Before all that, `pin` resolves each hub model and dataset the study reads to a commit and writes it
+into the study (its revision fields), so that the keys hold it and every load reads it.
+
 Also here: the runtime env that carries this process's hub settings (the token among them) to the
 workers of a running Ray cluster; the farm writes the token nowhere.
 """
@@ -20,13 +23,15 @@ import json
 import logging
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from farm import hub
-from farm.spec import BUILT_MODELS, BUNDLED_TOKENIZERS, SourceSpec, StudyError
+from farm.spec import BUILT_MODELS, BUNDLED_TOKENIZERS, SourceSpec, StudyError, included_tasks, hub_models
+from farm.spec import local_model_problem
 from farm.spec import looks_like_path as is_path
 
 # Every model the farm loads (causal LM, reward model, classifier) starts from its config.json; a
@@ -106,6 +111,102 @@ def hub_sources(study):
                     yield f"{where}.transforms.{j}.{key} [{value.name}]", value
 
 
+# ---------------------------------------------------------------- hub revisions, pinned
+
+
+def pins(study):
+    """(path of the field that holds its revision, repo id, repo type, the revision given or None) of
+    each hub model and dataset the study loads by id: model.base and model.tokenizer, the models its
+    stages and eval name (judges, reward models, generators, feedback models, a diversity tokenizer)
+    and hub dataset sources (a transform's too). Not here: the scorers' classifiers (loaded by name
+    inside the labelling pipeline and Detoxify) and lm-eval's task datasets (lm-eval reads them)."""
+    from farm.data.sources import hub_files
+
+    m = study.model
+    if hub_models({"base": m.base}):
+        yield ("model", "revision"), m.base, "model", m.revision
+    if m.tokenizer != m.base and hub_models({"tokenizer": m.tokenizer}):
+        yield ("model", "tokenizer_revision"), m.tokenizer, "model", m.tokenizer_revision
+    for name, stage in study.stages.items():
+        for repo in stage.hub_models(study.stages):
+            yield ("stages", name, "revisions", repo), repo, "model", stage.revisions.get(repo)
+    for repo in hub_models(study.eval.refs(), study.stages):
+        yield ("eval", "revisions", repo), repo, "model", study.eval.revisions.get(repo)
+    datas = [(("data",), study.data), *((("stages", n, "data"), s.data) for n, s in study.stages.items() if s.data)]
+    datas += [(("eval", "data"), study.eval.data)] if study.eval.data else []
+    for where, data in datas:
+        sources = [((*where, "sources", i), s) for i, s in enumerate(data.sources)]
+        sources += [((*where, "transforms", j, k), v) for j, t in enumerate(data.transforms) for k, v in t if isinstance(v, SourceSpec)]
+        for path, source in sources:
+            if source.origin == "hub":
+                repo, revision, _ = hub_files(source)
+                yield (*path, "revision"), repo, "dataset", revision
+
+
+def revisions(study) -> dict[str, str | None]:
+    """{repository: revision} of the hub inputs of a study (after `pin`: their commits), as the hub
+    names a repository in its URLs (datasets/owner/name for a dataset)."""
+    return {("datasets/" if kind == "dataset" else "") + repo: rev for _, repo, kind, rev in pins(study)}
+
+
+def pin(trials) -> tuple[list, dict[str, list[str]]]:
+    """The trials with each hub input (`pins`) at a commit, written into its revision field before
+    planning: stage and eval keys hash those fields, so a new commit on the hub makes new keys (a
+    rerun never reuses what the old one made), and every load reads that commit (`revision=`).
+    Online the hub names the commit of each revision (default: the default branch); offline
+    (HF_HUB_OFFLINE=1) or when the hub cannot be reached, the hub cache does. Also returns the
+    revisions that did not resolve ({the hub's error: the revision fields}), left as given: `check`
+    reports them with the repositories that cannot be read."""
+    studies = {id(t.study): t.study for t in trials}
+    wanted = {(repo, kind, rev) for s in studies.values() for _, repo, kind, rev in pins(s)}
+    if not wanted:
+        return trials, {}
+    cached = False
+    if not hub.offline():
+        from huggingface_hub import constants
+
+        from farm.label.scorers import hub_reachable
+
+        cached = not hub_reachable()  # one check, not one timeout per repository
+        if cached:
+            print(f"farm: warning: the hub at {constants.ENDPOINT} is not reachable: hub revisions are pinned to the hub cache's commits", file=sys.stderr)
+
+    def resolve(repo_kind_rev):
+        try:
+            return hub.commit(*repo_kind_rev, cached=cached)
+        except hub.HubError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
+        commits = dict(zip(wanted, pool.map(resolve, wanted)))
+    failed: dict[str, list[str]] = {}
+    pinned = {}
+    for key, study in studies.items():
+        for path, repo, kind, rev in pins(study):
+            found = commits[(repo, kind, rev)]
+            if isinstance(found, hub.HubError):
+                fields = failed.setdefault(str(found), [])
+                fields += [f for f in [".".join(map(str, path))] if f not in fields]
+            elif found != rev:
+                study = replace(study, path, found)
+        pinned[key] = study
+    return [t.model_copy(update={"study": pinned[id(t.study)]}) for t in trials], failed
+
+
+def replace(obj, path: tuple, value):
+    """A copy of the pydantic object `obj` with the value at `path` (field names, list indices, dict
+    keys) set to `value`: the objects along the path are copied, nothing changes in place (a default
+    instance may be shared by every study)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(obj, list):
+        return [*obj[:head], replace(obj[head], rest, value), *obj[head + 1:]]
+    if isinstance(obj, dict):
+        return {**obj, head: replace(obj.get(head), rest, value)}
+    return obj.model_copy(update={head: replace(getattr(obj, head), rest, value)})
+
+
 def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
     """The hub repositories the trials read, each with the fields that name it, and the problems
     found without the hub (a local path that does not exist, an lm-eval task that does not exist)."""
@@ -125,6 +226,8 @@ def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
             if is_path(name):
                 if not Path(name).expanduser().exists():
                     problems.append(f"{field}: path {name!r} does not exist")
+                elif problem := local_model_problem(Path(name).expanduser()):  # a field the spec does not check (diversity_tokenizer)
+                    problems.append(f"{field}: {problem}")
             else:
                 patterns = None if field.endswith("tokenizer") else MODEL_FILES
                 add(Repo(name, "model", None, patterns), field)
@@ -136,8 +239,8 @@ def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
                 continue
             add(Repo(repo_id, "dataset", revision, tuple(patterns) if patterns else None), field)
         bench = study.eval.benchmarks
-        if "benchmarks" in study.eval.metrics and bench.suite == "hub":
-            tasks.update(bench.tasks)
+        if "benchmarks" in study.eval.metrics and bench.suite == "hub":  # the study's own tasks (include) are no hub's
+            tasks.update(set(bench.tasks) - (included_tasks(bench.include) if bench.include else set()))
     if tasks:
         from importlib.metadata import version
 
@@ -343,14 +446,19 @@ def eval_problems(trials) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def check(trials, where: str, hub_checks: bool = True) -> None:
+def check(trials, where: str, hub_checks: bool = True, unpinned: dict[str, list[str]] | None = None) -> None:
     """Raise StudyError listing every problem the preflight finds (hub ones unless `hub_checks`
-    is off), one per line."""
+    is off), one per line, and the hub revisions `pin` could not resolve (`unpinned`) but for those
+    of a repository already named as unreadable; with `hub_checks` off those are only warned of."""
     empty = eval_problems(trials)
     unreadable = hub_problems(trials) if hub_checks else []
-    problems = empty + unreadable
+    unresolved = [f"{e} (at {', '.join(fields)})" for e, fields in (unpinned or {}).items() if not any(u.startswith(e) for u in unreadable)]
+    if not hub_checks:
+        for line in unresolved:
+            print(f"farm: warning: not pinned to a commit: {line}", file=sys.stderr)
+    problems = empty + unreadable + (unresolved if hub_checks else [])
     if problems:
-        skip = "; --no-preflight skips the hub checks" if unreadable else ""
+        skip = "; --no-preflight skips the hub checks" if len(problems) > len(empty) else ""
         raise StudyError(f"{where} (profile {trials[0].profile}): preflight found {len(problems)} problem(s), before starting Ray{skip}:\n"
                          + "\n".join(f"  - {p}" for p in problems))
 

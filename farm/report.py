@@ -259,7 +259,8 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
         title=study.name,
         description=study.description.strip(),
         summary=f"{n_ok} of {len(df)} trials finished. Axes: {', '.join(axes) or 'none'}. "
-        f"Intervals are 95% Student-t intervals of the mean across seeds.",
+        f"Intervals are 95% Student-t intervals of the mean across seeds."
+        + (" Scored on the dev rows (eval.rows: dev): a run that chooses settings, not the study's result." if study.eval.rows == "dev" else ""),
         failed=[(r["trial"], str(r.get("error", r["status"]))) for _, r in df[df["status"] != "ok"].iterrows()],
         config=yaml.safe_dump(config_doc, sort_keys=False),
         environment=environment(),
@@ -357,6 +358,9 @@ def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config
     from farm.eval.arena import ARENA_DIR
 
     report = build(study, df, axes, config_doc)
+    made_with, notes = provenance(out_dir)
+    report.environment.update(made_with)
+    report.notes += notes
     report.tables += arena_tables(out_dir / ARENA_DIR)
     for _, name, png in report.plots:
         atomic_write(out_dir / name, png)
@@ -543,6 +547,47 @@ def _bars(ax, ok, axes, axis, ys, by):
     ax.set(xlabel=axis, ylabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0])
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
+
+
+def provenance(out_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """From the trials' records (`*/metrics.json`): environment lines for the library versions the
+    study's artifacts (stages, labelling, evals) were made with and the hub commits its trials read,
+    and a note for each artifact made under another major.minor version than this environment's (a
+    rerun reuses it: versions are not in the keys)."""
+    import json
+    from collections import Counter
+
+    from farm.cache import library_versions, version_drift
+
+    made: dict[tuple[str, str], dict] = {}  # (kind, key) -> versions: an artifact shared by trials counts once
+    revisions: dict[str, set[str]] = {}
+    for path in sorted(Path(out_dir).glob("*/metrics.json")):
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not a trial's record (the table says which trials are missing)
+            continue
+        for record in (saved.get("stages") or {}).values():
+            if record and record.get("versions"):
+                made[(record["kind"], record["key"])] = record["versions"]
+        if saved.get("eval_versions"):
+            made[("eval", saved["eval_key"])] = saved["eval_versions"]
+        for repo, rev in (saved.get("revisions") or {}).items():
+            revisions.setdefault(repo, set()).add(str(rev))
+    env = {}
+    by_library: dict[str, Counter] = {}
+    for versions in made.values():
+        for name, v in versions.items():
+            by_library.setdefault(name, Counter())[v] += 1
+    if by_library:
+        env["artifacts made with"] = "; ".join(
+            f"{name} " + ", ".join(f"{v} ({n} artifact{'s' if n > 1 else ''})" if len(c) > 1 else v for v, n in sorted(c.items()))
+            for name, c in by_library.items())
+    if revisions:
+        env["hub revisions"] = "; ".join(f"{repo} @ {', '.join(sorted(revs))}" for repo, revs in sorted(revisions.items()))
+    now = library_versions()
+    notes = [f"artifact {kind}-{key} was made with {', '.join(drift)} and reused as is (library versions are not in the keys)"
+             for (kind, key), versions in made.items() if (drift := version_drift(versions, now))]
+    return env, notes
 
 
 def environment() -> dict[str, str]:

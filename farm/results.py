@@ -25,21 +25,27 @@ def study_dir(results: str | Path, study: str) -> Path:
     return Path(results) / study
 
 
-def write_trial(results: Path, trial, plan, status: str, metrics: dict, stages: dict, error: str | None = None) -> None:
+def write_trial(results: Path, trial, plan, status: str, metrics: dict, stages: dict, error: str | None = None,
+                eval_versions: dict | None = None) -> None:
+    """The trial's config and record: its metrics, each stage's marker (with the library versions
+    that made it), the versions that made its eval, and the commit of each hub input it read."""
+    from farm.preflight import revisions
+
     d = study_dir(results, trial.study.name) / trial.id
     config = {"id": trial.id, "profile": trial.profile, "axes": trial.axes, "study": trial.study.model_dump(mode="json")}
     atomic_write(d / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     write_json(
         d / "metrics.json",
-        {"trial": trial.id, "status": status, "eval_key": plan.eval_key, "metrics": metrics, "stages": stages, "error": error},
+        {"trial": trial.id, "status": status, "eval_key": plan.eval_key, "metrics": metrics, "stages": stages, "error": error,
+         "eval_versions": eval_versions, "revisions": revisions(trial.study)},
     )
 
 
 def finished(results: Path, trial, plan) -> dict | None:
     """The trial's saved metrics if it already finished with this exact plan."""
     try:
-        saved = json.loads((study_dir(results, trial.study.name) / trial.id / "metrics.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        saved = json.loads((study_dir(results, trial.study.name) / trial.id / "metrics.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):  # not JSON, or not UTF-8: not a finished trial's
         return None
     return saved if saved.get("status") == "ok" and saved.get("eval_key") == plan.eval_key else None
 
@@ -51,7 +57,13 @@ def saved_trials(d: Path) -> list:
     configs = sorted(Path(d).glob("*/config.yaml"))
     if not configs:
         raise FileNotFoundError(f"{d}: no trial folders with a config.yaml; is this a results/<study> folder?")
-    return [Trial.model_validate(yaml.safe_load(p.read_text())) for p in configs]
+    trials = []
+    for p in configs:
+        try:
+            trials.append(Trial.model_validate(yaml.safe_load(p.read_text(encoding="utf-8"))))
+        except (ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{p}: not a trial's config.yaml as `farm run` writes it: {str(e).splitlines()[0]}") from None
+    return trials
 
 
 def table(results: Path, trials) -> pd.DataFrame:

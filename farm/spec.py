@@ -7,6 +7,7 @@ becomes one `StudyError` naming the file, the field and what is allowed.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -33,8 +34,30 @@ class StudyError(Exception):
     """A study file the farm cannot run. The message names file, field and the fix."""
 
 
+# A study file is a few KB. One of megabytes is not the file meant, and YAML would take minutes on it.
+MAX_STUDY_BYTES = 4 * 2**20
+
+
+def not_utf8(e: UnicodeDecodeError) -> str:
+    """What to say of a file that is not UTF-8 text, from the decoder's error (which holds the bytes)."""
+    data, at = bytes(e.object), e.start
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        guess = "it looks like UTF-16: it starts with a UTF-16 byte order mark"
+    elif e.reason == "unexpected end of data":
+        guess = "it ends inside a character: a truncated file"
+    elif b"\x00" in data[:4096]:
+        guess = "it holds NUL bytes: a binary file, or UTF-16/32 text"
+    else:
+        guess = "a binary file, or text in another encoding such as latin-1 or cp1252"
+    return f"not UTF-8 text: byte 0x{data[at]:02x} at offset {at} is not UTF-8 ({guess}); save it as UTF-8"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields that may name a local file or folder. What it holds enters the keys of the stages and
+    # evaluations that read it (farm.cache.local_inputs), not its name: a field that takes a path
+    # and is missing here would let an edited file reuse a stale artifact.
+    paths: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -68,17 +91,23 @@ class SourceSpec(Strict):
     # name: file — a local .jsonl/.json/.csv/.parquet file read as `records` records, its
     # `columns` mapping each record field to a column of the file (default: the same name).
     path: str | None = None
+    paths: ClassVar[tuple[str, ...]] = ("path",)
     records: Literal["text", "demonstration", "comparison", "ranking"] | None = None
     columns: dict[str, str] = {}
     # name: stage — the records an earlier stage of the study built (a `rank` stage's rankings);
     # the study fills in their shape.
     stage: str | None = None
+    # origin: hub — the commit (or branch, tag) read; default: the hub's default branch (or its parquet
+    # conversion), which `farm plan` and `farm run` pin to its commit before planning (farm.preflight.pin).
+    revision: str | None = None
 
     def shape(self) -> str:
         return self.records if self.name in ("file", "stage") else registry.sources.get(self.name).shape
 
     @model_validator(mode="after")
     def _resolve(self) -> "SourceSpec":
+        if self.revision and (self.origin != "hub" or self.name in ("file", "stage")):
+            raise ValueError(f"revision: pins the commit of a source read from the hub (origin: hub); source {self.name} is not (remove revision)")
         if self.name == "file":
             return self._check_file()
         if self.name == "stage":
@@ -122,8 +151,13 @@ class SourceSpec(Strict):
             raise ValueError(f"file {self.path!r} does not exist")
         try:
             rows = read_file_rows(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"file {self.path!r}: {not_utf8(e)}") from None
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise ValueError(f"file {self.path!r} cannot be read: {type(e).__name__}: {e}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            bad = rows if not isinstance(rows, list) else next(r for r in rows if not isinstance(r, dict))
+            raise ValueError(f"file {self.path!r}: expected one JSON object (named columns) per row, found a {type(bad).__name__}")
         for field in FILE_FIELDS[self.records]:
             column = self.columns.get(field, field)
             if rows and column not in rows[0]:
@@ -216,6 +250,7 @@ class LabelSpec(Strict):
 
     scorer: str  # detoxify | vader | embedded_toxicity | roberta_hate
     model: str | None = None  # detoxify: original | unbiased | multilingual, or a local checkpoint file
+    paths: ClassVar[tuple[str, ...]] = ("model",)
     prefix: str = ""
     batch_size: int = Field(256, ge=1)  # rows per map_batches call
     actors: int = Field(1, ge=1)  # size of the scorer's actor pool
@@ -271,12 +306,18 @@ class DataSpec(Strict):
 
 class ModelSpec(Strict):
     base: str = "tiny-gpt2"  # a built model name, a hub id, or a local path
+    paths: ClassVar[tuple[str, ...]] = ("base", "tokenizer")
     config: dict[str, Any] = {}  # architecture overrides for a built model
     tokenizer: str | None = None  # farm-bpe | gpt2 | hub id | path; default: the base's own
     trust_remote_code: bool = False  # run code shipped with a hub model: only when the study says so
     # Prompt a model whose tokenizer has a chat template (Llama-2-chat) through it, in training and
     # in evaluation alike; false renders the raw HH transcript instead.
     chat_template: bool = True
+    # The commit (or branch, tag) of a hub base, and of a hub tokenizer from another repository (a
+    # tokenizer of the base's repository is read at `revision`); default: the default branch, which
+    # `farm plan` and `farm run` pin to its commit before planning (farm.preflight.pin).
+    revision: str | None = None
+    tokenizer_revision: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -290,15 +331,78 @@ class ModelSpec(Strict):
             raise ValueError(f"config applies only to built models ({', '.join(BUILT_MODELS)})")
         if built and self.tokenizer is None:
             object.__setattr__(self, "tokenizer", "farm-bpe")
+        if self.revision and not hub_models({"base": self.base}):
+            raise ValueError(f"revision: pins the commit of a hub model, and base {self.base!r} is not one (remove revision)")
+        if self.tokenizer_revision and self.tokenizer in (None, self.base):
+            raise ValueError("tokenizer_revision: the tokenizer is the base's own, read at revision; give that instead")
+        if self.tokenizer_revision and not hub_models({"tokenizer": self.tokenizer}):
+            raise ValueError(f"tokenizer_revision: pins the commit of a hub tokenizer, and tokenizer {self.tokenizer!r} is not one (remove it)")
         for field in ("base", "tokenizer"):
             value = getattr(self, field)
             if value and looks_like_path(value) and not Path(value).expanduser().exists():
                 raise ValueError(f"{field}: path {value!r} does not exist")
+            if value and looks_like_path(value) and (problem := local_model_problem(Path(value).expanduser())):
+                raise ValueError(f"{field}: {problem}")
         return self
 
 
 def looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~"))
+
+
+# Files of a model or tokenizer folder that transformers reads as UTF-8 text (configs, tokenizer
+# files, a chat template); .safetensors weights are a JSON header and the tensors it places.
+TEXT_FILES = (".json", ".txt", ".jinja")
+
+
+def local_model_problem(folder: Path) -> str | None:
+    """What is wrong with the bytes of a local model or tokenizer folder, or None. Its files are
+    read at load, inside Ray; a file of other bytes (not UTF-8, not JSON, a truncated weights file)
+    would end a trial in a traceback, so it is named here, before Ray starts."""
+    if not folder.is_dir():
+        return None
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in (*TEXT_FILES, ".safetensors"):
+            st = f.stat()
+            problem = _file_problem(str(f), st.st_size, st.st_mtime_ns)  # cached: every trial validates the same folder
+            if problem:
+                return f"{f}: {problem}"
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_problem(path: str, size: int, mtime_ns: int) -> str | None:
+    with open(path, "rb") as f:
+        if path.endswith(".safetensors"):  # 8 bytes of header length, the JSON header, the tensors' bytes
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= n <= size - 8:
+                return "not a safetensors file: its first 8 bytes give no header length that fits the file"
+            data = f.read(n)
+        else:
+            data = f.read()
+    try:
+        text = data.decode("utf-8")
+        doc = json.loads(text) if path.endswith((".json", ".safetensors")) else None
+    except UnicodeDecodeError as e:
+        return not_utf8(e)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON: {e}"
+    if path.endswith(".safetensors"):
+        try:
+            end = 8 + n + max((int(v["data_offsets"][1]) for k, v in doc.items() if k != "__metadata__"), default=0)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+            return "not a safetensors file: its header does not place its tensors"
+        if end != size:
+            return f"not a whole safetensors file: it has {size} bytes, and its header places {end} (truncated?)"
+    return None
+
+
+def hub_models(fields: dict[str, str | None], stages=()) -> list[str]:
+    """The hub ids among `fields`' values ({field: name}): the names that are no stage of the study
+    (`stages`), no built model, no local path, and in a tokenizer field no bundled tokenizer ("gpt2"
+    is a hub model as a base, the bundled files as a tokenizer)."""
+    return list(dict.fromkeys(v for f, v in fields.items() if v and v not in stages and v not in BUILT_MODELS and not looks_like_path(v)
+                              and not (f.endswith("tokenizer") and v in BUNDLED_TOKENIZERS)))
 
 
 class GenerationSpec(Strict):
@@ -393,6 +497,7 @@ class Select(Strict):
     every: int = Field(ge=1)
     limit: int | None = Field(None, gt=0)  # dev rows scored (default: all of them)
     reward_model: str | None = None  # reward_score's judge: a reward stage listed before, or a hub id / local path
+    paths: ClassVar[tuple[str, ...]] = ("reward_model",)
 
     @field_validator("metric")
     @classmethod
@@ -420,19 +525,33 @@ class StageSpec(Strict):
     seed: int | None = None  # default: the trial seed (fix it to share the stage across seeds)
     resources: Resources = Resources()
     fault: Fault | None = None  # testing only; not part of the stage's cache key
+    # {hub id: commit (or branch, tag)} of the hub models its fields name (a judge, a generator, the
+    # diversity tokenizer); default the default branch, pinned to its commit before planning.
+    revisions: dict[str, str] = {}
 
     shape: ClassVar[str] = "text"
     produces: ClassVar[str] = "model"
     trains: ClassVar[bool] = True  # trained under Ray Train; else run as one Ray task
+    # Starts from a policy that already answers (preference and RL training, sampling answers): on a
+    # model built with random weights it cannot be what a study means (Study._check_chain).
+    needs_policy: ClassVar[bool] = False
 
     def refs(self) -> dict[str, str]:
         """{field: value} of the fields that name another stage of the study or a model."""
         data = self.data.sources if self.data else []
         return {f"data.sources.{i}.stage": s.stage for i, s in enumerate(data) if s.name == "stage"}
 
+    def hub_models(self, stages) -> list[str]:
+        """The hub models its fields name (`stages`: the study's, which its other refs name)."""
+        return hub_models({**self.refs(), "diversity_tokenizer": getattr(self, "diversity_tokenizer", None)}, stages)
+
     def key_extra(self) -> dict:
-        """What else its cache key must hold: the content of files its fields name."""
-        return {}
+        """What else its cache key must hold: the content of files its fields name, local models
+        and tokenizers among them (its data's files are in the key's data part, farm.cache.data_key)."""
+        from farm.cache import content
+
+        files = {f: d for f, d in content(self).items() if not f.startswith("data.")}
+        return {"files": files} if files else {}
 
 
 def _check_constitution(v: str) -> str:
@@ -481,6 +600,7 @@ class TrainingStage(StageSpec):
     # The tokenizer the training prompts' diversity is counted with (farm.data.diversity): default the
     # stage's own; ScalingAlignment counts with LLaMA's (`data_preprocess/diversity.py`).
     diversity_tokenizer: str | None = None
+    paths: ClassVar[tuple[str, ...]] = ("diversity_tokenizer",)
 
     def refs(self) -> dict[str, str]:
         judge = self.select.reward_model if self.select else None
@@ -557,6 +677,7 @@ class DPO(TrainingStage):
     label_smoothing: float = Field(0.0, ge=0, le=0.5)  # only for DPO_SMOOTHED_LOSSES
     loss_type: Union[DPOLoss, list[DPOLoss], dict[DPOLoss, float]] = "sigmoid"
     shape: ClassVar[str] = "comparison"
+    needs_policy: ClassVar[bool] = True
 
     def losses(self) -> dict[str, float]:
         """{loss type: weight}: TRL's `loss_type` and `loss_weights`."""
@@ -622,6 +743,7 @@ class PRO(TrainingStage):
     # same length-k data). TRL's SFT (a stage of kind sft) averages over tokens instead.
     objective: Literal["pro", "sft"] = "pro"
     shape: ClassVar[str] = "ranking"
+    needs_policy: ClassVar[bool] = True
 
 
 class Rank(StageSpec):
@@ -632,6 +754,7 @@ class Rank(StageSpec):
     kind: Literal["rank"]
     generator: str  # a model stage of this study, or a hub id / local path
     reward_model: str  # a reward stage of this study, or a hub id / local path
+    paths: ClassVar[tuple[str, ...]] = ("generator", "reward_model")
     samples: int = Field(2, ge=0)
     generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(do_sample=True, top_p=0.9, top_k=0, max_new_tokens=48))
     batch_size: int = Field(32, ge=1)  # reward-model scoring
@@ -654,12 +777,14 @@ class RL(TrainingStage):
     kind: Literal["rl"]
     algorithm: Literal["grpo", "rloo"] = "grpo"
     reward_model: str  # a reward stage of this study, or a hub id / local path
+    paths: ClassVar[tuple[str, ...]] = (*TrainingStage.paths, "reward_model")
     beta: float = Field(0.05, ge=0)  # KL coefficient; 0 drops the reference model
     num_generations: int = Field(4, ge=2)  # batch_size counts answers: batch_size / num_generations prompts a step
     max_new_tokens: int = Field(31, ge=1)
     temperature: float = Field(1.0, gt=0)
     max_prompt_length: int = Field(96, ge=1)
     shape: ClassVar[str] = "demonstration"  # reads the prompts
+    needs_policy: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _fits(self) -> "RL":
@@ -679,6 +804,7 @@ class CritiqueRevision(StageSpec):
     kind: Literal["critique_revision"]
     input: str | None = None  # the model that answers, critiques and revises (default: the nearest model stage)
     constitution: str = "default"  # a bundled constitution, or a YAML file of principles
+    paths: ClassVar[tuple[str, ...]] = ("constitution",)
     rounds: int = Field(1, ge=1, le=4)
     # False: each round critiques the conversation with its latest revision as the answer, as Bai
     # et al. §3.1 describe ("the final prompt-revision pair is formatted in the same manner as the
@@ -694,6 +820,7 @@ class CritiqueRevision(StageSpec):
     shape: ClassVar[str] = "demonstration"  # reads the prompts
     produces: ClassVar[str] = "records"
     trains: ClassVar[bool] = False
+    needs_policy: ClassVar[bool] = True
 
     _constitution = field_validator("constitution")(classmethod(lambda cls, v: _check_constitution(v)))
 
@@ -707,7 +834,7 @@ class CritiqueRevision(StageSpec):
         return self
 
     def key_extra(self) -> dict:
-        return {"constitution": constitution_digest(self.constitution)}
+        return {**super().key_extra(), "constitution": constitution_digest(self.constitution)}
 
 
 class AIFeedback(StageSpec):
@@ -719,6 +846,7 @@ class AIFeedback(StageSpec):
     input: str | None = None  # the policy that samples (default: the nearest model stage)
     feedback_model: str  # a model stage of this study, or a hub id / local path
     constitution: str = "default"
+    paths: ClassVar[tuple[str, ...]] = ("feedback_model", "constitution")
     generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(do_sample=True, top_p=0.95, top_k=0, max_new_tokens=64, batch_size=32))
     clamp: tuple[float, float] | None = None  # e.g. [0.4, 0.6] for chain-of-thought labels
     batch_size: int = Field(16, ge=1)  # feedback-model scoring
@@ -727,11 +855,12 @@ class AIFeedback(StageSpec):
     shape: ClassVar[str] = "demonstration"
     produces: ClassVar[str] = "records"
     trains: ClassVar[bool] = False
+    needs_policy: ClassVar[bool] = True
 
     _constitution = field_validator("constitution")(classmethod(lambda cls, v: _check_constitution(v)))
 
     def key_extra(self) -> dict:
-        return {"constitution": constitution_digest(self.constitution)}
+        return {**super().key_extra(), "constitution": constitution_digest(self.constitution)}
 
     @field_validator("clamp")
     @classmethod
@@ -783,17 +912,43 @@ class BenchmarkSpec(Strict):
     num_fewshot: int = Field(0, ge=0)  # one choice per study, recorded with its results
     limit: int | None = Field(None, gt=0)  # documents per task (per MMLU subject); quick runs only
     batch_size: int = Field(16, ge=1)
+    # Your own lm-eval tasks: a task YAML, or a folder of them (lm-eval's include_path), whose tasks
+    # `tasks` may name on either suite. What the files hold enters the eval's key, not their path.
+    include: str | None = None
+    paths: ClassVar[tuple[str, ...]] = ("include",)
 
     @model_validator(mode="after")
     def _known_tasks(self) -> "BenchmarkSpec":
-        unknown = [t for t in self.tasks if t not in BENCHMARK_METRICS]
+        if self.include and not Path(self.include).expanduser().exists():
+            raise ValueError(f"include: path {self.include!r} does not exist (a task YAML or a folder of them)")
+        local = included_tasks(self.include) if self.include else set()
+        unknown = [t for t in self.tasks if t not in BENCHMARK_METRICS and t not in local]
         if self.suite == "bundled" and unknown:
-            raise ValueError(f"tasks: {unknown[0]!r} has no bundled copy; bundled tasks: {', '.join(BENCHMARK_METRICS)} (or set suite: hub)")
+            raise ValueError(f"tasks: {unknown[0]!r} has no bundled copy; bundled tasks: {', '.join(BENCHMARK_METRICS)} "
+                             f"(or set suite: hub{', or define it in include' if not self.include else f', or define it in {self.include}'})")
         if self.suite == "hub":
             from farm.eval.harness import check_hub_fewshot
 
             check_hub_fewshot(self)
         return self
+
+
+def included_tasks(path: str) -> set[str]:
+    """The tasks and groups that a task YAML, or a folder of them, defines (their `task:` and
+    `group:` lines; lm-eval's `!function` tags keep a YAML parser from reading them)."""
+    root = Path(path).expanduser()
+    files = [root] if root.is_file() else sorted(root.rglob("*.y*ml"))
+    pattern = re.compile(r"^(?:task|group):\s*['\"]?([\w.+-]+)", re.M)
+    found = set()
+    for f in files:
+        try:  # lm-eval reads them as UTF-8 YAML, inside Ray: other bytes are named here
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"include: {f}: {not_utf8(e)}") from None
+        if "\x00" in text:
+            raise ValueError(f"include: {f}: holds NUL bytes, which YAML does not allow: a binary file, or UTF-16/32 text")
+        found |= {m.group(1) for m in pattern.finditer(text)}
+    return found
 
 
 SAFETY_P_VALUES = ("one-sided", "two-sided")  # farm.eval.safety's docstring says which is which
@@ -860,6 +1015,7 @@ class PairwiseSpec(Strict):
     model; win rates, and Elo ratings by Bradley-Terry maximum likelihood with bootstrap intervals."""
 
     judge: str  # a reward stage of every trial, or a hub id / local path
+    paths: ClassVar[tuple[str, ...]] = ("judge",)
     tie: float = Field(0.0, ge=0)  # reward differences up to this are ties
     bootstrap: int = Field(1000, ge=0)  # resamples of the prompts for the Elo intervals
     anchor: str | None = None  # the grid point rated 1000 (default: ratings average 1000)
@@ -878,6 +1034,9 @@ class EvalSpec(Strict):
     safety: SafetySpec = SafetySpec()
     conditional: ConditionalSpec = Field(default_factory=ConditionalSpec)
     data: DataSpec | None = None  # default: the held-out rows of the study's data
+    # Which of those it scores: `eval`, the rows no choice looks at (what a study reports), or `dev`
+    # (`data.dev`), for a run that chooses a setting (a `dev` profile) without looking at them.
+    rows: Literal["eval", "dev"] = "eval"
     limit: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=8)
@@ -885,9 +1044,12 @@ class EvalSpec(Strict):
     # The judge of the `reward_score` metric: a reward stage of the study (trained on other rows
     # than any stage that ranks or trains the policy), or a hub id / local path.
     reward_model: str | None = None
+    paths: ClassVar[tuple[str, ...]] = ("reward_model",)
     refusals: list[str] = REFUSALS  # `harmlessness`: an answer containing one (any case) is evasive
     pairwise: PairwiseSpec | None = None
     resources: EvalResources = EvalResources()
+    # {hub id: commit (or branch, tag)} of the judges it names by hub id; pinned as a stage's are.
+    revisions: dict[str, str] = {}
 
     def refs(self) -> dict[str, str]:
         refs = {"reward_model": self.reward_model} if self.reward_model else {}
@@ -994,6 +1156,8 @@ class Study(Strict):
     @model_validator(mode="after")
     def _shapes_fit(self) -> "Study":
         self._check_refs()
+        self._check_revisions()
+        self._check_chain()
         for name, stage in self.stages.items():
             _lookup(registry.stages, stage.kind)
             data = stage.data or self.data
@@ -1046,12 +1210,46 @@ class Study(Strict):
             raise ValueError("eval.pairwise: compares the answers the harmlessness metric keeps; add harmlessness to eval.metrics")
         if any(s.name == "stage" for s in self.data.sources):
             raise ValueError("data.sources: the study's data is also the eval data; read a stage's records in that stage's data instead")
-        if self.data.dev == 1 and not self.eval.data:
+        if self.eval.rows == "dev" and (self.eval.data or not self.data.dev):
+            raise ValueError("eval.rows: dev scores the study's dev rows: set data.dev (a share of the held-out rows) and no eval.data")
+        if self.data.dev == 1 and not self.eval.data and self.eval.rows == "eval":
             raise ValueError("data.dev: 1 makes every held-out row a dev row and leaves the eval none; lower it or give eval.data")
         selecting = [n for n, s in self.stages.items() if getattr(s, "select", None)]
         if selecting and not self.data.dev:
             raise ValueError(f"stages.{selecting[0]}.select: chooses a checkpoint on dev rows, and the study's data has none; "
                              "set data.dev (a share of the held-out rows, e.g. 0.2)")
+
+    def _check_revisions(self) -> None:
+        """A stage's or the eval's `revisions` pin only hub models its own fields name."""
+        named = {f"stages.{n}": (s.revisions, s.hub_models(self.stages)) for n, s in self.stages.items()}
+        named["eval"] = (self.eval.revisions, hub_models(self.eval.refs(), self.stages))
+        for where, (revisions, models) in named.items():
+            for repo in revisions:
+                if repo not in models:
+                    raise ValueError(f"{where}.revisions: {repo!r} is no hub model that {where} names (it names: {', '.join(models) or 'none'})")
+
+    def _check_chain(self) -> None:
+        """The chain is the order of `stages:`. Refuse an order no study means by default (a file
+        written by a tool that sorts keys turns pretrain, sft, dpo into dpo, pretrain, sft); `input:`
+        says either on purpose."""
+        names = list(self.stages)
+        for name, stage in self.stages.items():
+            if getattr(stage, "input", None) is not None:
+                continue
+            start = input_stage(self.stages, name)
+            if stage.kind == "pretrain" and start and self.stages[start].kind != "pretrain":
+                why = (f"a pretrain stage listed after the fine-tuning stage {start!r} would continue pretraining "
+                       f"{start}'s model; list pretrain first, or set stages.{name}.input: {start} to do that on purpose")
+            elif stage.needs_policy and start is None and self.model.base in BUILT_MODELS:
+                why = (f"a {stage.kind} stage needs a trained policy, and no stage that builds a model is listed before it: "
+                       f"it would start from {self.model.base}, built with random weights; list a pretrain (or sft) stage "
+                       f"before it, or set stages.{name}.input: base to start from the built model on purpose")
+            else:
+                continue
+            if len(names) > 1 and names == sorted(names):
+                why += (f". The stages are in alphabetical order ({', '.join(names)}): a file written with its keys sorted (PyYAML's "
+                        "safe_dump sorts them unless given sort_keys=False) has lost its chain; write them in training order")
+            raise ValueError(f"stages.{name}: the order of stages: is the chain: {why}")
 
     def evaluated(self) -> str | None:
         """The stage whose model is evaluated: the last one that builds a model (None: the base model)."""
@@ -1078,6 +1276,8 @@ def _check_ref(where: str, ref: str, before: dict, need: str, model_ok: bool) ->
     if model_ok and (looks_like_path(ref) or "/" in ref or ref in LEGACY_HUB_MODELS):
         if looks_like_path(ref) and not Path(ref).expanduser().exists():
             raise ValueError(f"{where}: path {ref!r} does not exist")
+        if looks_like_path(ref) and (problem := local_model_problem(Path(ref).expanduser())):
+            raise ValueError(f"{where}: {problem}")
         return
     fix = " or a hub id (owner/name) or local path" if model_ok else ""
     listed = ", ".join(n for n, s in before.items() if s.produces == need) or "none"
@@ -1114,9 +1314,18 @@ def load_study(path: str | os.PathLike, profile: str = DEFAULT_PROFILE, max_tria
     """Read, merge the profile, expand the grid and validate every trial of a study file."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_STUDY_BYTES:
+            raise StudyError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is not a study file (a study file is YAML of a few KB; "
+                             f"the farm reads none over {MAX_STUDY_BYTES // 2**20} MiB): is it the file you meant?")
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StudyError(f"{path}: no such study file") from None
+    except OSError as e:  # a folder, a file this user may not read
+        raise StudyError(f"{path}: the study file cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise StudyError(f"{path}: {not_utf8(e)}") from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise StudyError(f"{path}: not valid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         raise StudyError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):

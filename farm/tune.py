@@ -55,9 +55,13 @@ def run_trial(config: dict, payloads: dict) -> None:
     for group in stage_groups(plan, study):
         if all(store.done(s.kind, s.key) for s in group):
             continue
-        # A stage other trials need is trained once: they wait on its lock, then reuse it.
-        lock = store.lock(group[0].key) if len(group[0].users) > 1 else contextlib.nullcontext()
-        with lock:
+        # A stage is trained once, whoever needs it: the other trials of this grid, or of another driver
+        # on the same store (two `farm run` at once), wait on its lock, then reuse it. Every stage of
+        # the group is locked (in one order, so two groups never wait on each other): another study may
+        # group the same stages otherwise.
+        with contextlib.ExitStack() as locks:
+            for key in sorted({s.key for s in group}):
+                locks.enter_context(store.lock(key))
             pending = [s for s in group if not store.done(s.kind, s.key)]
             if pending and study.stages[group[0].name].trains:
                 run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
@@ -91,8 +95,8 @@ def evaluate_task(payload: dict) -> None:
     last = plan.stage(plan.evaluated)  # None: evaluate the base model
     model = store.path(last.kind, last.key) if last else None
     ref = store.path(last.input_kind, last.input_key) if last and last.input_key else None
-    record = {"trial": payload["trial_id"], "model_key": last.key if last else None}
-    scores = read_scores(store, study.data) if study.data.labels else None
+    record = {"trial": payload["trial_id"], "model_key": last.key if last else None, "key_doc": plan.eval_doc}
+    scores = read_scores(store, plan.eval_label) if study.data.labels else None
     refs = {name: store.path(kind, key) for name, kind, key in plan.eval_refs}
     # Finished answers and lm-eval's request cache outlive a failed attempt here (on this node,
     # under a URI store), so a retry goes on from them; removed once the eval is published.
@@ -122,14 +126,16 @@ def build_task(payload: dict, planned: dict) -> None:
 
 @ray.remote(num_cpus=0)
 def label_task(payload: dict, key: str) -> None:
-    from farm.cache import labelled_data
     from farm.label.stage import label_data
     from farm.spec import Study
     from farm.train.runner import quiet
 
     quiet()
     study = Study.model_validate(payload["study"])
-    label_data(labelled_data(study)[key], Store(payload["storage"]), key)
+    plan = plan_from_json(payload["plan"])
+    # The data whose key it is, by the plan's keys (hashed on the driver): the eval's, or a stage's.
+    data = study.data if plan.eval_label == key else next(study.stages[s.name].data or study.data for s in plan.stages if s.label == key)
+    label_data(data, Store(payload["storage"]), key)
 
 
 @ray.remote
@@ -152,7 +158,8 @@ def plan_from_json(obj: dict) -> TrialPlan:
     def stages(items):
         return tuple(PlannedStage(**{**s, "users": tuple(s["users"]), "refs": refs(s.get("refs", []))}) for s in items)
 
-    return TrialPlan(stages(obj["stages"]), obj["eval_key"], stages(obj.get("labels", [])), obj.get("evaluated"), refs(obj.get("eval_refs", [])))
+    return TrialPlan(stages(obj["stages"]), obj["eval_key"], stages(obj.get("labels", [])), obj.get("evaluated"), refs(obj.get("eval_refs", [])),
+                     obj.get("eval_label"), obj.get("eval_doc", {}))
 
 
 def plan_to_json(plan: TrialPlan) -> dict:

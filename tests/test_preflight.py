@@ -34,11 +34,16 @@ class FakeHub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         m = re.fullmatch(r"/api/(models|datasets)/(.+?)/(auth-check|tree/[^/?]+)(/.*)?(\?.*)?", self.path)
+        # A repository's info (the commit a revision is, which `farm.preflight.pin` asks first): served for a
+        # gated repository too, as the hub does.
+        info = re.fullmatch(r"/api/(models|datasets)/([^/?]+/[^/?]+|[^/?]+)(?:/revision/[^/?]+)?(?:\?.*)?", self.path)
         auth = self.headers.get("Authorization")
         self.authorizations.append(auth)
-        key = (m.group(1), m.group(2)) if m else None
+        key = (m or info).group(1, 2) if m or info else None
         if key not in self.repos:
             return self.answer(401, b"", {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+        if info:
+            return self.answer(200, json.dumps({"id": key[1], "sha": "1" * 40}).encode(), {})
         if key in self.gated:
             message = "Access to model is restricted. You must have access to it and be authenticated to access it."
             return self.answer(403 if auth else 401, b"", {"X-Error-Code": "GatedRepo", "X-Error-Message": message})

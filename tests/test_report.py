@@ -17,7 +17,7 @@ from farm.cli import main
 from farm.report import (build, ci_half_width, fit_line, linear_fits, paired_tests, pivot_tables, reference_table, render_html,
                           render_md, summarize, with_derived_columns, write_report)
 from farm.results import compare, table, write_table, write_trial
-from farm.spec import Reference, ReportSpec, TableSpec, expand
+from farm.spec import EvalSpec, Reference, ReportSpec, TableSpec, expand
 
 RATE = "data.transforms.0.rate"
 
@@ -202,7 +202,7 @@ def study_d_table() -> pd.DataFrame:
 def study_d(tables=(), plots=(), columns=D_COLUMNS, main_metric=None, reference_rows=(), departures=()):
     report = ReportSpec(columns=columns, tables=list(tables), plots=list(plots), main_metric=main_metric)
     reference = Reference(source="Paper, Table 3", note="Llama 7B.", rows=list(reference_rows)) if reference_rows else None
-    return SimpleNamespace(name="study-d", description="", report=report, reference=reference, departures=list(departures))
+    return SimpleNamespace(name="study-d", description="", report=report, reference=reference, departures=list(departures), eval=EvalSpec())
 
 
 def test_departures_from_the_reference_are_shown_as_the_study_states_them():

@@ -42,6 +42,24 @@ def test_dev_rows_are_a_share_of_the_held_out_rows_that_the_eval_never_scores(do
     assert all(part_of(i, data) == "dev" for i in ids["dev"])
 
 
+def test_a_dev_run_scores_the_dev_rows_under_its_own_eval_key(doc):
+    """`eval.rows: dev` (a `dev` profile choosing a setting) scores the dev rows, never the eval
+    rows a study reports, and its evaluation is another artifact than the reported one's."""
+    study = study_of(doc)
+    doc["eval"] = {**doc.get("eval", {}), "rows": "dev"}
+    dev_run = study_of(doc)
+    unlimited = {"limit": None}
+    scored = {r.id for r in eval_records(dev_run.model_copy(update={"eval": dev_run.eval.model_copy(update=unlimited)}))}
+    assert scored == {r.id for r in load_split(study.data, "dev")}
+    assert not scored & {r.id for r in eval_records(study.model_copy(update={"eval": study.eval.model_copy(update=unlimited)}))}
+    assert plan_trial(dev_run).eval_key != plan_trial(study).eval_key
+    assert [s.key for s in plan_trial(dev_run).stages] == [s.key for s in plan_trial(study).stages]  # the same trained models
+    doc["data"]["dev"] = 0.0
+    doc["stages"]["sft"].pop("select")
+    with pytest.raises(StudyError, match="eval.rows: dev scores the study's dev rows: set data.dev"):
+        study_of(doc)
+
+
 # ---------------------------------------------------------------- the study's checks
 
 

@@ -116,6 +116,38 @@ def test_stage_kind_defaults_to_its_name_and_can_be_explicit(tiny_doc):
     assert [st.kind for st in s.stages.values()] == ["sft", "dpo"]
 
 
+def test_a_sorted_keys_dump_is_refused_with_the_fix(tmp_path, capsys):
+    """PyYAML's safe_dump sorts keys by default: pretrain, sft, dpo becomes dpo, pretrain, sft."""
+    import yaml
+
+    path = tmp_path / "sorted.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(QUICKSTART.read_text())))
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stages.dpo: the order of stages: is the chain" in err and "set stages.dpo.input: base" in err
+    assert "alphabetical order (dpo, pretrain, sft)" in err and "sort_keys=False" in err and "Traceback" not in err
+
+
+def test_chains_that_cannot_be_meant_unless_input_says_so(tiny_doc):
+    tiny_doc.pop("grid")
+    stages = tiny_doc["stages"]
+    late = {"sft": stages["sft"], "dpo": stages["dpo"], "pretrain": stages["pretrain"]}
+    msg = errors_of({**tiny_doc, "stages": copy.deepcopy(late)})
+    assert "stages.pretrain: the order of stages: is the chain: a pretrain stage listed after the fine-tuning stage 'dpo'" in msg
+    assert "set stages.pretrain.input: dpo" in msg and "alphabetical" not in msg
+    # sft first on the built model is a choice a study may make; dpo with nothing before it is not.
+    alone = {"dpo": stages["dpo"]}
+    assert "a dpo stage needs a trained policy" in errors_of({**tiny_doc, "stages": alone})
+    for kind, extra in [("pro", {}), ("rl", {"reward_model": "gpt2", "max_length": 128})]:
+        assert f"a {kind} stage needs a trained policy" in errors_of({**tiny_doc, "stages": {kind: extra}})
+    # Said on purpose with input:, or from a hub model that already answers: accepted.
+    on_purpose = copy.deepcopy(late)
+    on_purpose["sft"]["input"], on_purpose["pretrain"]["input"] = "base", "dpo"
+    assert list(expand({**tiny_doc, "stages": on_purpose}, "s.yaml")[0].study.stages) == ["sft", "dpo", "pretrain"]
+    expand({**tiny_doc, "stages": {"dpo": {**stages["dpo"], "input": "base"}}}, "s.yaml")
+    expand({**tiny_doc, "model": {"base": "gpt2"}, "stages": alone}, "s.yaml")
+
+
 def test_cli_bad_study_exits_2_and_writes_nothing(tmp_path, write_study, tiny_doc, capsys):
     tiny_doc["stages"]["sft"]["lrr"] = 1
     path = write_study(tiny_doc)

@@ -71,9 +71,13 @@ def load_constitution(name_or_path: str) -> Constitution:
     path, label = _locate(name_or_path)
     import yaml
 
+    from farm.spec import not_utf8
+
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"constitution {label}: {not_utf8(e)}") from None
+    except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"constitution {label}: cannot be read: {e}") from None
     return _parse(doc, label)
 

@@ -35,7 +35,7 @@ def prompt_diversity_of(tok, prompts: list[str]) -> float:
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model"]
 
 
-def counting_tokenizer(name: str):
+def counting_tokenizer(name: str, revision: str | None = None):
     """The tokenizer a stage counts prompt diversity with: bundled, a local folder, or a hub
     repository read as a local folder of its tokenizer files. transformers looks for a config.json
     beside a tokenizer, which a tokenizer-only repository lacks; online the hub answers that it is
@@ -47,4 +47,4 @@ def counting_tokenizer(name: str):
         return load_tokenizer(name)
     from farm import hub
 
-    return load_tokenizer(str(hub.snapshot(name, "model", patterns=TOKENIZER_FILES)))
+    return load_tokenizer(str(hub.snapshot(name, "model", revision, patterns=TOKENIZER_FILES)))

@@ -99,10 +99,10 @@ def training_records(data, seed: int, shape: str, scores: dict | None = None, bu
 
 def eval_records(study, shape: str | None = None, scores: dict | None = None) -> list:
     """Clean rows to evaluate on: all of `eval.data` if given, else the study data's held-out
-    rows that are not dev rows (with their labels, if the study data is labelled); read as
-    `shape`, or as the sources give them."""
+    rows that are not dev rows, or with `eval.rows: dev` the dev rows (with their labels, if the
+    study data is labelled); read as `shape`, or as the sources give them."""
     ev = study.eval
-    records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, "eval", scores)
+    records = [r for s in ev.data.sources for r in load_source(s)] if ev.data else load_split(study.data, ev.rows, scores)
     if ev.limit:
         records = records[: ev.limit]
     return convert(records, shape) if shape else records

@@ -76,13 +76,14 @@ def read_rows(source: Source, spec) -> list[dict]:
 
 
 def hub_files(spec) -> tuple[str, str | None, list[str]]:
-    """(repository id, revision, file patterns) of the dataset files a hub source spec reads."""
+    """(repository id, revision, file patterns) of the dataset files a hub source spec reads: at the
+    spec's pinned revision, else the source's (the default branch, or the parquet conversion)."""
     source = sources.get(spec.name)
     if not source.hub:
         raise ValueError(f"{spec.name} has no hub copy (it is bundled only): remove origin: hub")
     if spec.split not in source.hub_splits:
         raise ValueError(f"split {spec.split!r} of {spec.name} on the hub ({source.hub}): allowed: {', '.join(source.hub_splits)}")
-    return source.hub, source.hub_revision, source.hub_patterns(spec)
+    return source.hub, spec.revision or source.hub_revision, source.hub_patterns(spec)
 
 
 def read_hub_rows(source: Source, spec) -> list[dict]:

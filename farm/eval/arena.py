@@ -50,7 +50,7 @@ def run_arena(entries: list[dict], judge: str, eval_spec, resolve=None) -> dict[
     from farm.models import for_inference, reward_scores
 
     p = eval_spec.pairwise
-    model, tok = for_inference(judge, resolve, reward=True)
+    model, tok = for_inference(judge, resolve, reward=True, revision=eval_spec.revisions.get(judge))
     answers = {(e["seed"], e["model"]): e["answers"] for e in entries}
     judgements, rewards = [], []
     for seed in sorted({s for s, _ in answers}):

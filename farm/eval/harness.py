@@ -259,13 +259,16 @@ def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_keep_global_state(model))
         truncated = stack.enter_context(_quiet())
+        include = [str(Path(bench.include).expanduser().resolve())] if bench.include else []  # the study's own tasks
         if bench.suite == "hub":
-            manager = TaskManager()
+            manager = TaskManager(include_path=include) if include else TaskManager()
         else:
+            from farm.spec import BENCHMARK_METRICS
+
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="farm-bench-")))
-            write_local_tasks(root, list(bench.tasks))
+            write_local_tasks(root, [t for t in bench.tasks if t in BENCHMARK_METRICS])
             # Only the generated YAMLs are indexed (the default index is ~14.7k tasks, ~10 s).
-            manager = TaskManager(include_path=str(root), include_defaults=False)
+            manager = TaskManager(include_path=[str(root), *include], include_defaults=False)
         # A LoRA model unmerged (eval keeps it so for its reference): its base model with the
         # adapter layers injected and active, which is the PreTrainedModel HFLM takes.
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -25,7 +25,7 @@ def reward_score(model, ref, tok, records, spec) -> dict:
     from farm.models import for_inference
 
     records, prompts, answers = answer(model, tok, records, spec)
-    judge, judge_tok = for_inference(spec.reward_model, reward=True)
+    judge, judge_tok = for_inference(spec.reward_model, reward=True, revision=spec.revisions.get(spec.reward_model))
     rewards = reward_scores(judge, judge_tok, prompts, answers, spec.batch_size, spec.max_length, spec.max_prompt_length)
     return {
         "reward": float(np.mean(100 / (1 + np.exp(-rewards)))),

@@ -21,13 +21,11 @@ def label_data(data, store: Store, key: str) -> None:
         pd.DataFrame([{"id": i, **cols} for i, cols in scores.items()]).to_parquet(out / SCORES, index=False)
 
 
-def read_scores(store: Store, data) -> dict:
-    """{row id: {column: score}} of a labelled data spec, from its finished labelling stage."""
+def read_scores(store: Store, key: str) -> dict:
+    """{row id: {column: score}} of a labelled data spec, from its finished labelling stage `key`
+    (the plan's: a worker hashes no local file again)."""
     import pandas as pd
 
-    from farm.cache import label_key
-
-    key = label_key(data)
     if not store.done("label", key):
         raise RuntimeError(f"the labelling stage {key} of this data has not run")
     frame = pd.read_parquet(store.path("label", key) / SCORES)

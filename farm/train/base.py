@@ -159,5 +159,5 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
         # its engine ran (the config's stage says what was asked; this, what ran).
         "train_world_size": trainer.args.world_size,
         **({"zero_stage": trainer.model_wrapped.zero_optimization_stage()} if trainer.is_deepspeed_enabled else {}),
-        **({"prompt_diversity": prompt_diversity_of(counting_tokenizer(counted) if counted else tokenizer, prompts)} if prompts else {}),
+        **({"prompt_diversity": prompt_diversity_of(counting_tokenizer(counted, ctx.stage.revisions.get(counted)) if counted else tokenizer, prompts)} if prompts else {}),
     }

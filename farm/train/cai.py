@@ -87,7 +87,7 @@ def ai_feedback(ctx: StageContext) -> dict:
     del policy  # the feedback model takes its place in memory
     a, b = samples[: len(prompts)], samples[len(prompts) :]
     chosen = [principles[draw_principles(r.id, ctx.seed, 1, len(principles))[0]] for r in ctx.records]
-    judge, judge_tok = for_inference(model_ref(ctx, s.feedback_model), ctx.resolve)
+    judge, judge_tok = for_inference(model_ref(ctx, s.feedback_model), ctx.resolve, revision=s.revisions.get(s.feedback_model))
     texts = [feedback_prompt(p, pr, x, y) for p, pr, x, y in zip(prompts, chosen, a, b)]
     logp = option_logprobs(judge, judge_tok, texts, s.batch_size, s.max_length)
     labels = [soft_label(la, lb, s.clamp) for la, lb in logp]

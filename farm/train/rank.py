@@ -18,12 +18,12 @@ def run(ctx: StageContext) -> dict:
     s = ctx.stage
     records = ctx.records
     prompts = [r.prompt for r in records]
-    generator, tok = for_inference(model_ref(ctx, s.generator), ctx.resolve)
+    generator, tok = for_inference(model_ref(ctx, s.generator), ctx.resolve, revision=s.revisions.get(s.generator))
     samples = generate(generator, tok, prompts * s.samples, s.generation, s.max_prompt_length, ctx.seed) if s.samples else []
     del generator  # the reward model takes its place in memory
     candidates = [[r.chosen, r.rejected, *samples[j :: len(records)]] for j, r in enumerate(records)]
     origins = ["chosen", "rejected", *["sample"] * s.samples]
-    judge, judge_tok = for_inference(model_ref(ctx, s.reward_model), ctx.resolve, reward=True)
+    judge, judge_tok = for_inference(model_ref(ctx, s.reward_model), ctx.resolve, reward=True, revision=s.revisions.get(s.reward_model))
     flat = reward_scores(
         judge, judge_tok,
         [p for p, c in zip(prompts, candidates) for _ in c], [a for c in candidates for a in c],

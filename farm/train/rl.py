@@ -18,7 +18,7 @@ def reward_function(ctx: StageContext):
     path for a model would join the texts with no cut and no EOS)."""
     s = ctx.stage
     # In the eval's precision (bf16 on a GPU): it only scores.
-    judge, judge_tok = load_reward_model(model_ref(ctx, s.reward_model), inference_dtype(device()), ctx.resolve)
+    judge, judge_tok = load_reward_model(model_ref(ctx, s.reward_model), inference_dtype(device()), ctx.resolve, s.revisions.get(s.reward_model))
 
     def reward(prompts, completions, **_):  # TRL logs it by __name__: "reward", "rewards/reward/mean"
         if prompts and not isinstance(prompts[0], str):  # chat messages: the judge reads HH text

@@ -146,7 +146,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
     stage = study.stages[planned.name]
     data = stage.data or study.data
     inputs = {name: store.path(kind, key) for name, kind, key in planned.refs}
-    scores = read_scores(store, data) if data.labels else None
+    scores = read_scores(store, planned.label) if data.labels else None
     built = {s.stage: read_records(inputs[s.stage] / RECORDS_FILE) for s in data.sources if s.name == "stage"}
     records, audit = training_records(data, planned.seed, stage.shape, scores, built)
     record = {
@@ -156,6 +156,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
         "input_key": planned.input_key,
         "refs": [list(r) for r in planned.refs],
         "config": stage.model_dump(mode="json"),
+        "key_doc": planned.doc,  # what the key hashes: a reused artifact says what made it
         "audit": audit,
     }
     every = stage.checkpoint_every if stage.trains else None  # None: no checkpoints

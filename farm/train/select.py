@@ -91,7 +91,9 @@ def select_callback(study, stage, name: str, inputs: dict, report=None) -> Selec
     metric = metrics.get(select.metric)
     records = dev_records(study, metric.shape, select.limit)
     judge = select.reward_model
-    spec = study.eval.model_copy(update={"reward_model": str(inputs.get(judge, judge)) if judge else study.eval.reward_model, "limit": None})
+    # A hub judge is read at the commit the stage pins (the eval's own revisions stay for the eval's judge).
+    spec = study.eval.model_copy(update={"reward_model": str(inputs.get(judge, judge)) if judge else study.eval.reward_model, "limit": None,
+                                         "revisions": {**study.eval.revisions, **stage.revisions}})
 
     def score(model, tok) -> dict:
         return metric.fn(model, None, tok, records, spec)

@@ -2,6 +2,7 @@
 
 import shutil
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -54,3 +55,41 @@ def test_rerun_trains_nothing(tiny_run, tmp_path):
     assert "0 already finished" in out and " step " not in out
     assert artifacts(copy).keys() == before.keys()
     assert metrics_table(copy).equals(table)
+
+
+# The smallest study with a stage two trials share: one 2-step pretrain, evaluated twice.
+SHARED = {
+    "name": "two-drivers",
+    "seed": 1,
+    "model": {"base": "tiny-gpt2", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}},
+    "data": {"sources": [{"name": "hh_rlhf", "limit": 60}], "holdout": 0.2},
+    "stages": {"pretrain": {"max_steps": 2, "batch_size": 4, "max_length": 32}},
+    "eval": {"metrics": ["perplexity"], "max_length": 32, "max_prompt_length": 16},
+    "grid": {"eval.limit": [4, 8]},
+}
+
+
+def test_two_drivers_on_one_store_train_a_shared_stage_once(tmp_path):
+    """Two `farm run` of one study at once, on one results folder and store: the shared stage is
+    trained once (one driver waits on its lock and reuses it), and both end with the same results."""
+    import re
+    import subprocess
+
+    from conftest import FARM, ROOT
+
+    study = tmp_path / "two.yaml"
+    study.write_text(yaml.safe_dump(SHARED, sort_keys=False))
+    results = tmp_path / "results"
+    run = [*FARM, "run", str(study), "--results", str(results)]
+    drivers = [subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [d.communicate(timeout=600)[0] for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0], "\n\n".join(outs)
+    assert sum(out.count("pretrain step 2/2") for out in outs) == 1, "\n\n".join(outs)
+    # No twin was built and dropped, none half-written: one pretrain, one eval per trial.
+    assert sorted(p.name.split("-")[0] for p in (results / ".store" / "artifacts").iterdir()) == ["eval", "eval", "pretrain"]
+    done = [sorted(re.findall(r"(limit=\d): done (.*)", out)) for out in outs]
+    assert len(done[0]) == 2 and done[0] == done[1]  # both drivers report the same metrics for each trial
+    table = pd.read_csv(results / "two-drivers" / "table.csv").set_index("trial")
+    assert (table["status"] == "ok").all() and sorted(table.index) == ["limit=4", "limit=8"]
+    for trial, shown in done[0]:
+        assert f"perplexity={table.loc[trial, 'perplexity']:.4g}" in shown

@@ -3,7 +3,9 @@
 import copy
 import json
 import os
+import random
 import stat
+from pathlib import Path
 
 import pytest
 import yaml
@@ -126,7 +128,7 @@ def test_remote_code_is_off_unless_the_study_sets_it(monkeypatch):
         raise OSError("stop here")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    monkeypatch.setattr("farm.models.load_tokenizer", lambda name, trust=False, chat_template=True: seen.setdefault("tokenizer_trust", trust))
+    monkeypatch.setattr("farm.models.load_tokenizer", lambda name, trust=False, chat_template=True, revision=None: seen.setdefault("tokenizer_trust", trust))
     for trust in (False, True):
         seen.clear()
         with pytest.raises(OSError):
@@ -191,3 +193,119 @@ def test_doctor_checks_every_job_file_without_a_traceback(profile, capsys, monke
         assert f"jobs/{job.name} (profile {profile}): " in out
     if profile == "paper":  # with nothing in the hub cache, every paper study lacks its base model or data
         assert code == 1 and out.count("is not in the local hub cache") >= len(list((ROOT / "jobs").glob("*.yaml")))
+
+
+# ---------------------------------------------------------------- bytes, not documents (issue 19)
+
+BAD_BYTES = {
+    "random": random.Random(0).randbytes(4096),
+    "truncated": "prompt: café".encode()[:-1],  # ends inside a two-byte character
+    "utf-16": "prompt: tiny\n".encode("utf-16"),
+    "latin-1": "prompt: café\n".encode("latin-1"),
+    "nul": b"prompt: tiny\x00\n",
+    "large": b"",  # generated in the test (16 MiB of random bytes), never committed
+}
+
+
+def bad_bytes(kind: str) -> bytes:
+    return random.Random(1).randbytes(16 * 2**20) if kind == "large" else BAD_BYTES[kind]
+
+
+def assert_refused(args: list[str], capsys, *named: str) -> str:
+    import ray
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out + err and not ray.is_initialized(), out + err
+    assert all(n in err for n in named), err
+    return err
+
+
+@pytest.mark.parametrize("kind", [*BAD_BYTES, "folder"])
+def test_a_study_file_of_bytes_exits_2_naming_it(kind, tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "large":  # a study file is a few KB: a 5 MiB one is refused unread
+        path.write_bytes(b"# x\n" * (5 * 2**18))
+    else:
+        path.write_bytes(bad_bytes(kind))
+    for command in ("plan", "run"):
+        assert_refused([command, str(path), "--results", str(tmp_path / "r")], capsys, f"error: {path}: ")
+    if kind != "folder":  # a folder is a results folder to `farm report`
+        assert_refused(["report", str(path), "--results", str(tmp_path / "r")], capsys, f"error: {path}: ")
+    assert not (tmp_path / "r").exists()
+
+
+def study_naming(kind: str, tmp_path) -> tuple[dict, Path, str]:
+    """The tiny study naming a local file of `kind`: (the study, that file, the field that names it)."""
+    doc = copy.deepcopy(TINY_DOC)
+    doc.pop("grid")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if kind in ("jsonl", "csv", "json", "parquet"):
+        path = tmp_path / f"pairs.{kind}"
+        doc["data"]["sources"] = [{"name": "file", "path": str(path), "records": "comparison"}]
+        return doc, path, "data.sources.0: file"
+    if kind == "constitution":
+        path = tmp_path / "mine.yaml"
+        doc["stages"]["critique"] = {"kind": "critique_revision", "constitution": str(path)}
+        return doc, path, "stages.critique.constitution: constitution"
+    if kind == "deepspeed":
+        path = tmp_path / "ds.json"
+        doc["stages"]["sft"]["deepspeed"] = str(path)
+        return doc, path, "stages.sft.deepspeed: deepspeed config"
+    if kind in ("model config", "model weights"):
+        doc["model"] = {"base": str(folder)}
+        return doc, folder / ("config.json" if kind == "model config" else "model.safetensors"), "model: base: "
+    if kind == "tokenizer":
+        doc["model"]["tokenizer"] = str(folder)
+        return doc, folder / "tokenizer.json", "model: tokenizer: "
+    if kind == "task file":
+        path = tmp_path / "mine.yaml"
+        doc["eval"].update(metrics=["benchmarks"], benchmarks={"tasks": ["mine"], "include": str(path)})
+        return doc, path, "eval.benchmarks: include: "
+    if kind == "diversity tokenizer":  # checked by the preflight of `farm run`
+        doc["stages"]["sft"]["diversity_tokenizer"] = str(folder)
+        return doc, folder / "tokenizer.json", "stages.sft.diversity_tokenizer: "
+    assert kind == "judge"
+    doc["eval"].update(metrics=["reward_score"], reward_model=str(folder))
+    return doc, folder / "config.json", "eval.reward_model: "
+
+
+LOCAL_FILES = ["jsonl", "csv", "json", "parquet", "constitution", "deepspeed", "model config", "model weights", "tokenizer",
+               "diversity tokenizer", "judge", "task file"]
+
+
+@pytest.mark.parametrize("bytes_kind", list(BAD_BYTES))
+@pytest.mark.parametrize("file_kind", LOCAL_FILES)
+def test_every_local_file_a_study_names_of_bytes_exits_2_naming_file_and_field(file_kind, bytes_kind, tmp_path, capsys):
+    doc, path, field = study_naming(file_kind, tmp_path)
+    path.write_bytes(bad_bytes(bytes_kind))
+    study = write(tmp_path, "study.yaml", yaml.safe_dump(doc, sort_keys=False))
+    assert_refused(["run", str(study), "--results", str(tmp_path / "r")], capsys, f"error: {study}", field, str(path))
+
+
+def test_a_truncated_weights_file_and_rows_that_are_not_objects(tmp_path, capsys):
+    doc, path, field = study_naming("model weights", tmp_path)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    whole = len(header).to_bytes(8, "little") + header + bytes(16)
+    path.write_bytes(whole)
+    expand(doc, "s.yaml")  # whole files are accepted (what they hold is the loader's to judge)
+    study = write(tmp_path, "study.yaml", yaml.safe_dump(doc, sort_keys=False))
+    path.write_bytes(whole[:-4])
+    assert_refused(["plan", str(study)], capsys, f"{path}: not a whole safetensors file: it has {len(whole) - 4} bytes, and its header places {len(whole)}")
+
+    (tmp_path / "rows").mkdir()
+    doc, path, field = study_naming("jsonl", tmp_path / "rows")
+    path.write_text("1\n2\n")
+    study = write(tmp_path, "rows.yaml", yaml.safe_dump(doc, sort_keys=False))
+    assert_refused(["plan", str(study)], capsys, "data.sources.0: file", "expected one JSON object (named columns) per row, found a int")
+
+
+@pytest.mark.parametrize("kind", ["random", "utf-16", "nul"])
+def test_report_of_a_results_folder_whose_config_is_bytes_exits_2(kind, tmp_path, capsys):
+    config = tmp_path / "tiny" / "rate=0.0" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_bytes(bad_bytes(kind))
+    assert_refused(["report", str(tmp_path / "tiny")], capsys, f"error: {config}: ")
