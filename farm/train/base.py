@@ -40,6 +40,14 @@ def model_ref(ctx: StageContext, ref: str) -> str:
     return str(ctx.inputs.get(ref, ref))
 
 
+def inference_model(ctx: StageContext, ref: str, reward: bool = False):
+    """(model, tokenizer) of the model a field names, for inference (`farm.models.for_inference`); a
+    hub id at the commit the stage pins for it (`revisions`)."""
+    from farm.models import for_inference
+
+    return for_inference(model_ref(ctx, ref), ctx.resolve, reward=reward, revision=ctx.stage.revisions.get(ref))
+
+
 def on_gpu(ctx: StageContext) -> bool:
     """Whether this worker trains on a GPU: one that Ray allocated to it (an error if torch cannot
     see it), never one merely present on the node."""

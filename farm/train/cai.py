@@ -7,9 +7,9 @@ from __future__ import annotations
 import sys
 
 from farm.data.records import Comparison
-from farm.models import device, encode_prompt, for_inference, generate
+from farm.models import device, encode_prompt, generate
 from farm.registry import stages
-from farm.train.base import StageContext, load_input, model_ref
+from farm.train.base import StageContext, inference_model, load_input
 
 
 @stages.register("critique_revision")
@@ -87,7 +87,7 @@ def ai_feedback(ctx: StageContext) -> dict:
     del policy  # the feedback model takes its place in memory
     a, b = samples[: len(prompts)], samples[len(prompts) :]
     chosen = [principles[draw_principles(r.id, ctx.seed, 1, len(principles))[0]] for r in ctx.records]
-    judge, judge_tok = for_inference(model_ref(ctx, s.feedback_model), ctx.resolve, revision=s.revisions.get(s.feedback_model))
+    judge, judge_tok = inference_model(ctx, s.feedback_model)
     texts = [feedback_prompt(p, pr, x, y) for p, pr, x, y in zip(prompts, chosen, a, b)]
     logp = option_logprobs(judge, judge_tok, texts, s.batch_size, s.max_length)
     labels = [soft_label(la, lb, s.clamp) for la, lb in logp]

@@ -6,24 +6,24 @@ from __future__ import annotations
 
 from farm.data.records import Ranking
 from farm.registry import stages
-from farm.train.base import StageContext, model_ref
+from farm.train.base import StageContext, inference_model
 
 
 @stages.register("rank")
 def run(ctx: StageContext) -> dict:
-    from farm.models import for_inference, generate, reward_scores
+    from farm.models import generate, reward_scores
     from farm.train.runner import RECORDS_FILE
     from farm.data.records import write_records
 
     s = ctx.stage
     records = ctx.records
     prompts = [r.prompt for r in records]
-    generator, tok = for_inference(model_ref(ctx, s.generator), ctx.resolve, revision=s.revisions.get(s.generator))
+    generator, tok = inference_model(ctx, s.generator)
     samples = generate(generator, tok, prompts * s.samples, s.generation, s.max_prompt_length, ctx.seed) if s.samples else []
     del generator  # the reward model takes its place in memory
     candidates = [[r.chosen, r.rejected, *samples[j :: len(records)]] for j, r in enumerate(records)]
     origins = ["chosen", "rejected", *["sample"] * s.samples]
-    judge, judge_tok = for_inference(model_ref(ctx, s.reward_model), ctx.resolve, reward=True, revision=s.revisions.get(s.reward_model))
+    judge, judge_tok = inference_model(ctx, s.reward_model, reward=True)
     flat = reward_scores(
         judge, judge_tok,
         [p for p, c in zip(prompts, candidates) for _ in c], [a for c in candidates for a in c],
