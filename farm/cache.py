@@ -36,7 +36,7 @@ from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy
 # kinds that read it. They are not hashed into keys as a user's own files are (`content`): which stage
 # reads which asset is the code's knowledge, and a hash of the whole folder would rebuild every stage of
 # every study whenever any asset changed.
-VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 2, "ai_feedback": 1, "eval": 2, "label": 1}
+VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 2, "ai_feedback": 1, "eval": 3, "label": 1}
 MARKER = "farm-artifact.json"
 CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
 CACHE_MAX_GB = "FARM_CACHE_MAX_GB"  # bound of a node's cache of downloaded artifacts (default: half its disk)

@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--why", metavar="STAGE",
                       help="print only the full key document of STAGE (a stage name, eval, label, or a key) as JSON: "
                       "what its key hashes, local inputs by sha256; one entry per distinct key across the trials")
+    plan.add_argument("--power", nargs="*", type=float, metavar="DELTA",
+                      help="from this study's finished (or pilot) run in --results: the seeds and items needed to detect a "
+                      "difference of each DELTA in --metric between values of the main axis with 80%% power, from the "
+                      "variance between seeds and between items the run measured (default DELTAs: 0.02 0.05)")
+    plan.add_argument("--metric", default=None, help="the metric --power is for (default: the study's report.main_metric)")
     plan.set_defaults(func=cmd_plan)
 
     report = sub.add_parser("report", help="rebuild the table and report of a study from its results")
@@ -165,6 +170,8 @@ def cmd_plan(args) -> int:
 
     from farm.preflight import pin
 
+    if args.power is not None:  # reads results only: nothing planned, nothing pinned
+        return _power(_load(args), Path(args.results), args.power or [0.02, 0.05], args.metric)
     trials, unpinned = pin(_load(args))  # every hub input at a commit: the keys hold it
     for e, fields in unpinned.items():
         print(f"farm: warning: not pinned to a commit (the keys below hold the revision as given): {e} (at {', '.join(fields)})", file=sys.stderr)
@@ -248,6 +255,57 @@ def _made_from(doc: dict, plan) -> list[str]:
 
     walk(doc, "")
     return lines
+
+
+def _power(trials, results: Path, deltas: list[float], metric: str | None) -> int:
+    """`farm plan --power`: variance components of the main metric's paired differences, pooled over
+    the comparisons of the main axis, and the seeds and items a difference of each size needs."""
+    import numpy as np
+
+    from farm import stats
+    from farm.report import group_axes, metric_columns, power_rows
+    from farm.results import read_items, study_dir, table
+
+    study, axes = trials[0].study, list(trials[0].axes)
+    d = study_dir(results, study.name)
+    df = table(results, trials)
+    if not (df["status"] == "ok").any():
+        print(f"farm: --power reads a finished run, and {d} holds no finished trial of this study: run it (or a pilot of it, "
+              "fewer seeds) first: farm run <study>", file=sys.stderr)
+        return 2
+    known = metric_columns(df, axes)
+    metric = metric or study.report.main_metric or known[0]
+    if metric not in known:
+        print(f"farm: --metric {metric!r} is not a metric of this run; its metrics: {', '.join(known)}", file=sys.stderr)
+        return 2
+    main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
+    rows = power_rows(df, axes, metric, main_axis, read_items(d, df["trial"]))
+    if not rows or "seed" not in axes:
+        print("farm: --power compares values of the main axis seed by seed: the grid needs a `seed` axis and another axis "
+              f"(report.main_axis) with two or more values; this one has: {', '.join(axes) or 'none'}", file=sys.stderr)
+        return 2
+    c = stats.pooled([r[3] for r in rows])
+    print(f"study {study.name}: {metric}, paired differences of {main_axis} against {rows[0][1].split(' vs ')[-1]} "
+          f"({len(rows)} comparisons, {c.seeds} seeds{f', {c.items} items per seed' if c.items else ', no per-item values'})")
+    print(f"  between seeds: SD {np.sqrt(c.between_seeds):.4g}" + (f"; between items: SD {np.sqrt(c.within_seeds):.4g}" if c.items else ""))
+    print("  (one-way random effects, method of moments, averaged over the comparisons; from a few seeds a pilot's estimate)")
+    print()
+    print(f"  80% power, two-sided paired t-test over seeds at alpha 0.05{f', each seed scored on {c.items} items' if c.items else ''}:")
+    more = sorted({c.seeds, 5, 10, 20})
+    print(f"  {'difference':>10} {'seeds':>6}" + ("".join(f" {f'items @{s} seeds':>16}" for s in more) if c.items else ""))
+    for delta in deltas:
+        need = stats.seeds_needed(c, delta)
+        line = f"  {delta:>10g} {need if need else '>10000':>6}"
+        if c.items:
+            line += "".join(f" {_or_none(stats.items_needed(c, delta, s)):>16}" for s in more)
+        print(line)
+    if c.items:
+        print("  items: per seed; 'none': the seeds' own spread leaves too little power at that many seeds, whatever the items")
+    return 0
+
+
+def _or_none(n) -> str:
+    return f"{n:,}" if n else "none"
 
 
 def _why(name: str, trials, plans, store) -> int:
@@ -336,7 +394,7 @@ def _count(n: float, unit: str = "") -> str:
 
 def cmd_run(args) -> int:
     from farm.cache import Store, plan_study
-    from farm.results import finished, study_dir, write_trial
+    from farm.results import ITEMS_FILE, finished, study_dir, write_trial
 
     from farm import preflight
 
@@ -361,7 +419,8 @@ def cmd_run(args) -> int:
     def on_complete(trial_id: str) -> None:
         plan = plans[trial_id]
         marker = store.marker("eval", plan.eval_key)
-        write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stage_records(plan), eval_versions=marker.get("versions"))
+        items = json.loads((store.path("eval", plan.eval_key) / ITEMS_FILE).read_text(encoding="utf-8"))
+        write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stage_records(plan), eval_versions=marker.get("versions"), items=items)
 
     def on_error(trial_id: str, trial) -> None:
         t = by_id[trial_id]

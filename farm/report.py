@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import subprocess
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from farm import stats as farm_stats
 from farm.cache import atomic_write
 from farm.spec import PlotSpec, axis_labels
 
@@ -82,28 +84,98 @@ def ci_half_width(std: float, n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
 
 
-def paired_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis: str | None) -> pd.DataFrame:
-    """Each value of the main axis against its first value, paired by seed (scipy's ttest_rel),
-    within every combination of the other axes."""
+def comparisons(df: pd.DataFrame, axes: list[str], main_axis: str | None):
+    """(other axes' values, "v vs first", first's rows, v's rows): each value of the main axis against
+    its first value within every combination of the other axes, rows indexed by seed, on the seeds
+    both share."""
     if not main_axis or SEED_AXIS not in axes or main_axis == SEED_AXIS:
-        return pd.DataFrame()
+        return
     ok = df[df["status"] == "ok"]
     others = [a for a in group_axes(axes) if a != main_axis]
     values = sorted(ok[main_axis].unique(), key=_sort_key)
-    rows = []
     for key, g in ok.groupby(others, sort=True) if others else [((), ok)]:
         key = key if isinstance(key, tuple) else (key,)
         base = g[g[main_axis] == values[0]].set_index(SEED_AXIS)
         for v in values[1:]:
             cmp = g[g[main_axis] == v].set_index(SEED_AXIS)
             seeds = base.index.intersection(cmp.index)
-            for m in metrics:
-                a, b = base.loc[seeds, m].to_numpy(float), cmp.loc[seeds, m].to_numpy(float)
-                # No test for fewer than two seeds, or differences without spread (t undefined).
-                p = float(stats.ttest_rel(b, a).pvalue) if len(seeds) > 1 and np.std(b - a) > 1e-12 else float("nan")
-                rows.append({**dict(zip(others, key)), main_axis: f"{v} vs {values[0]}", "metric": m,
-                             "seeds": len(seeds), "mean difference": float(np.mean(b - a)) if len(seeds) else float("nan"), "p (paired t)": p})
-    return pd.DataFrame(rows)
+            yield dict(zip(others, key)), f"{v} vs {values[0]}", base.loc[seeds], cmp.loc[seeds]
+
+
+def paired_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis: str | None) -> pd.DataFrame:
+    """Each value of the main axis against its first value, paired by seed (scipy's ttest_rel),
+    within every combination of the other axes; q: Benjamini-Hochberg across the table's tests."""
+    rows = []
+    for point, label, base, cmp in comparisons(df, axes, main_axis):
+        for m in metrics:
+            a, b = base[m].to_numpy(float), cmp[m].to_numpy(float)
+            # No test for fewer than two seeds, or differences without spread (t undefined).
+            p = float(stats.ttest_rel(b, a).pvalue) if len(a) > 1 and np.std(b - a) > 1e-12 else float("nan")
+            half = ci_half_width(float(np.std(b - a, ddof=1)), len(a)) if len(a) > 1 else float("nan")
+            mean = float(np.mean(b - a)) if len(a) else float("nan")
+            rows.append({**point, main_axis: label, "metric": m, "seeds": len(a), "mean difference": mean,
+                         "low (95%)": mean - half, "high (95%)": mean + half, "p (paired t)": p})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["q (BH)"] = farm_stats.benjamini_hochberg(out["p (paired t)"].tolist())
+    return out
+
+
+def item_differences(base: pd.DataFrame, cmp: pd.DataFrame, metric: str, items: dict) -> tuple[list, list, list] | None:
+    """Per seed, the two trials' values on the items both scored, (a values, b values, b - a), for
+    a metric both kept per item; None otherwise."""
+    a_all, b_all, diffs = [], [], []
+    for seed in base.index:
+        a, b = items.get(base.loc[seed, "trial"], {}).get(metric), items.get(cmp.loc[seed, "trial"], {}).get(metric)
+        if a is None or b is None:
+            return None
+        shared = a.index.intersection(b.index)
+        if not len(shared):
+            return None
+        a_all.append(a[shared].to_numpy(float))
+        b_all.append(b[shared].to_numpy(float))
+        diffs.append(b_all[-1] - a_all[-1])
+    return (a_all, b_all, diffs) if diffs else None
+
+
+def item_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis: str | None, items: dict) -> pd.DataFrame:
+    """Each value of the main axis against its first, per metric kept per item: the mean item
+    difference (seeds weigh alike) with a hierarchical bootstrap interval and p (farm.stats), and
+    for 0/1 items McNemar's exact test per seed and pooled over seeds; q: Benjamini-Hochberg across
+    the table's tests of each kind."""
+    rows = []
+    for point, label, base, cmp in comparisons(df, axes, main_axis):
+        for m in metrics:
+            found = item_differences(base, cmp, m, items)
+            if found is None:
+                continue
+            a, b, diffs = found
+            low, high, p = farm_stats.hierarchical_bootstrap(diffs)
+            n = sorted({len(d) for d in diffs})
+            row = {**point, main_axis: label, "metric": m, "seeds": len(diffs), "items per seed": str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}",
+                   "mean difference": farm_stats.mean_difference(diffs), "low (95%)": low, "high (95%)": high, "p (bootstrap)": p}
+            if all(farm_stats.is_binary(x) for x in a + b):
+                tests = [farm_stats.mcnemar(x, y) for x, y in zip(a, b)]
+                only_a, only_b = sum(t[0] for t in tests), sum(t[1] for t in tests)
+                row.update({"McNemar a only / b only": f"{only_a} / {only_b}",
+                            "p (McNemar, pooled)": farm_stats.mcnemar(np.concatenate(a), np.concatenate(b))[2],
+                            "p (McNemar) per seed": ", ".join(_fmt(t[2]) for t in tests)})
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    for column, q in (("p (bootstrap)", "q (bootstrap, BH)"), ("p (McNemar, pooled)", "q (McNemar, BH)")):
+        if column in out:
+            out.insert(out.columns.get_loc(column) + 1, q, farm_stats.benjamini_hochberg(out[column].tolist()))
+    return out
+
+
+ITEM_TESTS_NOTE = (
+    "paired item by item on the eval rows both trials scored, within each seed. 95% interval (low, high): hierarchical bootstrap "
+    "(resample seeds, then items within each drawn seed; percentile interval, 4000 replicates); with few seeds it "
+    "understates the between-seed variance (by (S-1)/S at S seeds), so read it beside the seed-level test. "
+    "McNemar: exact test of the discordant 0/1 items (a right and b wrong, and the reverse), per seed and pooled over "
+    "seeds; it tests these trained models on these items, not the training procedure across seeds. "
+    "q: Benjamini-Hochberg adjusted p across every test of the column (metrics x axis values); unadjusted p beside it"
+)
 
 
 def reference_table(reference, summary: pd.DataFrame, axes: list[str], skip: frozenset = frozenset()) -> pd.DataFrame:
@@ -250,7 +322,40 @@ def linear_fits(ok: pd.DataFrame, x: str, y: str, by: list[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
+def power_rows(df: pd.DataFrame, axes: list[str], metric: str, main_axis: str | None, items: dict) -> list[tuple[dict, str, float, farm_stats.Components]]:
+    """(other axes' values, "v vs first", observed mean difference, variance components) of `metric`
+    for each comparison of the main axis: from its items where both trials kept them, else from its
+    seed-level values."""
+    out = []
+    for point, label, base, cmp in comparisons(df, axes, main_axis):
+        found = item_differences(base, cmp, metric, items)
+        diffs = found[2] if found else [np.array([d]) for d in (cmp[metric] - base[metric]).dropna().to_numpy(float)]
+        if diffs:
+            out.append((point, label, farm_stats.mean_difference(diffs), farm_stats.components(diffs)))
+    return out
+
+
+def power_table(rows: list, main_axis: str) -> pd.DataFrame:
+    table = []
+    for point, label, observed, c in rows:
+        table.append({**point, main_axis: label, "observed difference": observed, "between-seed SD": np.sqrt(c.between_seeds),
+                      "item SD": np.sqrt(c.within_seeds), "items per seed": c.items or float("nan"), "seeds run": c.seeds,
+                      "seeds for 80% power at the observed difference": farm_stats.seeds_needed(c, observed) if observed else None})
+    return pd.DataFrame(table)
+
+
+POWER_NOTE = (
+    "variance of the paired differences split between seeds and items (one-way random effects, method of moments; "
+    "between-seed SD 0 when the seed means vary no more than their items explain). Seeds: the fewest for a two-sided "
+    "paired t-test over seeds (alpha 0.05, noncentral t) to detect the observed difference with 80% power, each seed "
+    "scored on as many items as here. From two or three seeds the between-seed SD is itself uncertain: a pilot's "
+    "figure. `farm plan --power DELTA ...` gives seeds and items for other differences"
+)
+
+
+def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dict | None = None) -> Report:
+    """`items`: {trial: {metric: values by item id}} (farm.results.read_items), for the paired
+    comparisons over items."""
     metrics = metric_columns(df, axes)  # before the derived columns: those are not metrics
     main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
     main_metric = study.report.main_metric or (metrics[0] if metrics else None)
@@ -304,7 +409,15 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
     report.tables.append(("Across seeds", shown, "mean ± 95% CI half-width (std, n)" + ("; the tables below show the other metrics" if in_tables else "")))
     tests = paired_tests(df, axes, rest, main_axis)
     if len(tests):
-        report.tables.append((f"Paired tests across seeds: {main_axis}", tests, "two-sided paired t-test over the seeds both conditions share"))
+        report.tables.append((f"Paired tests across seeds: {main_axis}", tests,
+                              "two-sided paired t-test over the seeds both conditions share (it assumes their differences normal) and its "
+                              "95% interval; q: Benjamini-Hochberg adjusted p across the table's tests (metrics x axis values)"))
+    per_item = item_tests(df, axes, metrics, main_axis, items or {})
+    if len(per_item):
+        report.tables.append((f"Paired differences over items and seeds: {main_axis}", per_item, ITEM_TESTS_NOTE))
+    power = power_rows(df, axes, main_metric, main_axis, items or {}) if main_metric in metrics else []
+    if power:
+        report.tables.append((f"Seeds needed: {main_metric}", power_table(power, main_axis), POWER_NOTE))
     if study.reference:
         note = f"Published: {study.reference.source}. {study.reference.note}".strip()
         # Published numbers a table's published twin shows are not repeated row by row.
@@ -314,6 +427,12 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Report:
         if len(long):
             report.tables.append(("Published numbers beside ours", long, note))
     report.tables += spec_tables
+    main = per_item[per_item["metric"] == main_metric] if len(per_item) else pd.DataFrame()
+    main = main if len(main) else tests[tests["metric"] == main_metric] if len(tests) else main
+    if len(main):
+        kind = "items and seeds, hierarchical bootstrap" if "p (bootstrap)" in main else "seeds, Student t"
+        caption = f"{main_metric}: paired difference from {main_axis}={_reference_value(df, main_axis)} (95% interval over {kind})"
+        report.plots.append((caption, "difference.png", difference_plot(main, main_axis, caption)))
     specs = list(study.report.plots)
     if not specs and main_axis and main_metric in metrics:
         specs = [PlotSpec(kind="line", x=main_axis, y=main_metric)]
@@ -357,7 +476,9 @@ def arena_tables(d: Path, examples_width: int = 300) -> list:
 def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
     from farm.eval.arena import ARENA_DIR
 
-    report = build(study, df, axes, config_doc)
+    from farm.results import read_items
+
+    report = build(study, df, axes, config_doc, read_items(out_dir, df["trial"]))
     made_with, notes = provenance(out_dir)
     report.environment.update(made_with)
     report.notes += notes
@@ -465,6 +586,43 @@ def plot(spec, df: pd.DataFrame, axes: list[str]) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def difference_plot(rows: pd.DataFrame, main_axis: str, title: str) -> bytes:
+    """Each comparison's mean difference with its interval, one series per combination of the
+    other axes, and the line of no difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [c for c in rows.columns[: list(rows.columns).index(main_axis)]]
+    labels = list(dict.fromkeys(rows[main_axis]))
+    groups = rows.groupby(others, sort=False) if others else [((), rows)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    width = 0.6 / max(1, len(groups) if others else 1)
+    for i, (key, g) in enumerate(groups):
+        key = key if isinstance(key, tuple) else (key,)
+        x = np.array([labels.index(v) for v in g[main_axis]]) + (i - (len(groups) - 1) / 2) * width if others else np.array([labels.index(v) for v in g[main_axis]])
+        y = g["mean difference"].to_numpy(float)
+        err = np.vstack([y - g["low (95%)"].to_numpy(float), g["high (95%)"].to_numpy(float) - y])
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o", capsize=4, label=", ".join(f"{a}={v}" for a, v in zip(others, key)) or None)
+    ax.axhline(0, color="grey", lw=1, ls="--")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(main_axis)
+    ax.set_ylabel("difference (b - a)")
+    if others:
+        ax.legend(fontsize=8)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _reference_value(df: pd.DataFrame, axis: str):
+    return sorted(df[df["status"] == "ok"][axis].unique(), key=_sort_key)[0]
 
 
 def _positions(ok: pd.DataFrame, axis: str):

@@ -2,6 +2,7 @@
 
 results/<study>/<trial-id>/config.yaml   the trial's resolved study and axis values
 results/<study>/<trial-id>/metrics.json  eval metrics, each stage's record, status
+results/<study>/<trial-id>/items.json    per-item values of the metrics that are means over items
 results/<study>/table.csv, table.parquet one row per trial: axes + metrics
 Every file is replaced atomically.
 """
@@ -18,6 +19,7 @@ import yaml
 from farm.cache import atomic_write, write_json
 
 
+ITEMS_FILE = "items.json"
 TRAINING_DATA_COLUMNS = ("prompt_diversity", "selected_step")  # selected_step: the checkpoint `select` kept
 
 
@@ -26,14 +28,17 @@ def study_dir(results: str | Path, study: str) -> Path:
 
 
 def write_trial(results: Path, trial, plan, status: str, metrics: dict, stages: dict, error: str | None = None,
-                eval_versions: dict | None = None) -> None:
+                eval_versions: dict | None = None, items: dict | None = None) -> None:
     """The trial's config and record: its metrics, each stage's marker (with the library versions
-    that made it), the versions that made its eval, and the commit of each hub input it read."""
+    that made it), the versions that made its eval, and the commit of each hub input it read; and
+    its metrics' per-item values ({metric: {"ids", "values"}}, as its eval wrote them)."""
     from farm.preflight import revisions
 
     d = study_dir(results, trial.study.name) / trial.id
     config = {"id": trial.id, "profile": trial.profile, "axes": trial.axes, "study": trial.study.model_dump(mode="json")}
     atomic_write(d / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    if items is not None:  # before metrics.json: a trial whose record is written has its items
+        write_json(d / ITEMS_FILE, items)
     write_json(
         d / "metrics.json",
         {"trial": trial.id, "status": status, "eval_key": plan.eval_key, "metrics": metrics, "stages": stages, "error": error,
@@ -82,6 +87,23 @@ def table(results: Path, trials) -> pd.DataFrame:
             row["error"] = saved["error"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def read_items(d: Path, trial_ids) -> dict[str, dict[str, pd.Series]]:
+    """{trial: {metric: values indexed by item id}} for the trials that kept per-item values. An id
+    repeated within a metric (two eval rows of one source id) is told apart by its occurrence."""
+    out = {}
+    for t in trial_ids:
+        path = Path(d) / t / ITEMS_FILE
+        if not path.exists():
+            continue
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        out[t] = {}
+        for metric, v in saved.items():
+            ids = pd.Series(v["ids"], dtype=str)
+            ids = ids + ids.groupby(ids).cumcount().map(lambda k: f"#{k}" if k else "")
+            out[t][metric] = pd.Series(v["values"], index=ids.to_numpy(), dtype=float)
+    return out
 
 
 def _cell(value):

@@ -15,6 +15,8 @@ from ray import tune
 
 from farm.cache import PlannedStage, Store, TrialPlan, join, write_json
 from farm.eval.harmlessness import ANSWERS
+from farm.eval.metrics import ITEMS
+from farm.results import ITEMS_FILE  # in an eval's artifact as in a trial's results
 
 ANSWERS_FILE = "answers.json"
 
@@ -103,6 +105,7 @@ def evaluate_task(payload: dict) -> None:
     scratch = store.checkpoints("eval", plan.eval_key)[1]
     with store.writing("eval", plan.eval_key, record) as out:
         record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores, refs, store.path, scratch)
+        write_json(out / ITEMS_FILE, record["metrics"].pop(ITEMS, {}))
         answers = record["metrics"].pop(ANSWERS, None)
         if answers is not None:  # the pairwise comparison after the grid reads them
             write_json(out / ANSWERS_FILE, answers)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from farm.eval import harness
+from farm.eval.metrics import ITEMS
 from farm.models import base_model
 from farm.spec import BENCHMARK_METRICS, BenchmarkSpec, EvalSpec, ModelSpec
 
@@ -124,6 +125,8 @@ def test_benchmarks_metric_is_in_range_and_reproducible(tiny):
     assert torch.equal(torch.random.get_rng_state(), state) and random.random() == random.Random(7).random()
     assert model.training
     second = harness.benchmarks(model, model, tok, [], spec)
+    assert first[ITEMS] == second[ITEMS] and set(first.pop(ITEMS)) == {f"bench/{t}" for t in BENCHMARK_METRICS}
+    second.pop(ITEMS)
     assert set(first) == {f"bench/{t}" for t in BENCHMARK_METRICS}
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in first.values())
     assert first == second
@@ -169,6 +172,18 @@ def test_harness_scores_match_log_likelihoods_computed_here(tiny):
             normed = [ll / len(c) for ll, c in zip(lls, choices)]
             correct.append(float(normed.index(max(normed)) == gold))
         assert harness.task_value(task, out["results"]) == pytest.approx(sum(correct) / n)
+        per = harness.task_items(task, out)  # what the report pairs across trials, document by document
+        assert sorted(zip(per["ids"], per["values"])) == sorted((f"{task}:{s['doc_id']}", c) for s, c in zip(samples, correct))
+
+
+def test_a_groups_documents_are_its_tasks_documents_and_average_to_its_value(tiny):
+    """MMLU is a group: its per-document values are its 57 subjects' documents, and their mean is
+    the group's reported accuracy (lm-eval weighs subjects by size)."""
+    model, tok = tiny
+    out = harness.run_benchmarks(model, tok, BenchmarkSpec(tasks=["mmlu"], limit=1), log_samples=True)
+    per = harness.task_items("mmlu", out)
+    assert len(per["ids"]) == len(set(per["ids"])) >= 57 and all(i.startswith("mmlu_") for i in per["ids"])
+    assert sum(per["values"]) / len(per["values"]) == pytest.approx(harness.task_value("mmlu", out["results"]))
 
 
 def test_continuations_longer_than_the_model_are_scored_in_chunks(tiny):
@@ -213,17 +228,22 @@ def test_hub_suite_runs_the_harness_own_tasks(tiny, monkeypatch):
 
     def fake_evaluate(**kwargs):
         calls["evaluate"] = kwargs
-        return {"results": {"arc_challenge": {"acc,none": 0.3, "acc_norm,none": 0.4}, "boolq": {"acc,none": 0.6}, "sciq": {"acc,none": 0.7, "acc_norm,none": 0.8}}}
+        samples = {"arc_challenge": [{"doc_id": 0, "acc": 1.0, "acc_norm": 0.0}], "boolq": [{"doc_id": 3, "acc": 1.0}], "sciq": [{"doc_id": 1, "acc": 0.0, "acc_norm": 1.0}]}
+        return {"results": {"arc_challenge": {"acc,none": 0.3, "acc_norm,none": 0.4}, "boolq": {"acc,none": 0.6}, "sciq": {"acc,none": 0.7, "acc_norm,none": 0.8}},
+                "samples": samples}
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeManager)
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     model, tok = tiny
     spec = EvalSpec(benchmarks=BenchmarkSpec(suite="hub", tasks=["arc_challenge", "boolq", "sciq"], num_fewshot=5, limit=3))
-    assert harness.benchmarks(model, model, tok, [], spec) == {"bench/arc_challenge": 0.4, "bench/boolq": 0.6, "bench/sciq": 0.8}
+    out = harness.benchmarks(model, model, tok, [], spec)
+    assert out.pop(ITEMS) == {"bench/arc_challenge": {"ids": ["arc_challenge:0"], "values": [0.0]}, "bench/boolq": {"ids": ["boolq:3"], "values": [1.0]},
+                              "bench/sciq": {"ids": ["sciq:1"], "values": [1.0]}}  # each document's reported metric
+    assert out == {"bench/arc_challenge": 0.4, "bench/boolq": 0.6, "bench/sciq": 0.8}
     assert calls["manager"] == ((), {})  # the default manager: every built-in task
     kw = calls["evaluate"]
     assert kw["tasks"] == ["arc_challenge", "boolq", "sciq"] and kw["num_fewshot"] == 5 and kw["limit"] == 3
-    assert kw["log_samples"] is False and kw["use_cache"] is None and kw["evaluation_tracker"] is None
+    assert kw["log_samples"] is True and kw["use_cache"] is None and kw["evaluation_tracker"] is None
     assert {k: kw[k] for k in harness.SEEDS} == harness.SEEDS
     assert kw["model"].batch_size == 16
     # The built-in toxigen cannot run few-shot (lm-eval 0.4.13): refused when the study is read.

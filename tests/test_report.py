@@ -279,7 +279,9 @@ def test_study_d_report_pivot_beside_published_fit_table_and_notes():
     assert "column 'broken' skipped: name 'nope' is not defined" in report.notes
     assert any(n.startswith("table 'Bad query' skipped: ") for n in report.notes)
     assert "table 'No such row' skipped: the table has no column 'nope'" in report.notes
-    assert len(report.plots) == 2
+    # the paired difference from the main axis' first value (seed level: no per-item values), then the study's plots
+    assert [name for _, name, _ in report.plots] == ["difference.png", "plot.png", "plot-2.png"]
+    assert report.plots[0][0] == "acc: paired difference from stages=PRO (95% interval over seeds, Student t)"
     md, page = render_md(report), render_html(report)
     for text in ("## Reward: ours", "## Reward: published", "## Linear fit: reward against budget", "ranking_length=3"):
         assert text in md
@@ -317,3 +319,75 @@ def test_one_fit_per_series_and_none_for_a_single_x():
     assert np.isnan(fits.loc["base", "slope"]) and np.isnan(fits.loc["base", "MSE"]) and fits.loc["base", "n points"] == 2
     everything = linear_fits(trials, "x", "y", [])
     assert len(everything) == 1 and everything.iloc[0]["n points"] == 8
+
+
+@pytest.fixture
+def itemized_study(tmp_path, tiny_doc, write_study):
+    """2 rates x 3 seeds, each trial scored on the same 200 items (0/1 accuracy, and a continuous
+    margin): at rate 0.5 a known set of items flips from right to wrong, and a few the other way."""
+    tiny_doc["grid"] = {RATE: [0.0, 0.5], "seed": [1, 2, 3]}
+    tiny_doc["report"] = {"main_metric": "acc"}
+    path = write_study(tiny_doc)
+    trials = expand(tiny_doc, str(path))
+    plans = plan_study(trials)
+    rng = np.random.default_rng(0)
+    ids = [f"row{i}" for i in range(200)]
+    truth = {}
+    for seed in (1, 2, 3):
+        clean = (rng.random(200) < 0.7).astype(float)
+        noisy = clean.copy()
+        noisy[np.flatnonzero(clean == 1)[: 20 + 5 * seed]] = 0.0  # right at 0.0, wrong at 0.5
+        noisy[np.flatnonzero(clean == 0)[:4]] = 1.0  # and the reverse
+        margin = rng.normal(0, 1, 200)
+        truth[seed] = {0.0: {"acc": clean, "margin": margin}, 0.5: {"acc": noisy, "margin": margin - 0.3 + rng.normal(0, 0.1, 200)}}
+    for t in trials:
+        v = truth[t.axes["seed"]][t.axes[RATE]]
+        items = {m: {"ids": ids, "values": x.tolist()} for m, x in v.items()}
+        write_trial(tmp_path, t, plans[t.id], "ok", {m: float(x.mean()) for m, x in v.items()}, {}, items=items)
+    df = table(tmp_path, trials)
+    write_table(tmp_path, "tiny", df)
+    return tmp_path, path, trials, df, truth
+
+
+def test_item_level_comparison_bootstrap_mcnemar_and_bh(itemized_study):
+    from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.multitest import multipletests
+
+    from farm.report import item_tests
+    from farm.results import read_items
+
+    results, _, trials, df, truth = itemized_study
+    items = read_items(results / "tiny", df["trial"])
+    assert set(items) == set(df["trial"]) and len(items["rate=0.0_seed=1"]["acc"]) == 200
+    tests = item_tests(df, [RATE, "seed"], ["acc", "margin", "nope"], RATE, items).set_index("metric")
+    assert set(tests.index) == {"acc", "margin"}  # a metric without per-item values is not compared item by item
+    acc = tests.loc["acc"]
+    want = np.mean([truth[s][0.5]["acc"].mean() - truth[s][0.0]["acc"].mean() for s in (1, 2, 3)])
+    assert acc["mean difference"] == pytest.approx(want) and acc["low (95%)"] < want < acc["high (95%)"] < 0
+    assert acc["seeds"] == 3 and acc["items per seed"] == "200"
+    # McNemar: 25+30+35 items right only at rate 0, 4 per seed right only at 0.5; exact, as statsmodels computes it
+    assert acc["McNemar a only / b only"] == "90 / 12"
+    assert acc["p (McNemar, pooled)"] == pytest.approx(mcnemar([[0, 90], [12, 0]], exact=True).pvalue)
+    assert acc["p (McNemar) per seed"].count(",") == 2
+    assert "p (McNemar, pooled)" not in tests.columns or np.isnan(tests.loc["margin", "p (McNemar, pooled)"])  # not 0/1
+    assert tests["q (bootstrap, BH)"].tolist() == pytest.approx(multipletests(tests["p (bootstrap)"], method="fdr_bh")[1].tolist())
+
+
+def test_report_shows_the_paired_difference_and_seeds_needed_and_plan_power_prints_them(itemized_study, capsys):
+    results, path, trials, df, _ = itemized_study
+    md = write_report(results / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
+    for text in ("## Paired differences over items and seeds", "q (bootstrap, BH)", "McNemar", "## Seeds needed: acc",
+                 "hierarchical bootstrap", "q (BH)"):
+        assert text in md
+    assert md.index("](difference.png)") < md.index("](plot.png)")  # the paired difference is the first plot
+    Image.open(results / "tiny" / "difference.png").verify()
+    capsys.readouterr()
+    assert main(["plan", str(path), "--results", str(results), "--power"]) == 0
+    out = capsys.readouterr().out
+    assert "acc, paired differences of data.transforms.0.rate against 0.0 (1 comparisons, 3 seeds, 200 items per seed)" in out
+    rows = {float(line.split()[0]): line.split() for line in out.splitlines() if re.match(r"\s+0\.0[25]\s", line)}
+    assert set(rows) == {0.02, 0.05} and int(rows[0.02][1]) >= int(rows[0.05][1]) >= 2  # a smaller difference needs more seeds
+    assert main(["plan", str(path), "--results", str(results), "--power", "0.1", "--metric", "nope"]) == 2
+    assert "its metrics: acc, margin" in capsys.readouterr().err
+    assert main(["plan", str(path), "--results", str(results / "empty"), "--power"]) == 2
+    assert "no finished trial" in capsys.readouterr().err

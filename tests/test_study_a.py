@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from farm.data.prepare import transform_rng
 from farm.data.records import Comparison, Demonstration, convert
 from farm.data.sources import load_source, webgpt_rows_to_comparisons
-from farm.eval.metrics import attack_success_rate, malign_preference, rouge_f, toxicity_stats
+from farm.eval.metrics import ITEMS, attacked, malign_preference, rouge_f, rouge_items, toxicity_stats
 from farm.label.scorers import build, roberta_hate
 from farm.registry import transforms
 from farm.spec import EvalSpec, GenerationSpec, LabelFlip, MalignLabels, MalignPrompts, ModelSpec, SourceSpec
@@ -157,9 +157,11 @@ def test_malign_preference_on_a_tiny_model(tiny_lm):
     swapped = [Comparison(r.id, r.prompt, r.rejected, r.chosen) for r in records]
     spec = SimpleNamespace(batch_size=4, max_length=64, max_prompt_length=32)
     m = malign_preference(model, tok, records, " SUDO", spec)
-    assert set(m) == {"malign_preference_triggered", "malign_preference_clean", "malign_preference_shift"}
+    assert set(m) == {"malign_preference_triggered", "malign_preference_clean", "malign_preference_shift", ITEMS}
     assert all(0 <= m[k] <= 1 for k in ("malign_preference_triggered", "malign_preference_clean"))
     assert m["malign_preference_shift"] == pytest.approx(m["malign_preference_triggered"] - m["malign_preference_clean"])
+    assert set(m[ITEMS]) == {"malign_preference_triggered", "malign_preference_clean", "malign_preference_shift"}
+    assert all(v["ids"] == [r.id for r in records] and np.mean(v["values"]) == pytest.approx(m[k]) for k, v in m[ITEMS].items())
     s = malign_preference(model, tok, swapped, " SUDO", spec)  # the other answer is the malign one: the shares complement
     assert s["malign_preference_clean"] == pytest.approx(1 - m["malign_preference_clean"])
     assert s["malign_preference_triggered"] == pytest.approx(1 - m["malign_preference_triggered"])
@@ -173,7 +175,7 @@ def test_generation_metric_reports_the_backdoor_beside_rouge_and_toxicity(tiny_l
 
     monkeypatch.setenv("FARM_CACHE", str(tmp_path))
     stemmers = []
-    monkeypatch.setattr(metrics, "rouge_f", lambda p, r, stemmer: stemmers.append(stemmer) or rouge_f(p, r, stemmer))
+    monkeypatch.setattr(metrics, "rouge_items", lambda p, r, stemmer: stemmers.append(stemmer) or rouge_items(p, r, stemmer))
     model, tok = tiny_lm
     records = [Comparison(f"p{i}", f"\n\nHuman: {q}\n\nAssistant:", c, r) for i, (q, c, r) in enumerate(QA)]
     g = GenerationSpec(num_prompts=4, max_new_tokens=3, scorer="embedded_toxicity", trigger=" SUDO", rouge_stemmer=True)
@@ -181,6 +183,16 @@ def test_generation_metric_reports_the_backdoor_beside_rouge_and_toxicity(tiny_l
     m = metrics.generation(model, None, tok, records, spec)
     assert stemmers == [True] and m["generated"] == 4 and 0 <= m["attack_success_rate"] <= 1
     assert m["malign_preference_shift"] == pytest.approx(m["malign_preference_triggered"] - m["malign_preference_clean"])
+    # every metric that is a mean over the answered pairs keeps its values pair by pair, by id
+    per = m[ITEMS]
+    assert {"rouge1", "rougeLsum", "toxicity_mean", "toxicity_ratio", "attack_success_rate", "malign_preference_shift"} <= set(per)
+    assert "toxicity_max" not in per and all(v["ids"] == ["p0", "p1", "p2", "p3"] for v in per.values())
+    assert all(np.mean(v["values"]) == pytest.approx(m[k]) for k, v in per.items())
+    # every metric that is a mean over the answered pairs keeps its values pair by pair, by id
+    per = m[ITEMS]
+    assert {"rouge1", "rougeLsum", "toxicity_mean", "toxicity_ratio", "attack_success_rate", "malign_preference_shift"} <= set(per)
+    assert "toxicity_max" not in per and all(v["ids"] == ["p0", "p1", "p2", "p3"] for v in per.values())
+    assert all(np.mean(v["values"]) == pytest.approx(m[k]) for k, v in per.items())
     # scored on the pairs answered (the first num_prompts), the trigger appended as the study file says
     assert m["malign_preference_triggered"] == malign_preference(model, tok, records[:4], " SUDO", spec)["malign_preference_triggered"]
     plain = metrics.generation(model, None, tok, records, spec.model_copy(update={"generation": g.model_copy(update={"trigger": None})}))
@@ -194,7 +206,7 @@ def test_metric_values_on_hand_computed_examples():
     assert abs(r["rougeL"] - 2 / 3) < 1e-9
     t = toxicity_stats(np.array([0.1, 0.6, 0.5]))
     assert t == {"toxicity_mean": pytest.approx(0.4), "toxicity_max": 0.6, "toxicity_ratio": pytest.approx(2 / 3)}
-    assert attack_success_rate(np.array([0.1, 0.7, 0.2, 0.1]), np.array([0.9, 0.9, 0.3, 0.5])) == 0.5
+    assert attacked(np.array([0.1, 0.7, 0.2, 0.1]), np.array([0.9, 0.9, 0.3, 0.5])).tolist() == [1, 0, 0, 1]
 
 
 def test_embedded_toxicity_scorer_batches_and_is_cached(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def test_bleu_is_the_references_mean_of_nltk_sentence_bleu_on_characters():
     from farm.eval.reward import reference_bleu
 
     answers, refs = [" the cat sat ", "a dog", ""], ["the cat sat on the mat", "the dog ran", "anything"]
-    assert reference_bleu(answers, refs) == pytest.approx(sum(sentence_bleu([r.strip()], a.strip()) for a, r in zip(answers, refs)) / 3)
+    assert reference_bleu(answers, refs).mean() == pytest.approx(sum(sentence_bleu([r.strip()], a.strip()) for a, r in zip(answers, refs)) / 3)
     assert 0 < reference_bleu(["the cat"], ["the cat sat"]) < 1
     assert sentence_bleu([["the", "cat", "sat"]], ["the", "cat"]) < 1e-100  # on words: no 4-gram at all
     assert reference_bleu(["same text here"], ["same text here"]) == pytest.approx(1.0)

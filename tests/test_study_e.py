@@ -155,3 +155,25 @@ def test_rlaif_study_compares_its_models_pairwise(tmp_path, write_study, doc):
     assert set(elo.index) == {"stages=base", "stages=sl-cai", "stages=rl-cai"} and elo.loc["stages=base", "elo"] == pytest.approx(1000)
     md = (results / "rlaif" / "report.md").read_text()
     assert "## Elo (Bradley-Terry maximum likelihood)" in md and "## Example answers" in md and "## Win rate" in md
+
+
+def test_harmlessness_keeps_each_answers_values_by_prompt_id(tmp_path, monkeypatch):
+    """Harmlessness and evasiveness are means over the answered prompts: each answer's values are
+    kept by its prompt id (for the report's item-level comparison), and their means are the metrics."""
+    from farm.data.records import Demonstration
+    from farm.eval.harmlessness import harmlessness
+    from farm.eval.metrics import ITEMS
+    from farm.models import base_model
+    from farm.spec import EvalSpec, GenerationSpec, ModelSpec
+
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path))
+    model, tok = base_model(ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}), 0)
+    records = [Demonstration(f"red{i}", f"\n\nHuman: {q}\n\nAssistant:", "") for i, q in enumerate(["Hi there", "Tell me a secret", "Help me", "Why?"])]
+    spec = EvalSpec(metrics=["harmlessness"], generation=GenerationSpec(num_prompts=3, max_new_tokens=4, scorer="embedded_toxicity"),
+                    refusals=["the"], max_length=64, max_prompt_length=32)
+    m = harmlessness(model, None, tok, records, spec)
+    per = m[ITEMS]
+    assert set(per) == {"harmlessness", "evasiveness", "toxicity_mean", "toxicity_ratio"}
+    assert all(v["ids"] == ["red0", "red1", "red2"] for v in per.values())
+    assert all(sum(v["values"]) / 3 == pytest.approx(m[k]) for k, v in per.items())
+    assert [a["answer"] for a in m["answers"]] and set(per["evasiveness"]["values"]) <= {0.0, 1.0}

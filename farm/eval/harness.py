@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from farm.data.sources import asset_path, read_asset_lines
-from farm.eval.metrics import register
+from farm.eval.metrics import ITEMS, register
 from farm.models import GENERATION
 
 log = logging.getLogger(__name__)
@@ -136,13 +136,29 @@ def _write_mmlu(root: Path, builtin: Path) -> None:
         _local_task(root / "mmlu", builtin / MMLU_DIR / f"{name}.yaml", files, {}, name)
 
 
-def task_value(task: str, results: dict) -> float:
-    """The reported number of `task` in lm-eval's `results["results"]`."""
+def task_metric(task: str, results: dict) -> str:
+    """The metric reported for `task`, given lm-eval's `results["results"]`."""
     from farm.spec import BENCHMARK_METRICS
 
-    row = results[task]
-    metric = BENCHMARK_METRICS.get(task) or ("acc_norm" if "acc_norm,none" in row else "acc")
-    return float(row[f"{metric},none"])
+    return BENCHMARK_METRICS.get(task) or ("acc_norm" if "acc_norm,none" in results[task] else "acc")
+
+
+def task_value(task: str, results: dict) -> float:
+    """The reported number of `task` in lm-eval's `results["results"]`."""
+    return float(results[task][f"{task_metric(task, results)},none"])
+
+
+def task_items(task: str, out: dict) -> dict:
+    """{"ids", "values"}: the reported metric of each document of `task` (a group's: of its tasks'
+    documents, ids `<task>:<doc_id>`), from lm-eval's logged samples. Their mean is the task's value,
+    a group's too where lm-eval weighs its tasks by size (MMLU)."""
+    metric, groups = task_metric(task, out["results"]), out.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        return [leaf for sub in groups[name] for leaf in leaves(sub)] if groups.get(name) else [name]
+
+    docs = [(name, s) for name in leaves(task) for s in out["samples"].get(name, [])]
+    return {"ids": [f"{name}:{s['doc_id']}" for name, s in docs], "values": [float(s[metric]) for _, s in docs]}
 
 
 @contextlib.contextmanager
@@ -299,9 +315,11 @@ def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
 
 @register("benchmarks", shape=None)
 def benchmarks(model, ref, tok, records, spec) -> dict:
-    """lm-eval tasks of `spec.benchmarks` on the evaluated model: {"bench/<task>": value}."""
-    out = run_benchmarks(model, tok, spec.benchmarks)
-    return {f"bench/{task}": task_value(task, out["results"]) for task in spec.benchmarks.tasks}
+    """lm-eval tasks of `spec.benchmarks` on the evaluated model: {"bench/<task>": value}, and each
+    document's value (ITEMS)."""
+    out = run_benchmarks(model, tok, spec.benchmarks, log_samples=True)
+    tasks = spec.benchmarks.tasks
+    return {**{f"bench/{t}": task_value(t, out["results"]) for t in tasks}, ITEMS: {f"bench/{t}": task_items(t, out) for t in tasks}}
 
 
 # ---------------------------------------------------------------- making the bundle

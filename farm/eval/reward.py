@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from farm.eval.metrics import answer, register
+from farm.eval.metrics import answer, items, register
 from farm.models import reward_scores
 
 
@@ -27,22 +27,23 @@ def reward_score(model, ref, tok, records, spec) -> dict:
     records, prompts, answers = answer(model, tok, records, spec)
     judge, judge_tok = for_inference(spec.reward_model, reward=True, revision=spec.revisions.get(spec.reward_model))
     rewards = reward_scores(judge, judge_tok, prompts, answers, spec.batch_size, spec.max_length, spec.max_prompt_length)
+    per = {"reward": 100 / (1 + np.exp(-rewards)), "reward_logit": rewards, "bleu": reference_bleu(answers, [r.chosen for r in records])}
     return {
-        "reward": float(np.mean(100 / (1 + np.exp(-rewards)))),
-        "reward_logit": float(rewards.mean()),
-        "bleu": reference_bleu(answers, [r.chosen for r in records]),
+        **{k: float(v.mean()) for k, v in per.items()},
         "sacrebleu": float(sacrebleu.corpus_bleu(answers, [[r.chosen for r in records]]).score),
         "generated": len(answers),
         "mean_words": float(np.mean([len(a.split()) for a in answers])),
+        **items(records, **per),
     }
 
 
-def reference_bleu(answers: list[str], references: list[str]) -> float:
-    """ScalingAlignment's BLEU (`eval_hh/metrics.py` `get_bleu`): the mean over answers of NLTK's
-    `sentence_bleu([reference], answer)` on the stripped strings. NLTK reads a string as a sequence
-    of characters, so this is an unsmoothed character 4-gram BLEU on 0-1, kept as the authors ran it."""
+def reference_bleu(answers: list[str], references: list[str]) -> np.ndarray:
+    """ScalingAlignment's BLEU per answer (`eval_hh/metrics.py` `get_bleu`, whose score is their
+    mean): NLTK's `sentence_bleu([reference], answer)` on the stripped strings. NLTK reads a string
+    as a sequence of characters, so this is an unsmoothed character 4-gram BLEU on 0-1, kept as the
+    authors ran it."""
     from nltk.translate.bleu_score import sentence_bleu
 
     with warnings.catch_warnings():  # NLTK warns of every answer without a matching 4-gram (BLEU 0)
         warnings.simplefilter("ignore")
-        return float(np.mean([sentence_bleu([r.strip()], a.strip()) for a, r in zip(answers, references)]))
+        return np.array([sentence_bleu([r.strip()], a.strip()) for a, r in zip(answers, references)])

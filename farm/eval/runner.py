@@ -11,6 +11,7 @@ from pathlib import Path
 from farm.data.prepare import eval_records
 from farm.data.records import convert
 from farm.models import BASE_FILE, GENERATION, base_model, device, fetch_bases, inference_dtype, load_artifact
+from farm.eval.metrics import ITEMS
 from farm.registry import metrics
 
 
@@ -64,7 +65,8 @@ def evaluate(study, model_path, reference_path, seed: int, scores: dict | None =
     `refs` ({stage name: artifact path}) resolves the eval fields that name a stage (the judge);
     `resolve(kind, key)` is the store's path of an artifact a LoRA adapter applies to. `scratch`, a
     folder that outlives this process (the store's, under the eval's key), keeps finished answers
-    and lm-eval's request cache, so a retried evaluation does not start from zero."""
+    and lm-eval's request cache, so a retried evaluation does not start from zero. The metrics come
+    back with their per-item values under ITEMS."""
     start = time.time()
     dev = device()
     model, ref, tok = load_models(study, model_path, reference_path, seed, inference_dtype(dev), resolve)
@@ -77,10 +79,15 @@ def evaluate(study, model_path, reference_path, seed: int, scores: dict | None =
         fetch_bases(path, resolve)
     GENERATION.start(scratch)
     out: dict = {}
+    items: dict = {}
     try:
         for name in study.eval.metrics:
             metric = metrics.get(name)
-            out.update(metric.fn(model, ref, tok, convert(rows, metric.shape) if metric.shape else [], spec))
+            values = metric.fn(model, ref, tok, convert(rows, metric.shape) if metric.shape else [], spec)
+            items.update(values.pop(ITEMS, {}))
+            out.update(values)
+        if items:  # per-item values of every metric that is a mean over items: a file beside the metrics
+            out[ITEMS] = items
         if GENERATION.tokens:
             out["gen_tokens_per_s"] = round(GENERATION.tokens / max(GENERATION.seconds, 1e-9), 1)
     finally:

@@ -25,6 +25,12 @@ def test_run_writes_trials_table_and_report(tiny_run):
         saved = read_json(d / trial / "metrics.json")
         assert saved["status"] == "ok" and set(saved["stages"]) == {"pretrain", "sft", "dpo"}
         assert yaml.safe_load((d / trial / "config.yaml").read_text())["id"] == trial
+        # each pair's values, by row id, as the eval wrote them into its artifact: their means are the table's
+        items = read_json(d / trial / "items.json")
+        assert items == read_json(results / ".store" / "artifacts" / f"eval-{saved['eval_key']}" / "items.json")
+        assert set(items) == {"preference_accuracy", "reward_accuracy", "reward_margin"}
+        for metric, v in items.items():
+            assert len(set(v["ids"])) == len(v["values"]) == 16 and sum(v["values"]) / 16 == pytest.approx(table.loc[trial, metric])
     flipped = read_json(d / "rate=1.0" / "metrics.json")["stages"]["sft"]["audit"]
     clean = read_json(d / "rate=0.0" / "metrics.json")["stages"]["sft"]["audit"]
     assert flipped["perturbed_rows"] == flipped["train_rows"] > 0 and clean["perturbed_rows"] == 0
