@@ -102,18 +102,36 @@ def comparisons(df: pd.DataFrame, axes: list[str], main_axis: str | None):
             yield dict(zip(others, key)), f"{v} vs {values[0]}", base.loc[seeds], cmp.loc[seeds]
 
 
-def paired_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis: str | None) -> pd.DataFrame:
-    """Each value of the main axis against its first value, paired by seed (scipy's ttest_rel),
-    within every combination of the other axes; q: Benjamini-Hochberg across the table's tests."""
+def chosen_pairs(df: pd.DataFrame, spec):
+    """The trials a PairSpec compares, in the shape `comparisons` yields; a ValueError when a query
+    selects more than one trial for a seed within a group (`by` must tell them apart)."""
+    ok = df[df["status"] == "ok"]
+    for key, g in ok.groupby(spec.by, sort=True) if spec.by else [((), ok)]:
+        key = key if isinstance(key, tuple) else (key,)
+        base, cmp = g.query(spec.a), g.query(spec.b)
+        for side, rows in (("a", base), ("b", cmp)):
+            if rows[SEED_AXIS].duplicated().any():
+                raise ValueError(f"{side} selects several trials of one seed{' in ' + _point(dict(zip(spec.by, key))) if spec.by else ''}; "
+                                 "add the columns that tell them apart to `by`")
+        base, cmp = base.set_index(SEED_AXIS), cmp.set_index(SEED_AXIS)
+        seeds = base.index.intersection(cmp.index)
+        if len(seeds):
+            yield dict(zip(spec.by, key)), spec.title, base.loc[seeds], cmp.loc[seeds]
+
+
+def paired_tests(pairs, metrics: list[str], column: str) -> pd.DataFrame:
+    """Each pair of conditions (`comparisons`, `chosen_pairs`) paired by seed (scipy's ttest_rel),
+    per metric, with the t-interval of the mean difference; q: Benjamini-Hochberg across the
+    table's tests."""
     rows = []
-    for point, label, base, cmp in comparisons(df, axes, main_axis):
+    for point, label, base, cmp in pairs:
         for m in metrics:
             a, b = base[m].to_numpy(float), cmp[m].to_numpy(float)
             # No test for fewer than two seeds, or differences without spread (t undefined).
             p = float(stats.ttest_rel(b, a).pvalue) if len(a) > 1 and np.std(b - a) > 1e-12 else float("nan")
             half = ci_half_width(float(np.std(b - a, ddof=1)), len(a)) if len(a) > 1 else float("nan")
             mean = float(np.mean(b - a)) if len(a) else float("nan")
-            rows.append({**point, main_axis: label, "metric": m, "seeds": len(a), "mean difference": mean,
+            rows.append({**point, column: label, "metric": m, "seeds": len(a), "mean difference": mean,
                          "low (95%)": mean - half, "high (95%)": mean + half, "p (paired t)": p})
     out = pd.DataFrame(rows)
     if len(out):
@@ -138,13 +156,13 @@ def item_differences(base: pd.DataFrame, cmp: pd.DataFrame, metric: str, items: 
     return (a_all, b_all, diffs) if diffs else None
 
 
-def item_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis: str | None, items: dict) -> pd.DataFrame:
-    """Each value of the main axis against its first, per metric kept per item: the mean item
-    difference (seeds weigh alike) with a hierarchical bootstrap interval and p (farm.stats), and
-    for 0/1 items McNemar's exact test per seed and pooled over seeds; q: Benjamini-Hochberg across
-    the table's tests of each kind."""
+def item_tests(pairs, metrics: list[str], column: str, items: dict) -> pd.DataFrame:
+    """Each pair of conditions, per metric kept per item: the mean item difference (seeds weigh
+    alike) with a hierarchical bootstrap interval and p (farm.stats), and for 0/1 items McNemar's
+    exact test per seed and pooled over seeds; q: Benjamini-Hochberg across the table's tests of
+    each kind."""
     rows = []
-    for point, label, base, cmp in comparisons(df, axes, main_axis):
+    for point, label, base, cmp in pairs:
         for m in metrics:
             found = item_differences(base, cmp, m, items)
             if found is None:
@@ -152,7 +170,7 @@ def item_tests(df: pd.DataFrame, axes: list[str], metrics: list[str], main_axis:
             a, b, diffs = found
             low, high, p = farm_stats.hierarchical_bootstrap(diffs)
             n = sorted({len(d) for d in diffs})
-            row = {**point, main_axis: label, "metric": m, "seeds": len(diffs), "items per seed": str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}",
+            row = {**point, column: label, "metric": m, "seeds": len(diffs), "items per seed": str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}",
                    "mean difference": farm_stats.mean_difference(diffs), "low (95%)": low, "high (95%)": high, "p (bootstrap)": p}
             if all(farm_stats.is_binary(x) for x in a + b):
                 tests = [farm_stats.mcnemar(x, y) for x, y in zip(a, b)]
@@ -407,14 +425,31 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     for m in rest:
         shown[m] = [_mean_ci(r[f"{m}.mean"], r[f"{m}.ci95"], r[f"{m}.n"], r[f"{m}.std"]) for _, r in summary.iterrows()]
     report.tables.append(("Across seeds", shown, "mean ± 95% CI half-width (std, n)" + ("; the tables below show the other metrics" if in_tables else "")))
-    tests = paired_tests(df, axes, rest, main_axis)
+    main_pairs = list(comparisons(df, axes, main_axis))
+    tests = paired_tests(main_pairs, rest, main_axis)
     if len(tests):
         report.tables.append((f"Paired tests across seeds: {main_axis}", tests,
                               "two-sided paired t-test over the seeds both conditions share (it assumes their differences normal) and its "
                               "95% interval; q: Benjamini-Hochberg adjusted p across the table's tests (metrics x axis values)"))
-    per_item = item_tests(df, axes, metrics, main_axis, items or {})
+    per_item = item_tests(main_pairs, metrics, main_axis, items or {})
     if len(per_item):
         report.tables.append((f"Paired differences over items and seeds: {main_axis}", per_item, ITEM_TESTS_NOTE))
+    for spec in study.report.pairs:
+        chosen = [m for m in spec.metrics or [main_metric] if m in metrics]
+        try:
+            pairs = list(chosen_pairs(df, spec))
+        except Exception as e:  # a query pandas cannot evaluate, a column the table lacks, a `by` too coarse
+            report.notes.append(f"pairs '{spec.title}' skipped: {e}")
+            continue
+        if not pairs:
+            report.notes.append(f"pairs '{spec.title}': no seed has trials on both sides ({spec.a}; {spec.b})")
+            continue
+        report.tables.append((f"Paired across seeds: {spec.title}", paired_tests(pairs, chosen, "pair"),
+                              f"b ({spec.b}) minus a ({spec.a}), paired by seed within {', '.join(spec.by) or 'the study'}; "
+                              "two-sided paired t-test, 95% t-interval; q: Benjamini-Hochberg across the table's tests"))
+        within = item_tests(pairs, chosen, "pair", items or {})
+        if len(within):
+            report.tables.append((f"Paired over items and seeds: {spec.title}", within, ITEM_TESTS_NOTE))
     power = power_rows(df, axes, main_metric, main_axis, items or {}) if main_metric in metrics else []
     if power:
         report.tables.append((f"Seeds needed: {main_metric}", power_table(power, main_axis), POWER_NOTE))

@@ -1106,11 +1106,24 @@ class TableSpec(Strict):
         return self
 
 
+class PairSpec(Strict):
+    """Two sets of trials compared seed by seed, and item by item where their metrics kept items:
+    conditions the main axis does not pair, e.g. Study D's cells of equal annotation budget,
+    (k=4, N=120) against (k=2, N=240)."""
+
+    title: str
+    a: str  # a pandas query selecting the reference trials: one per seed within each `by` group
+    b: str  # the trials compared with them
+    by: list[str] = []  # columns (axes or derived) within which a and b pair, besides the seed
+    metrics: list[str] = []  # default: the report's main metric
+
+
 class ReportSpec(Strict):
     main_metric: str | None = None  # default: the first eval metric
     main_axis: str | None = None  # default: the first grid axis that is not the seed
     plots: list[PlotSpec] = []  # default: a line plot of the main metric against the main axis
     tables: list[TableSpec] = []
+    pairs: list[PairSpec] = []
     # Derived columns: name -> a pandas expression over the table's columns, e.g. the annotation
     # budget `num_prompts * ranking_length / 2`; plots, tables and reference rows may use them.
     columns: dict[str, str] = {}

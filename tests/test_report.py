@@ -14,7 +14,7 @@ from scipy import stats
 
 from farm.cache import plan_study
 from farm.cli import main
-from farm.report import (build, ci_half_width, fit_line, linear_fits, paired_tests, pivot_tables, reference_table, render_html,
+from farm.report import (build, ci_half_width, comparisons, fit_line, linear_fits, paired_tests, pivot_tables, reference_table, render_html,
                           render_md, summarize, with_derived_columns, write_report)
 from farm.results import compare, table, write_table, write_trial
 from farm.spec import EvalSpec, Reference, ReportSpec, TableSpec, expand
@@ -55,13 +55,13 @@ def test_summary_has_mean_std_n_and_t_interval(finished_study):
 
 def test_paired_test_pairs_conditions_by_seed(finished_study):
     _, _, df = finished_study
-    tests = paired_tests(df, [RATE, "seed"], ["acc", "loss"], RATE).set_index("metric")
+    tests = paired_tests(comparisons(df, [RATE, "seed"], RATE), ["acc", "loss"], RATE).set_index("metric")
     acc = tests.loc["acc"]
     assert acc["seeds"] == 2 and abs(acc["mean difference"] + 0.1) < 1e-12
     assert np.isnan(acc["p (paired t)"])  # both seeds differ by exactly -0.1: no spread, no t statistic
     noisy = df.copy()
     noisy.loc[noisy["trial"] == "rate=0.5_seed=2", "acc"] += 0.03
-    t = paired_tests(noisy, [RATE, "seed"], ["acc"], RATE).iloc[0]
+    t = paired_tests(comparisons(noisy, [RATE, "seed"], RATE), ["acc"], RATE).iloc[0]
     a, b = np.array([0.61, 0.62]), np.array([0.51, 0.55])
     assert abs(t["p (paired t)"] - stats.ttest_rel(b, a).pvalue) < 1e-12
     assert np.isnan(tests.loc["loss", "p (paired t)"])  # identical values: no test
@@ -359,7 +359,7 @@ def test_item_level_comparison_bootstrap_mcnemar_and_bh(itemized_study):
     results, _, trials, df, truth = itemized_study
     items = read_items(results / "tiny", df["trial"])
     assert set(items) == set(df["trial"]) and len(items["rate=0.0_seed=1"]["acc"]) == 200
-    tests = item_tests(df, [RATE, "seed"], ["acc", "margin", "nope"], RATE, items).set_index("metric")
+    tests = item_tests(comparisons(df, [RATE, "seed"], RATE), ["acc", "margin", "nope"], RATE, items).set_index("metric")
     assert set(tests.index) == {"acc", "margin"}  # a metric without per-item values is not compared item by item
     acc = tests.loc["acc"]
     want = np.mean([truth[s][0.5]["acc"].mean() - truth[s][0.0]["acc"].mean() for s in (1, 2, 3)])
@@ -391,3 +391,35 @@ def test_report_shows_the_paired_difference_and_seeds_needed_and_plan_power_prin
     assert "its metrics: acc, margin" in capsys.readouterr().err
     assert main(["plan", str(path), "--results", str(results / "empty"), "--power"]) == 2
     assert "no finished trial" in capsys.readouterr().err
+
+
+def test_pairs_compare_cells_the_main_axis_does_not_pair_item_by_item():
+    """Study D's equal-budget question: (k=4, N=1500) against (k=2, N=3000) within each kind and
+    seed, from a `report.pairs` entry; item-level figures equal farm.stats on the same differences,
+    and a query that leaves two trials per seed is a note, not a crash."""
+    from farm import stats as fs
+    from farm.report import chosen_pairs, item_tests
+    from farm.spec import PairSpec
+
+    df = study_d_table()
+    rng = np.random.default_rng(0)
+    ids = pd.Index([f"q{i}" for i in range(50)])
+    items = {t: {"reward": pd.Series(rng.normal(r, 0.05, 50), index=ids)} for t, r in zip(df["trial"], df["reward"])}
+    spec = PairSpec(title="k=4 on 1500 vs k=2 on 3000", a="ranking_length == 2 and num_prompts == 3000",
+                    b="ranking_length == 4 and num_prompts == 1500", by=["kind"])
+    columns = {**D_COLUMNS, "ranking_length": "ranking_length", "num_prompts": "num_prompts"}  # as jobs/diversity.yaml names them
+    study = study_d(main_metric="reward", columns=columns)
+    study.report = study.report.model_copy(update={"pairs": [spec, PairSpec(title="too coarse", a="ranking_length == 2", b="ranking_length == 4")]})
+    report = build(study, df, D_AXES, {}, items)
+    tables = {heading: table for heading, table, _ in report.tables}
+    seeds = tables["Paired across seeds: k=4 on 1500 vs k=2 on 3000"].set_index("kind")
+    assert seeds.loc["PRO", "mean difference"] == pytest.approx(0.02 - 0.0015) and seeds.loc["PRO", "seeds"] == 2
+    within = tables["Paired over items and seeds: k=4 on 1500 vs k=2 on 3000"].set_index("kind")
+    diffs = [(items[f"PRO_1500_4_{s}"]["reward"] - items[f"PRO_3000_2_{s}"]["reward"]).to_numpy() for s in (1, 2)]
+    assert within.loc["PRO", "mean difference"] == pytest.approx(fs.mean_difference(diffs))
+    assert (within.loc["PRO", "low (95%)"], within.loc["PRO", "high (95%)"]) == pytest.approx(fs.hierarchical_bootstrap(diffs)[:2])
+    assert within.loc["PRO", "pair"] == "k=4 on 1500 vs k=2 on 3000" and "McNemar a only / b only" not in within  # rewards are not 0/1
+    assert any(n.startswith("pairs 'too coarse' skipped: a selects several trials of one seed") for n in report.notes)
+    with pytest.raises(ValueError, match="add the columns that tell them apart to `by`"):
+        list(chosen_pairs(with_derived_columns(df, D_AXES, columns)[0], study.report.pairs[1]))
+    assert len(item_tests([], ["reward"], "pair", items)) == 0
