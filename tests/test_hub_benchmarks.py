@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from farm.eval import harness
+from farm.eval.metrics import ITEMS
 from farm.models import for_inference
 from farm.spec import BENCHMARK_METRICS, BenchmarkSpec, EvalSpec
 
@@ -31,5 +32,7 @@ def test_every_hub_task_runs_offline_from_the_datasets_cache(mirror, monkeypatch
     start = time.time()
     out = harness.benchmarks(model, model, tok, [], spec)  # as farm.eval.runner calls a metric
     print(f"six hub tasks, limit 2: {time.time() - start:.1f}s")
-    assert set(out) == {f"bench/{t}" for t in BENCHMARK_METRICS}
+    per = out.pop(ITEMS)  # each document's value, as the report pairs them: two per task (MMLU: two per subject)
+    assert set(out) == set(per) == {f"bench/{t}" for t in BENCHMARK_METRICS}
+    assert all(len(v["values"]) == (2 * 57 if t == "bench/mmlu" else 2) for t, v in per.items())
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values()), out
