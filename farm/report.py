@@ -501,9 +501,14 @@ def arena_tables(d: Path, examples_width: int = 300) -> list:
     examples = pd.DataFrame(json.loads((d / "examples.json").read_text()))
     examples = examples.map(lambda t: t if len(str(t)) <= examples_width else str(t)[:examples_width] + " …")
     note = "judged by a reward model prompt by prompt, within each seed; ties count half"
+    tests = [("Wins tested", pd.read_csv(d / "win_tests.csv"),
+              f"{note}; sign test of wins against losses over the prompts (McNemar's exact test; ties carry no evidence), "
+              "pooled over seeds and per seed; it tests these models on these prompts. q: Benjamini-Hochberg across the pairs")] \
+        if (d / "win_tests.csv").exists() else []
     return [
         ("Elo (Bradley-Terry maximum likelihood)", shown, f"{note}; intervals: bootstrap over prompts"),
         ("Win rate", wins, f"{note}; (wins + ties / 2) / N of the row model against the column model"),
+        *tests,
         ("Example answers", examples, "the first held-out prompts of the first seed, each model's answer"),
     ]
 

@@ -276,3 +276,27 @@ def test_bootstrap_is_fast():
     table = bootstrap_elo(js, list(models), n=1000)
     assert time.perf_counter() - start < 10
     assert (table["low"] <= table["high"]).all()
+
+
+def test_win_tests_are_sign_tests_of_wins_against_losses_per_seed_and_pooled():
+    """Wins, losses and ties in either orientation; the pooled p is McNemar's exact test of the
+    paired outcomes as statsmodels computes it (ties dropped), per seed too; q is BH across pairs."""
+    from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.multitest import multipletests
+
+    from farm.eval.pairwise import win_tests
+
+    js = []
+    for seed, (wins, losses, ties) in ((1, (30, 12, 3)), (2, (25, 20, 0))):
+        outcomes = [1.0] * wins + [0.0] * losses + [0.5] * ties
+        # half of them written with b first: the orientation must not matter
+        js += [Judgement("a", "b", o, i, seed) if i % 2 else Judgement("b", "a", 1 - o, i, seed) for i, o in enumerate(outcomes)]
+    js += [Judgement("a", "c", 1.0, i, 1) for i in range(5)] + [Judgement("a", "c", 0.0, 9, 1)]
+    t = win_tests(js, ["a", "b", "c"]).set_index(["model a", "model b"])
+    ab = t.loc[("a", "b")]
+    assert (ab["wins"], ab["losses"], ab["ties"]) == (55, 32, 3) and ab["win rate of a"] == pytest.approx((55 + 1.5) / 90)
+    assert ab["p (sign test, pooled)"] == pytest.approx(mcnemar([[0, 55], [32, 0]], exact=True).pvalue)
+    seed_p = [float(x) for x in ab["p per seed"].split(", ")]
+    assert seed_p == pytest.approx([mcnemar([[0, 30], [12, 0]], exact=True).pvalue, mcnemar([[0, 25], [20, 0]], exact=True).pvalue], rel=1e-2)
+    assert ("b", "c") not in t.index  # never compared
+    assert t["q (BH)"].tolist() == pytest.approx(multipletests(t["p (sign test, pooled)"], method="fdr_bh")[1].tolist())

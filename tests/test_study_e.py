@@ -155,6 +155,8 @@ def test_rlaif_study_compares_its_models_pairwise(tmp_path, write_study, doc):
     assert set(elo.index) == {"stages=base", "stages=sl-cai", "stages=rl-cai"} and elo.loc["stages=base", "elo"] == pytest.approx(1000)
     md = (results / "rlaif" / "report.md").read_text()
     assert "## Elo (Bradley-Terry maximum likelihood)" in md and "## Example answers" in md and "## Win rate" in md
+    tests = pd.read_csv(results / "rlaif" / "pairwise" / "win_tests.csv")  # every pair, 6 prompts of one seed
+    assert len(tests) == 3 and (tests["wins"] + tests["losses"] + tests["ties"] == 6).all() and "## Wins tested" in md
 
 
 def test_harmlessness_keeps_each_answers_values_by_prompt_id(tmp_path, monkeypatch):

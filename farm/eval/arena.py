@@ -9,7 +9,7 @@ import json
 
 import pandas as pd
 
-ARENA_DIR = "pairwise"  # results/<study>/pairwise/: judgements.csv, elo.csv, win_rate.csv, examples.json
+ARENA_DIR = "pairwise"  # results/<study>/pairwise/: judgements.csv, elo.csv, win_rate.csv, win_tests.csv, examples.json
 
 
 def model_name(trial) -> str:
@@ -46,7 +46,7 @@ def judge_ref(trials, plans, judge: str) -> tuple[str, str] | None:
 def run_arena(entries: list[dict], judge: str, eval_spec, resolve=None) -> dict[str, bytes]:
     """Judge every pair of models of each seed on their shared prompts; returns the files to write
     under results/<study>/pairwise/ (the driver writes them: results are local to it)."""
-    from farm.eval.pairwise import bootstrap_elo, judge_by_reward, win_rate_table
+    from farm.eval.pairwise import bootstrap_elo, judge_by_reward, win_rate_table, win_tests
     from farm.models import for_inference, reward_scores
 
     p = eval_spec.pairwise
@@ -74,5 +74,6 @@ def run_arena(entries: list[dict], judge: str, eval_spec, resolve=None) -> dict[
         "rewards.csv": pd.DataFrame(rewards).to_csv(index=False).encode(),
         "elo.csv": bootstrap_elo(judgements, names, n=p.bootstrap, seed=0, anchor=p.anchor).to_csv().encode(),
         "win_rate.csv": win_rate_table(judgements, names).to_csv().encode(),
+        "win_tests.csv": win_tests(judgements, names).to_csv(index=False).encode(),
         "examples.json": json.dumps(examples, indent=2, ensure_ascii=False).encode(),
     }

@@ -102,6 +102,32 @@ def win_rate_table(judgements: Iterable[Judgement], models: Sequence[str]) -> pd
     return table
 
 
+def win_tests(judgements: Sequence[Judgement], models: Sequence[str]) -> pd.DataFrame:
+    """Each pair of models (a before b in `models`' order): a's wins, losses and ties over the
+    prompts, and the sign test of wins against losses (McNemar's exact test of the paired outcomes:
+    ties carry no evidence), pooled over seeds and per seed; q: Benjamini-Hochberg across the pairs.
+    It tests these models on these prompts, each prompt's judgement independent of the others."""
+    from farm import stats
+
+    rows = []
+    for a, b in itertools.combinations(models, 2):
+        mine = [(j.seed, j.outcome if j.model_a == a else 1.0 - j.outcome) for j in judgements if {j.model_a, j.model_b} == {a, b}]
+        if not mine:
+            continue
+        seeds = np.array([s for s, _ in mine], dtype=object)
+        outcome = np.array([o for _, o in mine])
+        win, loss = outcome == 1.0, outcome == 0.0
+        wins, losses, p = stats.mcnemar(win, loss)
+        per_seed = [stats.mcnemar(win[seeds == s], loss[seeds == s])[2] for s in dict.fromkeys(seeds.tolist())]
+        rows.append({"model a": a, "model b": b, "wins": wins, "losses": losses, "ties": len(mine) - wins - losses,
+                     "win rate of a": float(outcome.mean()), "p (sign test, pooled)": p,
+                     "p per seed": ", ".join(f"{x:.3g}" for x in per_seed)})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out.insert(out.columns.get_loc("p (sign test, pooled)") + 1, "q (BH)", stats.benjamini_hochberg(out["p (sign test, pooled)"].tolist()))
+    return out
+
+
 # --- Bradley–Terry -----------------------------------------------------------------------
 
 
