@@ -106,11 +106,13 @@ def components(diffs: list[np.ndarray]) -> Components:
 
 def pooled(parts: list[Components]) -> Components:
     """Components averaged over several comparisons of one metric (each a noisy estimate)."""
-    return Components(
-        float(np.nanmean([c.between_seeds for c in parts])) if any(not np.isnan(c.between_seeds) for c in parts) else float("nan"),
-        float(np.nanmean([c.within_seeds for c in parts])) if any(not np.isnan(c.within_seeds) for c in parts) else float("nan"),
-        min(c.seeds for c in parts), min(c.items for c in parts),
-    )
+
+    def mean(values: list[float]) -> float:
+        known = [v for v in values if not np.isnan(v)]
+        return float(np.mean(known)) if known else float("nan")
+
+    return Components(mean([c.between_seeds for c in parts]), mean([c.within_seeds for c in parts]),
+                      min(c.seeds for c in parts), min(c.items for c in parts))
 
 
 def t_power(delta: float, variance: float, seeds: int, alpha: float = ALPHA) -> float:
