@@ -297,15 +297,11 @@ def _power(trials, results: Path, deltas: list[float], metric: str | None) -> in
         need = stats.seeds_needed(c, delta)
         line = f"  {delta:>10g} {need if need else '>10000':>6}"
         if c.items:
-            line += "".join(f" {_or_none(stats.items_needed(c, delta, s)):>16}" for s in more)
+            line += "".join(f" {f'{n:,}' if (n := stats.items_needed(c, delta, s)) else 'none':>16}" for s in more)
         print(line)
     if c.items:
         print("  items: per seed; 'none': the seeds' own spread leaves too little power at that many seeds, whatever the items")
     return 0
-
-
-def _or_none(n) -> str:
-    return f"{n:,}" if n else "none"
 
 
 def _why(name: str, trials, plans, store) -> int:

@@ -56,15 +56,17 @@ def group_axes(axes: list[str]) -> list[str]:
     return [a for a in axes if a != SEED_AXIS]
 
 
+def groups(frame: pd.DataFrame, by: list[str]):
+    """({column: value}, rows) for each combination of `by` (one group of every row without `by`)."""
+    for key, g in frame.groupby(by, sort=True) if by else [((), frame)]:
+        yield dict(zip(by, key if isinstance(key, tuple) else (key,))), g
+
+
 def summarize(df: pd.DataFrame, axes: list[str], metrics: list[str]) -> pd.DataFrame:
     """One row per grid point other than the seed: mean, std, n and 95% t-interval of each metric."""
-    ok = df[df["status"] == "ok"]
-    by = group_axes(axes)
-    groups = ok.groupby(by, sort=True) if by else [((), ok)]
     rows = []
-    for key, g in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key))
+    for point, g in groups(df[df["status"] == "ok"], group_axes(axes)):
+        row = dict(point)
         for m in metrics:
             values = g[m].dropna().to_numpy(dtype=float)
             mean, std, n = mean_std_n(values)
@@ -91,32 +93,28 @@ def comparisons(df: pd.DataFrame, axes: list[str], main_axis: str | None):
     if not main_axis or SEED_AXIS not in axes or main_axis == SEED_AXIS:
         return
     ok = df[df["status"] == "ok"]
-    others = [a for a in group_axes(axes) if a != main_axis]
     values = sorted(ok[main_axis].unique(), key=_sort_key)
-    for key, g in ok.groupby(others, sort=True) if others else [((), ok)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for point, g in groups(ok, [a for a in group_axes(axes) if a != main_axis]):
         base = g[g[main_axis] == values[0]].set_index(SEED_AXIS)
         for v in values[1:]:
             cmp = g[g[main_axis] == v].set_index(SEED_AXIS)
             seeds = base.index.intersection(cmp.index)
-            yield dict(zip(others, key)), f"{v} vs {values[0]}", base.loc[seeds], cmp.loc[seeds]
+            yield point, f"{v} vs {values[0]}", base.loc[seeds], cmp.loc[seeds]
 
 
 def chosen_pairs(df: pd.DataFrame, spec):
     """The trials a PairSpec compares, in the shape `comparisons` yields; a ValueError when a query
     selects more than one trial for a seed within a group (`by` must tell them apart)."""
-    ok = df[df["status"] == "ok"]
-    for key, g in ok.groupby(spec.by, sort=True) if spec.by else [((), ok)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for point, g in groups(df[df["status"] == "ok"], spec.by):
         base, cmp = g.query(spec.a), g.query(spec.b)
         for side, rows in (("a", base), ("b", cmp)):
             if rows[SEED_AXIS].duplicated().any():
-                raise ValueError(f"{side} selects several trials of one seed{' in ' + _point(dict(zip(spec.by, key))) if spec.by else ''}; "
+                raise ValueError(f"{side} selects several trials of one seed{' in ' + _point(point) if spec.by else ''}; "
                                  "add the columns that tell them apart to `by`")
         base, cmp = base.set_index(SEED_AXIS), cmp.set_index(SEED_AXIS)
         seeds = base.index.intersection(cmp.index)
         if len(seeds):
-            yield dict(zip(spec.by, key)), spec.title, base.loc[seeds], cmp.loc[seeds]
+            yield point, spec.title, base.loc[seeds], cmp.loc[seeds]
 
 
 def paired_tests(pairs, metrics: list[str], column: str) -> pd.DataFrame:
@@ -176,7 +174,7 @@ def item_tests(pairs, metrics: list[str], column: str, items: dict) -> pd.DataFr
                 tests = [farm_stats.mcnemar(x, y) for x, y in zip(a, b)]
                 only_a, only_b = sum(t[0] for t in tests), sum(t[1] for t in tests)
                 row.update({"McNemar a only / b only": f"{only_a} / {only_b}",
-                            "p (McNemar, pooled)": farm_stats.mcnemar(np.concatenate(a), np.concatenate(b))[2],
+                            "p (McNemar, pooled)": farm_stats.discordant_p(only_a, only_b),
                             "p (McNemar) per seed": ", ".join(_fmt(t[2]) for t in tests)})
             rows.append(row)
     out = pd.DataFrame(rows)
@@ -333,10 +331,9 @@ def fit_line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
 def linear_fits(ok: pd.DataFrame, x: str, y: str, by: list[str]) -> pd.DataFrame:
     """A least-squares line of y against x per combination of the `by` columns, every trial a point."""
     rows = []
-    for key, g in ok.groupby(by, sort=True) if by else [((), ok)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for point, g in groups(ok, by):
         g = g.dropna(subset=[x, y])
-        rows.append({**dict(zip(by, key)), **fit_line(g[x].to_numpy(float), g[y].to_numpy(float))})
+        rows.append({**point, **fit_line(g[x].to_numpy(float), g[y].to_numpy(float))})
     return pd.DataFrame(rows)
 
 
@@ -462,9 +459,9 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
         if len(long):
             report.tables.append(("Published numbers beside ours", long, note))
     report.tables += spec_tables
-    main = per_item[per_item["metric"] == main_metric] if len(per_item) else pd.DataFrame()
-    main = main if len(main) else tests[tests["metric"] == main_metric] if len(tests) else main
-    if len(main):
+    # The main metric's paired differences: over items where its trials kept them, else over seeds.
+    main = next((t[t["metric"] == main_metric] for t in (per_item, tests) if len(t) and (t["metric"] == main_metric).any()), None)
+    if main is not None:
         kind = "items and seeds, hierarchical bootstrap" if "p (bootstrap)" in main else "seeds, Student t"
         caption = f"{main_metric}: paired difference from {main_axis}={_reference_value(df, main_axis)} (95% interval over {kind})"
         report.plots.append((caption, "difference.png", difference_plot(main, main_axis, caption)))
@@ -621,6 +618,12 @@ def plot(spec, df: pd.DataFrame, axes: list[str]) -> bytes:
     fig, ax = plt.subplots(figsize=(width, 4.2 if spec.x else 2.2 + 0.35 * ok[x].nunique()), dpi=120)
     {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, axes, x, ys, spec.by)
     ax.set_title(spec.title or f"{spec.y} by {x}", fontsize=10)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -636,17 +639,16 @@ def difference_plot(rows: pd.DataFrame, main_axis: str, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [c for c in rows.columns[: list(rows.columns).index(main_axis)]]
+    others = list(rows.columns[: list(rows.columns).index(main_axis)])
     labels = list(dict.fromkeys(rows[main_axis]))
-    groups = rows.groupby(others, sort=False) if others else [((), rows)]
+    series = list(groups(rows, others))
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    width = 0.6 / max(1, len(groups) if others else 1)
-    for i, (key, g) in enumerate(groups):
-        key = key if isinstance(key, tuple) else (key,)
-        x = np.array([labels.index(v) for v in g[main_axis]]) + (i - (len(groups) - 1) / 2) * width if others else np.array([labels.index(v) for v in g[main_axis]])
+    width = 0.6 / len(series)
+    for i, (point, g) in enumerate(series):  # side by side around each comparison's tick
+        x = np.array([labels.index(v) for v in g[main_axis]]) + (i - (len(series) - 1) / 2) * width
         y = g["mean difference"].to_numpy(float)
         err = np.vstack([y - g["low (95%)"].to_numpy(float), g["high (95%)"].to_numpy(float) - y])
-        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o", capsize=4, label=", ".join(f"{a}={v}" for a, v in zip(others, key)) or None)
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o", capsize=4, label=_point(point) if others else None)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(main_axis)
@@ -654,11 +656,7 @@ def difference_plot(rows: pd.DataFrame, main_axis: str, title: str) -> bytes:
     if others:
         ax.legend(fontsize=8)
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _reference_value(df: pd.DataFrame, axis: str):

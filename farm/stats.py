@@ -59,8 +59,13 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     on these items: the items are independent draws, the models fixed."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_a, only_b, discordant_p(only_a, only_b)
+
+
+def discordant_p(only_a: int, only_b: int) -> float:
+    """McNemar's exact p from the discordant counts (pooled tables add their counts)."""
     n = only_a + only_b
-    return only_a, only_b, float(stats.binomtest(only_b, n, 0.5).pvalue) if n else 1.0
+    return float(stats.binomtest(only_b, n, 0.5).pvalue) if n else 1.0
 
 
 def benjamini_hochberg(p: list[float]) -> list[float]:

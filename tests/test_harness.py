@@ -149,7 +149,7 @@ def test_harness_scores_match_log_likelihoods_computed_here(tiny):
     model.eval()
     n = 12
     bench = BenchmarkSpec(tasks=["arc_challenge", "toxigen"], limit=n)
-    out = harness.run_benchmarks(model, tok, bench, log_samples=True)
+    out = harness.run_benchmarks(model, tok, bench)
     cases = {
         "arc_challenge": [
             (f"Question: {d['question']}\nAnswer:", d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))
@@ -180,7 +180,7 @@ def test_a_groups_documents_are_its_tasks_documents_and_average_to_its_value(tin
     """MMLU is a group: its per-document values are its 57 subjects' documents, and their mean is
     the group's reported accuracy (lm-eval weighs subjects by size)."""
     model, tok = tiny
-    out = harness.run_benchmarks(model, tok, BenchmarkSpec(tasks=["mmlu"], limit=1), log_samples=True)
+    out = harness.run_benchmarks(model, tok, BenchmarkSpec(tasks=["mmlu"], limit=1))
     per = harness.task_items("mmlu", out)
     assert len(per["ids"]) == len(set(per["ids"])) >= 57 and all(i.startswith("mmlu_") for i in per["ids"])
     assert sum(per["values"]) / len(per["values"]) == pytest.approx(harness.task_value("mmlu", out["results"]))

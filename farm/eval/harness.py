@@ -266,8 +266,9 @@ def check_hub_fewshot(bench) -> None:
         )
 
 
-def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
-    """lm-eval's full output for the tasks of `bench` (a BenchmarkSpec)."""
+def run_benchmarks(model, tok, bench) -> dict:
+    """lm-eval's full output for the tasks of `bench` (a BenchmarkSpec), each document's values
+    among its samples."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -295,7 +296,7 @@ def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
             num_fewshot=bench.num_fewshot,
             limit=bench.limit,
             task_manager=manager,
-            log_samples=log_samples,
+            log_samples=True,  # each document's metric: the report pairs trials document by document
             write_out=False,
             # lm-eval's sqlite cache of answered requests (written per request) in the eval's scratch
             # folder: a retried evaluation skips what was answered. None outside a farm evaluation.
@@ -317,7 +318,7 @@ def run_benchmarks(model, tok, bench, log_samples: bool = False) -> dict:
 def benchmarks(model, ref, tok, records, spec) -> dict:
     """lm-eval tasks of `spec.benchmarks` on the evaluated model: {"bench/<task>": value}, and each
     document's value (ITEMS)."""
-    out = run_benchmarks(model, tok, spec.benchmarks, log_samples=True)
+    out = run_benchmarks(model, tok, spec.benchmarks)
     tasks = spec.benchmarks.tasks
     return {**{f"bench/{t}": task_value(t, out["results"]) for t in tasks}, ITEMS: {f"bench/{t}": task_items(t, out) for t in tasks}}
 
