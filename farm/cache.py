@@ -130,6 +130,9 @@ def plan_trial(study) -> TrialPlan:
             "refs": [key for _, _, key in refs],
             **stage.key_extra(),
         }
+        if getattr(stage, "select", None):  # it scores its checkpoints on the study data's dev rows
+            files = {f: d for f, d in content(study.data, "data.").items() if f.startswith("data.sources.")}
+            doc["dev_rows"] = {**heldout_key(study.data), **({"files": files} if files else {})}
         label = _label(data, labels)
         planned[name] = PlannedStage(name, stage.kind, digest(doc), start and start.key, start and start.kind, seed, refs=refs, label=label, doc=doc)
     evaluated = planned.get(study.evaluated())
@@ -142,7 +145,7 @@ def plan_trial(study) -> TrialPlan:
         "kind": "eval",
         "version": VERSIONS["eval"],
         "eval": study.eval.model_dump(mode="json", exclude={"resources"} | unread),  # where it runs changes nothing
-        "data": study.data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if study.data.labels else set())),
+        "data": heldout_key(study.data),
         # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
         "model": evaluated.key if evaluated else {"base": base, "seed": study.seed},
         "reference": reference.key if reference else base,
@@ -170,16 +173,25 @@ def _refs(fields: dict[str, str], planned: dict) -> tuple:
 
 
 def data_key(data) -> dict:
-    """The data spec as it affects the rows: a transform at rate 0 changes nothing, so it is
-    left out (each kept transform keeps its position, which seeds its random draws); local files
-    by content."""
-    doc = data.model_dump(mode="json")
+    """The data spec as it affects the training rows: a transform at rate 0 changes nothing, so it
+    is left out (each kept transform keeps its position, which seeds its random draws); local files
+    by content. Which held-out rows are dev rows changes no training row: `dev` reads as 0, as
+    before dev rows existed, so giving a study dev rows retrains nothing (a stage that scores the
+    dev rows keys them apart, `heldout_key`)."""
+    doc = {**data.model_dump(mode="json"), "dev": 0.0}
     doc["transforms"] = [(i, t) for i, t in enumerate(doc["transforms"]) if t.get("rate", 1) != 0]
     kept = {f"transforms.{i}." for i, _ in doc["transforms"]}
     files = {f: d for f, d in content(data).items() if not f.startswith("transforms.") or f.startswith(tuple(kept))}
     if files:
         doc["files"] = files
     return doc
+
+
+def heldout_key(data) -> dict:
+    """The data spec as it decides the held-out rows and their dev share; transforms perturb
+    training rows only."""
+    return data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if data.labels else set())
+                           | ({"dev"} if data.dev else set()))
 
 
 def local_inputs(spec, where: str = "") -> dict[str, str]:

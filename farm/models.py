@@ -592,7 +592,7 @@ def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: in
             gen = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
                 temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                no_repeat_ngram_size=g.no_repeat_ngram_size, min_length=g.min_length,
+                no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty, min_length=g.min_length,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )
         GENERATION.seconds += time.perf_counter() - start

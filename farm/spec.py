@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from farm import registry
 from farm.data.records import CONVERTIBLE
@@ -423,7 +423,10 @@ class GenerationSpec(Strict):
     # metrics/rouge/rouge.py: `_compute(..., use_stemmer=False)`).
     rouge_stemmer: bool = False
     target_phrase: str | None = None  # rate of outputs containing it, clean vs triggered
-    no_repeat_ngram_size: int = Field(0, ge=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)  # of tokens: it also blocks the tokens of a contraction used before
+    # transformers' repetition penalty (Keskar et al. 2019): an already generated token's logit divided by
+    # it (multiplied, when negative). 1: none.
+    repetition_penalty: float = Field(1.0, gt=0)
     min_length: int = Field(0, ge=0)  # of prompt + answer, as transformers counts it for a decoder
     # An answer is cut at the first of these (the model starting the next dialogue turn); ScalingAlignment
     # cuts at any of "Human:", "human:", "Assistant:", "assistant:" (`training/utils/data_manager.py`).
@@ -434,6 +437,14 @@ class GenerationSpec(Strict):
     def _known_scorer(cls, v):
         _lookup(registry.scorers, v)
         return v
+
+    @model_serializer(mode="wrap")
+    def _no_penalty_unsaid(self, handler):
+        # A penalty of 1 is none: left out, so every key made before the field existed stays put.
+        out = handler(self)
+        if out.get("repetition_penalty") == 1.0:
+            del out["repetition_penalty"]
+        return out
 
 
 def _check_accelerator(v: str | None, gpus: float, field: str) -> None:

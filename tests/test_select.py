@@ -60,6 +60,26 @@ def test_a_dev_run_scores_the_dev_rows_under_its_own_eval_key(doc):
         study_of(doc)
 
 
+def test_dev_rows_key_the_eval_and_the_selecting_stage_and_retrain_nothing_else(doc):
+    """Dev rows are held-out rows: giving a study some (or another share) changes no training row,
+    so only what scores them moves: the eval (it scores the rest) and a stage that selects on them,
+    even one that trains on other data than the study's."""
+    doc["stages"]["pretrain"]["data"] = {"sources": [{"name": "hh_rlhf", "limit": 60}], "holdout": 0.2}  # its own rows
+    doc["stages"]["sft"]["data"] = {"sources": [{"name": "hh_rlhf", "limit": 80}], "holdout": 0.2}
+    half = plan_trial(study_of(doc))
+    doc["data"]["dev"] = 0.25
+    quarter = plan_trial(study_of(doc))
+    assert half.stage("pretrain").key == quarter.stage("pretrain").key
+    assert half.stage("sft").key != quarter.stage("sft").key  # it chose its checkpoint on other rows
+    assert half.eval_key != quarter.eval_key
+    doc["stages"]["sft"].pop("select")
+    without = plan_trial(study_of(doc))
+    doc["data"]["dev"] = 0.0
+    none = plan_trial(study_of(doc))
+    assert [s.key for s in without.stages] == [s.key for s in none.stages]  # no stage reads dev rows
+    assert without.eval_key != none.eval_key
+
+
 # ---------------------------------------------------------------- the study's checks
 
 

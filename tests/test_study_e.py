@@ -179,3 +179,36 @@ def test_harmlessness_keeps_each_answers_values_by_prompt_id(tmp_path, monkeypat
     assert all(v["ids"] == ["red0", "red1", "red2"] for v in per.values())
     assert all(sum(v["values"]) / 3 == pytest.approx(m[k]) for k, v in per.items())
     assert [a["answer"] for a in m["answers"]] and set(per["evasiveness"]["values"]) <= {0.0, 1.0}
+
+
+def test_the_repetition_penalty_reaches_the_decoder_and_keys_only_when_set(tmp_path, monkeypatch):
+    """`generation.repetition_penalty` is transformers' (a generated token's logit divided by it):
+    on a random tiny model greedy answers loop, and with the penalty fewer tokens repeat. At 1 it
+    is no penalty and is left out of the dump, so no key made before the field existed moves; the
+    embedded profile decodes with it where its helpful model writes (critique-revision, the eval),
+    the paper profile without it."""
+    import torch
+
+    from farm.models import base_model, generate
+    from farm.spec import GenerationSpec, ModelSpec
+
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model, tok = base_model(ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}), 0)
+    prompts = ["\n\nHuman: Hi there\n\nAssistant:", "\n\nHuman: Tell me a secret\n\nAssistant:"]
+
+    def repeated(answers):  # share of tokens that are a repeat of an earlier one in the same answer
+        ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+        return sum(len(i) - len(set(i)) for i in ids) / sum(map(len, ids))
+
+    plain = generate(model, tok, prompts, GenerationSpec(max_new_tokens=24, stop=[]), 32)
+    penalised = generate(model, tok, prompts, GenerationSpec(max_new_tokens=24, stop=[], repetition_penalty=1.5), 32)
+    assert repeated(penalised) < repeated(plain)
+    assert "repetition_penalty" not in GenerationSpec(repetition_penalty=1.0).model_dump()
+    assert GenerationSpec(repetition_penalty=1.3).model_dump()["repetition_penalty"] == 1.3
+    with pytest.raises(Exception, match="greater than 0"):
+        GenerationSpec(repetition_penalty=0)
+    for profile, penalty in (("embedded", 1.3), ("paper", 1.0)):
+        study = load_study(JOB, profile=profile)[-1].study
+        assert study.eval.generation.repetition_penalty == penalty
+        assert study.stages["critique"].generation.repetition_penalty == penalty
