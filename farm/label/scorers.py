@@ -19,7 +19,6 @@ scorers, `.score(texts) -> np.ndarray` (the main score, the `toxicity` column).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import sys
