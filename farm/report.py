@@ -368,11 +368,15 @@ POWER_NOTE = (
 )
 
 
-def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dict | None = None) -> Report:
+def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dict | None = None,
+          histories: dict | None = None) -> Report:
     """`items`: {trial: {metric: values by item id}} (farm.results.read_items), for the paired
-    comparisons over items."""
+    comparisons over items; `histories`: {trial: {stage: log history}} (farm.results.read_histories),
+    for the training curves."""
     metrics = metric_columns(df, axes)  # before the derived columns: those are not metrics
     main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
+    names = study.report.labels  # {axis: the study's name for it}
+    main_name = names.get(main_axis, main_axis)
     main_metric = study.report.main_metric or (metrics[0] if metrics else None)
     n_ok = int((df["status"] == "ok").sum())
     report = Report(
@@ -425,12 +429,12 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     main_pairs = list(comparisons(df, axes, main_axis))
     tests = paired_tests(main_pairs, rest, main_axis)
     if len(tests):
-        report.tables.append((f"Paired tests across seeds: {main_axis}", tests,
+        report.tables.append((f"Paired tests across seeds: {main_name}", tests,
                               "two-sided paired t-test over the seeds both conditions share (it assumes their differences normal) and its "
                               "95% interval; q: Benjamini-Hochberg adjusted p across the table's tests (metrics x axis values)"))
     per_item = item_tests(main_pairs, metrics, main_axis, items or {})
     if len(per_item):
-        report.tables.append((f"Paired differences over items and seeds: {main_axis}", per_item, ITEM_TESTS_NOTE))
+        report.tables.append((f"Paired differences over items and seeds: {main_name}", per_item, ITEM_TESTS_NOTE))
     for spec in study.report.pairs:
         chosen = [m for m in spec.metrics or [main_metric] if m in metrics]
         try:
@@ -463,23 +467,27 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     main = next((t[t["metric"] == main_metric] for t in (per_item, tests) if len(t) and (t["metric"] == main_metric).any()), None)
     if main is not None:
         kind = "items and seeds, hierarchical bootstrap" if "p (bootstrap)" in main else "seeds, Student t"
-        caption = f"{main_metric}: paired difference from {main_axis}={_reference_value(df, main_axis)} (95% interval over {kind})"
-        report.plots.append((caption, "difference.png", difference_plot(main, main_axis, caption)))
+        caption = f"{main_metric}: paired difference from {main_name}={_reference_value(df, main_axis)} (95% interval over {kind})"
+        report.plots.append((caption, "difference.png", difference_plot(main, main_axis, caption, names)))
     specs = list(study.report.plots)
     if not specs and main_axis and main_metric in metrics:
         specs = [PlotSpec(kind="line", x=main_axis, y=main_metric)]
     for i, spec in enumerate(specs):
-        caption = spec.title or f"{spec.y} by {spec.x or GRID_POINT}"
+        caption = spec.title or f"{spec.y} by {names.get(spec.x, spec.x or GRID_POINT)}"
         try:
-            png = plot(spec, df, axes)
+            png = plot(spec, df, axes, names)
         except KeyError as e:
             report.notes.append(f"plot '{caption}' skipped: the table has no column {e.args[0]!r}")
             continue
         report.plots.append((caption, "plot.png" if i == 0 else f"plot-{i + 1}.png", png))
         if spec.kind == "fit":
             fits = linear_fits(df[df["status"] == "ok"], spec.x, spec.y, spec.by).rename(columns=axis_labels(axes))
-            report.tables.append((f"Linear fit: {spec.y} against {spec.x}", fits,
+            report.tables.append((f"Linear fit: {spec.y} against {names.get(spec.x, spec.x)}", fits,
                                   "least squares over every trial (each seed a point); MSE: mean squared residual"))
+    png = curves_plot(df, histories, list(study.stages), main_axis, names) if histories else None
+    if png:
+        report.plots.append(("Training curves: loss by step (mean over seeds, 95% band)", "curves.png", png))
+    report.tables = [(title, t.rename(columns=names), note) for title, t, note in report.tables]
     return report
 
 
@@ -513,9 +521,9 @@ def arena_tables(d: Path, examples_width: int = 300) -> list:
 def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
     from farm.eval.arena import ARENA_DIR
 
-    from farm.results import read_items
+    from farm.results import read_histories, read_items
 
-    report = build(study, df, axes, config_doc, read_items(out_dir, df["trial"]))
+    report = build(study, df, axes, config_doc, read_items(out_dir, df["trial"]), read_histories(out_dir, df["trial"]))
     made_with, notes = provenance(out_dir)
     report.environment.update(made_with)
     report.notes += notes
@@ -582,13 +590,18 @@ def _fmt(v: float) -> str:
 
 
 def _mean_ci(mean: float, ci: float, n: int, std: float | None = None) -> str:
-    spread = f" ± {_fmt(ci)}" if not pd.isna(ci) else ""
-    extra = f"std {_fmt(std)}, " if std is not None and not pd.isna(std) else ""
-    return f"{_fmt(mean)}{spread} ({extra}n={int(n)})"
+    """The mean to the precision its interval supports: the half-width to two significant digits
+    and the mean to the same decimal place (0.626 ± 0.022, not 0.6259 ± 0.02163)."""
+    extra = f"std {std:.2g}, " if std is not None and not pd.isna(std) else ""
+    if pd.isna(ci) or not np.isfinite(ci) or ci <= 0 or pd.isna(mean):
+        spread = " ± 0" if ci == 0 else ""
+        return f"{_fmt(mean)}{spread} ({extra}n={int(n)})"
+    places = max(0, 1 - int(np.floor(np.log10(ci))))
+    return f"{mean:.{places}f} ± {ci:.{places}f} ({extra}n={int(n)})"
 
 
-def _point(axes: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in axes.items()) or "all trials"
+def _point(axes: dict, names: dict | None = None) -> str:
+    return ", ".join(f"{(names or {}).get(k, k)}={v}" for k, v in axes.items()) or "all trials"
 
 
 def _sort_key(v):
@@ -598,8 +611,9 @@ def _sort_key(v):
 # ---------------------------------------------------------------- plot and environment
 
 
-def plot(spec, df: pd.DataFrame, axes: list[str]) -> bytes:
-    """Render one PlotSpec; raises KeyError naming a column the table lacks."""
+def plot(spec, df: pd.DataFrame, axes: list[str], names: dict | None = None) -> bytes:
+    """Render one PlotSpec (axes named by `names`, the study's labels); raises KeyError naming a
+    column the table lacks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -616,8 +630,9 @@ def plot(spec, df: pd.DataFrame, axes: list[str]) -> bytes:
             raise KeyError(col)
     width = max(6.5, 2.5 + 0.6 * len(ys)) if spec.kind == "heatmap" else 6.5  # room for a value in every cell
     fig, ax = plt.subplots(figsize=(width, 4.2 if spec.x else 2.2 + 0.35 * ok[x].nunique()), dpi=120)
-    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, axes, x, ys, spec.by)
-    ax.set_title(spec.title or f"{spec.y} by {x}", fontsize=10)
+    names = names or {}
+    {"line": _line, "fit": _fit, "heatmap": _heatmap, "bars": _bars}[spec.kind](ax, ok, axes, x, ys, spec.by, names)
+    ax.set_title(spec.title or f"{spec.y} by {names.get(x, x)}", fontsize=10)
     return _png(fig)
 
 
@@ -631,7 +646,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def difference_plot(rows: pd.DataFrame, main_axis: str, title: str) -> bytes:
+def difference_plot(rows: pd.DataFrame, main_axis: str, title: str, names: dict) -> bytes:
     """Each comparison's mean difference with its interval, one series per combination of the
     other axes, and the line of no difference."""
     import matplotlib
@@ -648,14 +663,55 @@ def difference_plot(rows: pd.DataFrame, main_axis: str, title: str) -> bytes:
         x = np.array([labels.index(v) for v in g[main_axis]]) + (i - (len(series) - 1) / 2) * width
         y = g["mean difference"].to_numpy(float)
         err = np.vstack([y - g["low (95%)"].to_numpy(float), g["high (95%)"].to_numpy(float) - y])
-        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o", capsize=4, label=_point(point) if others else None)
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o", capsize=4, label=_point(point, names) if others else None)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.set_xticks(range(len(labels)), labels)
-    ax.set_xlabel(main_axis)
+    ax.set_xlabel(names.get(main_axis, main_axis))
     ax.set_ylabel("difference (b - a)")
     if others:
         ax.legend(fontsize=8)
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    return _png(fig)
+
+
+def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis: str | None, names: dict,
+                metric: str = "loss") -> bytes | None:
+    """A panel per training stage (in the study's order): `metric` against the step, for each value
+    of the main axis the mean over its trials' seeds and a 95% t band. A stage whose curve is the
+    same in every trial (trained once, shared) is one line. None: no trial kept a history."""
+    ok = df[df["status"] == "ok"]
+    curves = {}  # stage -> [(label, steps x runs)]
+    for stage in stages:
+        runs = {t: h[stage].dropna(subset=[metric]).groupby("step")[metric].last()
+                for t, h in histories.items() if t in set(ok["trial"]) and stage in h and metric in h[stage]}
+        if not runs:
+            continue
+        if len({tuple(r.items()) for r in runs.values()}) == 1:
+            curves[stage] = [("every trial (one run)", next(iter(runs.values())).to_frame())]
+            continue
+        by = ok.groupby(main_axis, sort=False) if main_axis else [("all trials", ok)]
+        values = sorted(((v, g) for v, g in by), key=lambda vg: _sort_key(vg[0]))
+        curves[stage] = [(f"{names.get(main_axis, main_axis)}={v}" if main_axis else v,
+                          pd.concat([runs[t] for t in g["trial"] if t in runs], axis=1))
+                         for v, g in values if any(t in runs for t in g["trial"])]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, len(curves), figsize=(max(6.5, 3.6 * len(curves)), 3.6), dpi=120, squeeze=False)
+    for ax, (stage, lines) in zip(axs[0], curves.items()):
+        for label, frame in lines:  # rows: steps; columns: the seeds' runs
+            n = frame.count(axis=1).to_numpy()
+            mean, sd = frame.mean(axis=1).to_numpy(float), frame.std(axis=1).to_numpy(float)
+            half = np.where(n > 1, stats.t.ppf(0.975, np.maximum(n - 1, 1)) * np.nan_to_num(sd) / np.sqrt(n), 0.0)
+            line = ax.plot(frame.index, mean, label=f"{label} (n={int(n.max())})")[0]
+            ax.fill_between(frame.index, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        ax.set(title=stage, xlabel="step", ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     return _png(fig)
 
 
@@ -670,7 +726,7 @@ def _positions(ok: pd.DataFrame, axis: str):
     return xs, {x: i for i, x in enumerate(xs)}.get
 
 
-def _line(ax, ok, axes, axis, ys, by):
+def _line(ax, ok, axes, axis, ys, by, names):
     """Mean and 95% interval (a band) against a grid axis, a line per combination of the `by`
     columns (default: the other axes), every trial as a point."""
     metric = ys[0]
@@ -682,7 +738,7 @@ def _line(ax, ok, axes, axis, ys, by):
         s = s.sort_values(axis, key=lambda col: col.map(_sort_key))
         x = [pos(v) for v in s[axis]]
         mean, half = s[f"{metric}.mean"].to_numpy(float), np.nan_to_num(s[f"{metric}.ci95"].to_numpy(float))
-        line = ax.plot(x, mean, "o-", label=_point(dict(zip(others, key))) if others else "mean (95% CI)")[0]
+        line = ax.plot(x, mean, "o-", label=_point(dict(zip(others, key)), names) if others else "mean (95% CI)")[0]
         ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2)
     ax.scatter([pos(v) for v in ok[axis]], ok[metric], s=12, color="gray", alpha=0.6, label="trials", zorder=3)
     # With few seeds a t-interval is wide (n=2: ±12.7 std errors); keep the data in view.
@@ -691,15 +747,15 @@ def _line(ax, ok, axes, axis, ys, by):
     ax.set_ylim(lo - pad, hi + pad)
     if not pd.api.types.is_numeric_dtype(ok[axis]):
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-    ax.set(xlabel=axis, ylabel=metric)
+    ax.set(xlabel=names.get(axis, axis), ylabel=metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
-def _fit(ax, ok, axes, x, ys, by):
+def _fit(ax, ok, axes, x, ys, by, names):
     """Every trial as a point, a least-squares line per combination of the `by` columns (each its
     own colour), each with its slope and mean squared error."""
-    short = axis_labels(axes)
+    short = {**axis_labels(axes), **names}
     for i, (key, g) in enumerate(ok.groupby(by, sort=True) if by else [((), ok)]):
         key = key if isinstance(key, tuple) else (key,)
         g = g.dropna(subset=[x, ys[0]])
@@ -710,12 +766,12 @@ def _fit(ax, ok, axes, x, ys, by):
         if not np.isnan(fit["slope"]):
             grid = np.linspace(xv.min(), xv.max(), 50)
             ax.plot(grid, fit["slope"] * grid + fit["intercept"], "--", color=color)
-    ax.set(xlabel=x, ylabel=ys[0])
+    ax.set(xlabel=names.get(x, x), ylabel=ys[0])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
-def _heatmap(ax, ok, axes, axis, ys, by):
+def _heatmap(ax, ok, axes, axis, ys, by, names):
     """Mean over seeds (and other axes) of each metric (columns) at each value of an axis (rows)."""
     means = ok.groupby(axis)[ys].mean().reindex(sorted(ok[axis].unique(), key=_sort_key))
     image = ax.imshow(means.to_numpy(float), aspect="auto", cmap="viridis")
@@ -725,10 +781,10 @@ def _heatmap(ax, ok, axes, axis, ys, by):
     ax.set_yticks(range(len(means)), [str(v) for v in means.index], fontsize=8)
     for (i, j), v in np.ndenumerate(means.to_numpy(float)):
         ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="white")
-    ax.set(xlabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0], ylabel=axis)
+    ax.set(xlabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0], ylabel=names.get(axis, axis))
 
 
-def _bars(ax, ok, axes, axis, ys, by):
+def _bars(ax, ok, axes, axis, ys, by, names):
     """Grouped bars: one group per value of an axis, one bar per metric, 95% interval whiskers."""
     xs = sorted(ok[axis].unique(), key=_sort_key)
     width = 0.8 / len(ys)
@@ -740,7 +796,7 @@ def _bars(ax, ok, axes, axis, ys, by):
                label=metric.split("/", 1)[-1] if len(ys) > 1 else metric)
     long = max(len(str(x)) for x in xs) > 8  # grid points ("sft=lima, dpo=hh") would overlap
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=25 if long else 0, ha="right" if long else "center", fontsize=8)
-    ax.set(xlabel=axis, ylabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0])
+    ax.set(xlabel=names.get(axis, axis), ylabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0])
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
 

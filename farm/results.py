@@ -1,7 +1,7 @@
 """The results layout and the study table.
 
 results/<study>/<trial-id>/config.yaml   the trial's resolved study and axis values
-results/<study>/<trial-id>/metrics.json  eval metrics, each stage's record, status
+results/<study>/<trial-id>/metrics.json  eval metrics, each stage's record (its training history too), status
 results/<study>/<trial-id>/items.json    per-item values of the metrics that are means over items
 results/<study>/table.csv, table.parquet one row per trial: axes + metrics
 Every file is replaced atomically.
@@ -103,6 +103,19 @@ def read_items(d: Path, trial_ids) -> dict[str, dict[str, pd.Series]]:
             ids = pd.Series(v["ids"], dtype=str)
             ids = ids + ids.groupby(ids).cumcount().map(lambda k: f"#{k}" if k else "")
             out[t][metric] = pd.Series(v["values"], index=ids.to_numpy(), dtype=float)
+    return out
+
+
+def read_histories(d: Path, trial_ids) -> dict[str, dict[str, pd.DataFrame]]:
+    """{trial: {stage: its trainer's log history, a row per logged step}} from the trials' records,
+    for the stages that trained and kept one."""
+    out = {}
+    for t in trial_ids:
+        path = Path(d) / t / "metrics.json"
+        if not path.exists():
+            continue
+        stages = json.loads(path.read_text(encoding="utf-8")).get("stages") or {}
+        out[t] = {name: pd.DataFrame(r["history"]) for name, r in stages.items() if r and r.get("history")}
     return out
 
 

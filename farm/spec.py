@@ -1138,6 +1138,9 @@ class ReportSpec(Strict):
     # Derived columns: name -> a pandas expression over the table's columns, e.g. the annotation
     # budget `num_prompts * ranking_length / 2`; plots, tables and reference rows may use them.
     columns: dict[str, str] = {}
+    # What the report calls each grid axis (or derived column), e.g. {data.transforms.0.rate: label
+    # flip rate}: its tables' headers, titles and plot axes (default: the axis path).
+    labels: dict[str, str] = {}
 
 
 class ReferenceRow(Strict):
@@ -1398,6 +1401,11 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
     if main_axis and main_axis not in axes:  # a profile that replaces the grid must name its own main axis
         raise StudyError(f"{where}: report.main_axis: {main_axis!r} is not a grid axis{f' of profile {profile}' if profile != DEFAULT_PROFILE else ''}; "
                          f"axes: {', '.join(axes) or 'none'} (set report.main_axis to one of them)")
+    report = trials[0].study.report if trials else None
+    unknown = [a for a in report.labels if a not in axes and a not in report.columns] if report else []
+    if unknown:
+        raise StudyError(f"{where}: report.labels: {unknown[0]!r} is neither a grid axis nor a derived column (report.columns); "
+                         f"axes: {', '.join(axes) or 'none'}")
     return trials
 
 

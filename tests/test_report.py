@@ -17,7 +17,7 @@ from farm.cli import main
 from farm.report import (build, ci_half_width, comparisons, fit_line, linear_fits, paired_tests, pivot_tables, reference_table, render_html,
                           render_md, summarize, with_derived_columns, write_report)
 from farm.results import compare, table, write_table, write_trial
-from farm.spec import EvalSpec, Reference, ReportSpec, TableSpec, expand
+from farm.spec import EvalSpec, Reference, ReportSpec, StudyError, TableSpec, expand
 
 RATE = "data.transforms.0.rate"
 
@@ -72,7 +72,7 @@ def test_reference_rows_sit_beside_ours(finished_study):
     s = summarize(df, [RATE, "seed"], ["acc"])
     ref = reference_table(trials[0].study.reference, s, [RATE, "seed"])
     row = ref.iloc[0]
-    assert row["published"] == 0.7 and row["metric"] == "acc" and row["ours"].startswith("0.62 ± ")
+    assert row["published"] == 0.7 and row["metric"] == "acc" and row["ours"] == "0.620 ± 0.025 (n=3)"
 
 
 def test_report_md_and_html_carry_the_same_content(finished_study):
@@ -171,7 +171,7 @@ def test_wide_table_beside_published_and_a_heatmap_row_per_grid_point(tmp_path, 
     md = write_report(tmp_path / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
     ours = md.split("## Benchmarks: ours")[1].split("##")[0]
     assert "| grid point | arc | piqa |" in ours
-    assert "| dpo=b1, rate=0.0 | 0.365 ± 0.06353 (n=2) | 0.5 ± 0 (n=2) |" in ours  # t(0.975,1) * 0.005 = 0.06353
+    assert "| dpo=b1, rate=0.0 | 0.365 ± 0.064 (n=2) | 0.5 ± 0 (n=2) |" in ours  # t(0.975,1) * 0.005 = 0.06353
     published = md.split("## Benchmarks: published")[1].split("##")[0]
     assert "| SFT+DPO | stages.dpo=b1, data.transforms.0.rate=0.0 | 0.46 | 0.79 |" in published
     assert "other metric only" not in published and "Paper, Table 2" in published
@@ -233,8 +233,8 @@ def test_pivot_of_one_metric_rows_by_derived_columns_columns_by_ranking_length()
     assert list(zip(table["budget"], table["kind"]))[:4] == [(1500, "PRO"), (1500, "SFT"), (2000, "PRO"), (2000, "SFT")]
     cell = table.set_index(["budget", "kind"])
     # budget 3000 = 3000 prompts of 2, 2000 of 3, 1500 of 4; mean of the two seeds, t(0.975, 1) * 0.001 = 0.01271
-    assert cell.loc[(3000, "PRO"), "ranking_length=2"] == "0.523 ± 0.01271 (n=2)"
-    assert cell.loc[(3000, "SFT"), "ranking_length=4"] == "0.4415 ± 0.01271 (n=2)"
+    assert cell.loc[(3000, "PRO"), "ranking_length=2"] == "0.523 ± 0.013 (n=2)"
+    assert cell.loc[(3000, "SFT"), "ranking_length=4"] == "0.442 ± 0.013 (n=2)"
     assert pd.isna(cell.loc[(1500, "PRO"), "ranking_length=3"])  # 1500 prompts of 3 make budget 2250: an empty cell
     selected, = pivot_tables(spec.model_copy(update={"where": "budget == 3000 and num_prompts > 1500"}), df, D_AXES, None)
     assert list(selected[1]["kind"]) == ["PRO", "SFT"] and list(selected[1].columns[2:]) == ["ranking_length=2", "ranking_length=3"]
@@ -285,11 +285,11 @@ def test_study_d_report_pivot_beside_published_fit_table_and_notes():
     md, page = render_md(report), render_html(report)
     for text in ("## Reward: ours", "## Reward: published", "## Linear fit: reward against budget", "ranking_length=3"):
         assert text in md
-    assert "| 3000 | PRO | 0.523 ± 0.01271 (n=2) | 0.532 ± 0.01271 (n=2) | 0.5415 ± 0.01271 (n=2) |" in md
-    assert "| 1500 | PRO | 0.5215 ± 0.01271 (n=2) | — | — |" in md
+    assert "| 3000 | PRO | 0.523 ± 0.013 (n=2) | 0.532 ± 0.013 (n=2) | 0.541 ± 0.013 (n=2) |" in md
+    assert "| 1500 | PRO | 0.521 ± 0.013 (n=2) | — | — |" in md
     assert "| 3000 | PRO | 0.61 | 0.63 | — |" in md
     assert "<h2>Reward: published</h2>" in page and "<h2>Linear fit: reward against budget</h2>" in page
-    assert "<td>0.523 ± 0.01271 (n=2)</td>" in page and "<td>—</td>" in page
+    assert "<td>0.523 ± 0.013 (n=2)</td>" in page and "<td>—</td>" in page
 
 
 def test_a_pivot_with_where_leaves_its_metric_in_the_across_seeds_table():
@@ -423,3 +423,46 @@ def test_pairs_compare_cells_the_main_axis_does_not_pair_item_by_item():
     with pytest.raises(ValueError, match="add the columns that tell them apart to `by`"):
         list(chosen_pairs(with_derived_columns(df, D_AXES, columns)[0], study.report.pairs[1]))
     assert len(item_tests([], ["reward"], "pair", items)) == 0
+
+
+def test_a_mean_is_shown_to_the_precision_its_interval_supports():
+    from farm.report import _mean_ci
+
+    assert _mean_ci(0.62593, 0.02163, 2, 0.0216) == "0.626 ± 0.022 (std 0.022, n=2)"
+    assert _mean_ci(0.7594, 0.1673, 3) == "0.76 ± 0.17 (n=3)"
+    assert _mean_ci(79.41, 12.7, 3) == "79 ± 13 (n=3)"
+    assert _mean_ci(0.5, 0.0, 2) == "0.5 ± 0 (n=2)"  # seeds that agree exactly
+    assert _mean_ci(0.61234, float("nan"), 1) == "0.6123 (n=1)"  # one seed: no interval, 4 digits
+
+
+def test_axes_are_named_as_the_study_names_them(finished_study, tiny_doc):
+    results, trials, df = finished_study
+    study = trials[0].study.model_copy(update={"report": ReportSpec(labels={RATE: "label flip rate"})})
+    report = build(study, df, [RATE, "seed"], {})
+    titles = [t for t, _, _ in report.tables]
+    assert "Paired tests across seeds: label flip rate" in titles
+    across = dict((t, table) for t, table, _ in report.tables)["Across seeds"]
+    assert "label flip rate" in across.columns and RATE not in across.columns
+    assert report.plots[0][0].startswith("acc: paired difference from label flip rate=0.0")
+    tiny_doc["grid"] = {RATE: [0.0, 0.5], "seed": [1, 2]}
+    tiny_doc["report"] = {"labels": {"data.transforms.0.ratio": "label flip rate"}}
+    with pytest.raises(StudyError, match=r"report.labels: 'data.transforms.0.ratio' is neither a grid axis"):
+        expand(tiny_doc, "s.yaml")
+
+
+def test_training_curves_mean_and_band_per_main_axis_value_and_one_line_for_a_shared_stage(finished_study):
+    from farm.report import curves_plot
+
+    results, trials, df = finished_study
+    ok = df[df["status"] == "ok"]
+    # pretrain: one run every trial shares; sft: a loss that falls faster at rate 0 (seeds apart by 0.1)
+    histories = {t: {"pretrain": pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.5]}),
+                     "sft": pd.DataFrame({"step": [5, 10, 10], "loss": [2.0 + r + 0.1 * s, 1.0 + r + 0.1 * s, np.nan],
+                                          "train_runtime": [np.nan, np.nan, 9.0]})}
+                 for t, r, s in zip(ok["trial"], ok[RATE], ok["seed"])}
+    png = curves_plot(df, histories, ["pretrain", "sft", "dpo"], RATE, {RATE: "label flip rate"})
+    image = Image.open(io.BytesIO(png))
+    assert image.size[0] > image.size[1]  # two panels side by side (dpo kept no history)
+    assert curves_plot(df, {}, ["pretrain"], RATE, {}) is None
+    report = build(trials[0].study, df, [RATE, "seed"], {}, histories=histories)
+    assert ("Training curves: loss by step (mean over seeds, 95% band)", "curves.png") in [(c, n) for c, n, _ in report.plots]

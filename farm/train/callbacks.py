@@ -13,14 +13,22 @@ from farm.cache import Store
 
 
 class ProgressReport(TrainerCallback):
-    """Stream a stage's training logs to `report` (and so to Tune and the farm's progress lines)."""
+    """Stream a stage's training logs to `report` (and so to Tune and the farm's progress lines),
+    and keep the trainer's whole log history (`history`: loss, learning rate, gradient norm and the
+    algorithm's own terms, each with its step) for the stage's record: the report's curves."""
 
     def __init__(self, stage: str, report):
         self.stage, self.report = stage, report
+        self.history: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.report({"stage": self.stage, "step": state.global_step, "max_steps": state.max_steps, "loss": float(logs["loss"])})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # The state's history, not the logs seen here: a resumed stage's history holds the steps
+        # logged before the interruption too (the trainer restores it from the checkpoint).
+        self.history = [{k: v for k, v in e.items() if isinstance(v, (int, float))} for e in state.log_history]
 
 
 def fault_callbacks(fault, trial: str, store: Store, key: str, rank: int) -> list:

@@ -167,6 +167,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
     else:
         selection = None
     checkpoints = Checkpoints(store, planned.kind, planned.key, every, rank, local_rank) if every is not None else None
+    progress = ProgressReport(planned.name, report)
     writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
     with writing as out, tempfile.TemporaryDirectory() as work:
         if checkpoints:
@@ -181,7 +182,7 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
             special_tokens=data.special_tokens(),
             output_dir=out,
             work_dir=checkpoints.local if checkpoints else Path(work),  # the trainer saves checkpoints there
-            callbacks=[ProgressReport(planned.name, report), *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints, selection])]
+            callbacks=[progress, *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints, selection])]
             if stage.trains
             else [],
             inputs=inputs,
@@ -192,6 +193,8 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
             record["metrics"]["resumed_from_step"] = checkpoints.resumed_from
         if selection:
             record["metrics"].update(selection.summary())
+        if progress.history:
+            record["history"] = progress.history
     if checkpoints:  # the artifact is published (rank 0), or this rank's part of it is done
         checkpoints.finish()
 

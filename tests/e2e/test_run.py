@@ -34,8 +34,16 @@ def test_run_writes_trials_table_and_report(tiny_run):
     flipped = read_json(d / "rate=1.0" / "metrics.json")["stages"]["sft"]["audit"]
     clean = read_json(d / "rate=0.0" / "metrics.json")["stages"]["sft"]["audit"]
     assert flipped["perturbed_rows"] == flipped["train_rows"] > 0 and clean["perturbed_rows"] == 0
+    # each training stage keeps its trainer's log history (3 steps, logged every step), and the
+    # report draws it: pretrain once (one run both trials share), SFT and DPO per flip rate
+    for name in ("pretrain", "sft", "dpo"):
+        history = read_json(d / "rate=0.0" / "metrics.json")["stages"][name]["history"]
+        assert [e["step"] for e in history if "loss" in e] == [1, 2, 3] and all("learning_rate" in e for e in history if "loss" in e)
+    dpo = read_json(d / "rate=1.0" / "metrics.json")["stages"]["dpo"]["history"]
+    assert all("rewards/margins" in e for e in dpo if "loss" in e)  # the algorithm's own terms
     report = (d / "report.md").read_text()
     assert "2 of 2 trials finished" in report and "(n=1)" in report and (d / "plot.png").exists()
+    assert "![Training curves: loss by step" in report and (d / "curves.png").exists()
 
 
 def test_shared_pretrain_stage_ran_once(tiny_run):
