@@ -61,12 +61,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
                           "set it on an autoscaling cluster whose GPU workers start at zero)")
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+    run.add_argument("--track", action="append", choices=["mlflow", "tensorboard", "wandb", "none"], metavar="TRACKER",
+                     help="log trials to this tracker (mlflow, tensorboard, wandb; repeat for several; none: no tracker); "
+                          "default: $FARM_TRACK (comma-separated), else the study's `tracking` (mlflow and tensorboard under results/<study>/)")
     run.add_argument("--ignore-memory-estimate", action="store_true",
                      help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run")
     run.add_argument("--no-preflight", action="store_true",
                      help="skip the check, before Ray starts, that every hub repository the study reads (models, datasets, "
                           "scorers, lm-eval task data) exists and this environment's token may read it (farm/preflight.py)")
     run.set_defaults(func=cmd_run)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on a study's local tracking store, on 127.0.0.1 only")
+    ui.add_argument("study_dir", help="a study's results folder, e.g. results/quickstart (it holds mlflow.db)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    ui.set_defaults(func=cmd_ui)
 
     plan = sub.add_parser("plan", help="list the trials and their stages, marking cached ones, and estimate their GPU-hours")
     study_args(plan)
@@ -391,6 +399,7 @@ def _count(n: float, unit: str = "") -> str:
 def cmd_run(args) -> int:
     from farm.cache import Store, plan_study
     from farm.results import ITEMS_FILE, finished, study_dir, write_trial
+    from farm.track import log_trial, open_trackers
 
     from farm import preflight
 
@@ -406,17 +415,32 @@ def cmd_run(args) -> int:
     if not args.ignore_memory_estimate:
         check_memory(todo, plans, store, args.study)  # a stage that cannot fit its GPU, before Ray starts
     warn_version_drift(todo, plans, store)
-    print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)")
+    chosen = args.track or [n for n in os.environ.get("FARM_TRACK", "").split(",") if n]  # FARM_TRACK=mlflow,tensorboard
+    names = [n for n in dict.fromkeys(chosen) if n != "none"] if chosen else study.tracking
+    try:
+        trackers = open_trackers(names, study, study_dir(results, study.name))
+    except RuntimeError as e:
+        print(f"farm: {args.study}: {e}", file=sys.stderr)
+        return 2
+    print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)"
+          + (f"; tracking: {', '.join(names)} under {study_dir(results, study.name)}/" if names else ""))
     by_id = {t.id: t for t in trials}
 
     def stage_records(plan) -> dict:
         return {s.name: store.marker(s.kind, s.key) for s in plan.stages}
 
+    for t in trials:  # finished before: a tracker that has them already skips them
+        saved = finished(results, t, plans[t.id])
+        if saved and trackers:
+            log_trial(trackers, t, plans[t.id], saved["metrics"], saved["stages"])
+
     def on_complete(trial_id: str) -> None:
         plan = plans[trial_id]
         marker = store.marker("eval", plan.eval_key)
         items = json.loads((store.path("eval", plan.eval_key) / ITEMS_FILE).read_text(encoding="utf-8"))
-        write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stage_records(plan), eval_versions=marker.get("versions"), items=items)
+        stages = stage_records(plan)
+        write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stages, eval_versions=marker.get("versions"), items=items)
+        log_trial(trackers, by_id[trial_id], plan, marker["metrics"], stages)
 
     def on_error(trial_id: str, trial) -> None:
         t = by_id[trial_id]
@@ -462,7 +486,31 @@ def cmd_run(args) -> int:
     failed = int((df["status"] != "ok").sum())
     print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
+    for t in trackers:  # the table and the report beside the trials' runs
+        t.study([path.parent / "table.csv", path, path.with_suffix(".html"), *sorted(path.parent.glob("*.png"))])
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        print(f"farm: MLflow runs: farm ui {study_dir(results, study.name)}")
     return 1 if failed else 0
+
+
+def cmd_ui(args) -> int:
+    """MLflow's own UI (`mlflow ui`) on the SQLite store `farm run` keeps beside the results; bound to
+    127.0.0.1, since the UI has no authentication."""
+    import subprocess
+
+    from farm.track import MLFLOW_DB
+
+    db = Path(args.study_dir) / MLFLOW_DB
+    if not db.is_file():
+        print(f"farm ui: {db} does not exist: run the study with MLflow tracking first (its default; or farm run --track mlflow)",
+              file=sys.stderr)
+        return 2
+    print(f"farm: MLflow UI at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
+                                "--host", "127.0.0.1", "--port", str(args.port)])
+    except KeyboardInterrupt:
+        return 0
 
 
 def warn_version_drift(trials, plans, store) -> None:

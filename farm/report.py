@@ -707,7 +707,7 @@ def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis:
             n = frame.count(axis=1).to_numpy()
             mean, sd = frame.mean(axis=1).to_numpy(float), frame.std(axis=1).to_numpy(float)
             half = np.where(n > 1, stats.t.ppf(0.975, np.maximum(n - 1, 1)) * np.nan_to_num(sd) / np.sqrt(n), 0.0)
-            line = ax.plot(frame.index, mean, label=f"{label} (n={int(n.max())})")[0]
+            line = ax.plot(frame.index, mean, label=label if len(lines) == 1 and frame.shape[1] == 1 else f"{label} (n={int(n.max())})")[0]
             ax.fill_between(frame.index, mean - half, mean + half, color=line.get_color(), alpha=0.2)
         ax.set(title=stage, xlabel="step", ylabel=metric)
         ax.grid(alpha=0.3)

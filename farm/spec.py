@@ -1172,6 +1172,9 @@ class Study(Strict):
     # them. A profile replaces the list, so each profile states its own.
     departures: list[str] = []
     max_failures: int = Field(1, ge=0)  # Ray Tune retries of a failed trial
+    # Experiment trackers the driver logs each finished trial to (farm/track.py): a local MLflow
+    # store and TensorBoard event files under results/<study>/ by default; `farm run --track` overrides.
+    tracking: list[Literal["mlflow", "tensorboard", "wandb"]] = ["mlflow", "tensorboard"]
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,9 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# No tracker by default: MLflow's start costs ~8 s a run. The trackers are tested on their own
+# (test_track.py) and through `farm run --track` on the tiny study (tiny_run, e2e/test_run.py).
+os.environ.setdefault("FARM_TRACK", "none")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -65,7 +68,7 @@ def artifacts(results: Path) -> dict[str, float]:
 def tiny_run(tmp_path_factory):
     """The tiny study run once on a local Ray: (results folder, the run's output)."""
     results = tmp_path_factory.mktemp("tiny-results")
-    proc = farm("run", TINY, "--results", results)
+    proc = farm("run", TINY, "--results", results, "--track", "mlflow", "--track", "tensorboard")
     return results, proc.stdout + proc.stderr
 
 

@@ -188,7 +188,7 @@ def test_malign_labels_grid_one_line_per_kind():
     trials = load_study(QUICKSTART.parent / "malign_labels.yaml")
     kinds = {(t.study.data.transforms[0].name, getattr(t.study.data.transforms[0], "mode", None)) for t in trials}
     assert kinds == {("malign_labels", None), ("malign_prompts", "trigger"), ("malign_prompts", "shuffle"), ("malign_prompts", "red_team")}
-    assert len(trials) == 16 and {t.study.data.transforms[0].rate for t in trials} == {0.0, 0.5}
+    assert len(trials) == 24 and {t.study.data.transforms[0].rate for t in trials} == {0.0, 0.5}
     paper = load_study(QUICKSTART.parent / "malign_labels.yaml", profile="paper")
     assert paper[0].study.data.sources[0].subset == "other" and paper[0].study.eval.data.sources[0].subset == "eli5"
     assert len(paper) == 4 * 5 * 3

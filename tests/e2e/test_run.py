@@ -46,6 +46,41 @@ def test_run_writes_trials_table_and_report(tiny_run):
     assert "![Training curves: loss by step" in report and (d / "curves.png").exists()
 
 
+def tracked(results):
+    """{trial: (its MLflow run, {stage: nested run})}, read back with MLflow's client."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{results / 'tiny' / 'mlflow.db'}")
+    [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    trials = {r.info.run_name: r for r in runs if r.data.tags["farm.kind"] == "trial"}
+    return {t: (r, {c.data.tags["farm.stage"]: c for c in runs if c.data.tags.get("mlflow.parentRunId") == r.info.run_id})
+            for t, r in trials.items()}, runs
+
+
+def test_run_logs_trials_and_stages_to_mlflow_and_tensorboard(tiny_run):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results, out = tiny_run
+    runs, every = tracked(results)
+    assert set(runs) == {"rate=0.0", "rate=1.0"} and "tracking: mlflow, tensorboard" in out
+    table = metrics_table(results)
+    for trial, (run, stages) in runs.items():
+        assert run.data.metrics["reward_accuracy"] == pytest.approx(table.loc[trial, "reward_accuracy"])
+        assert run.data.params["data.transforms.0.rate"] == trial.split("=")[1]
+        assert set(stages) == {"pretrain", "sft", "dpo"} and "loss" in stages["dpo"].data.metrics
+    # one pretrain, trained by one trial: the other's is logged as reused from it, without curves
+    pretrains = [stages["pretrain"] for _, stages in runs.values()]
+    assert sorted("farm.reused_from_trial" in p.data.tags for p in pretrains) == [False, True]
+    [study] = [r for r in every if r.data.tags["farm.kind"] == "study"]
+    client = MlflowClient(f"sqlite:///{results / 'tiny' / 'mlflow.db'}")
+    assert {"table.csv", "report.md", "report.html", "curves.png"} <= {f.path for f in client.list_artifacts(study.info.run_id)}
+    acc = EventAccumulator(str(results / "tiny" / "tensorboard" / "rate=1.0"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("dpo/loss")] == [1, 2, 3]
+
+
 def test_shared_pretrain_stage_ran_once(tiny_run):
     results, _ = tiny_run
     kinds = sorted(name.split("-")[0] for name in artifacts(results))
@@ -57,8 +92,10 @@ def test_shared_pretrain_stage_ran_once(tiny_run):
 def test_rerun_trains_nothing(tiny_run, tmp_path):
     results, _ = tiny_run
     before, table = artifacts(results), metrics_table(results)
-    out = farm("run", TINY, "--results", results).stdout
+    logged = len(tracked(results)[1])
+    out = farm("run", TINY, "--results", results, "--track", "mlflow").stdout
     assert "2 already finished" in out and "Ray ready" not in out  # finished trials are not even scheduled
+    assert len(tracked(results)[1]) == logged  # the tracker finds the trials' runs: none logged twice
 
     # With the results gone but the artifact store kept, the trials run again and every
     # stage and eval is reused: no training step, no new or rewritten artifact.

@@ -1,0 +1,158 @@
+"""Trackers (farm/track.py) on constructed trial records: MLflow runs read back with MLflow's
+client, TensorBoard event files parsed with TensorBoard's reader, W&B offline run files; each
+logged twice (a study run again) without a duplicate."""
+
+import os
+
+import pytest
+
+from farm.cache import plan_study
+from farm.spec import expand
+from farm.track import MLFLOW_DB, TENSORBOARD_DIR, WANDB_DIR, MLflow, TensorBoard, WandB, open_trackers
+
+RATE = "data.transforms.0.rate"
+
+
+@pytest.fixture
+def finished(tiny_doc):
+    """Two trials of the tiny study as `farm run` leaves them: the pretrain trained by the first
+    and reused by the second, SFT and DPO trained by each, with histories and eval metrics."""
+    trials = expand(tiny_doc, "s.yaml")
+    plans = plan_study(trials)
+    first = trials[0].id
+
+    def records(t):
+        def stage(name, by, loss0):
+            return {"trial": by, "config": {"lr": 0.001, "max_steps": 3}, "metrics": {"train_runtime": 1.5},
+                    "history": [{"step": s, "epoch": s / 3, "loss": loss0 - s / 10, "learning_rate": 1e-3} for s in (1, 2, 3)]
+                    + [{"step": 3, "train_loss": loss0 - 0.2, "train_runtime": 1.5}]}
+        return {"pretrain": stage("pretrain", first, 8.0), "sft": stage("sft", t.id, 6.0), "dpo": stage("dpo", t.id, 0.7)}
+
+    done = [(t, plans[t.id], {"reward_accuracy": 0.5 + t.axes[RATE] / 10, "scorer": "x"}, records(t)) for t in trials]
+    return trials[0].study, done
+
+
+def log_all(tracker, done):
+    for t, plan, metrics, stages in done:
+        tracker.trial(t, plan, metrics, stages)
+
+
+def test_mlflow_a_run_per_trial_nested_stage_runs_reuse_linked_and_no_duplicate_on_rerun(finished, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study, done = finished
+    log_all(MLflow(study, tmp_path), done)
+    log_all(MLflow(study, tmp_path), done)  # the study run again: every trial is found, nothing logged twice
+    client = MlflowClient(f"sqlite:///{tmp_path / MLFLOW_DB}")
+    [exp] = [e for e in client.search_experiments() if e.name == study.name]
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    trial_runs = {r.info.run_name: r for r in runs if r.data.tags["farm.kind"] == "trial"}
+    assert set(trial_runs) == {t.id for t, *_ in done} and len(runs) == 2 * (1 + 3)
+    (first, *_), (second, *_) = done
+    run = trial_runs[second.id]
+    assert run.data.params[RATE] == str(second.axes[RATE]) and run.data.metrics["reward_accuracy"] == pytest.approx(0.6)
+    stages = {r.data.tags["farm.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+    assert set(stages) == {"pretrain", "sft", "dpo"}
+    # the shared pretrain was trained by the first trial: here it is reused, with no curves of its own
+    assert stages["pretrain"].data.tags["farm.reused_from_trial"] == first.id and not stages["pretrain"].data.metrics
+    history = client.get_metric_history(stages["sft"].info.run_id, "loss")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 5.9), (2, 5.8), (3, 5.7)]
+    assert stages["sft"].data.tags["farm.stage_key"] == done[1][1].stage("sft").key
+    assert stages["sft"].data.params["config.lr"] == "0.001"
+    mine = {r.data.tags["farm.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial_runs[first.id].info.run_id}
+    assert "farm.reused_from_trial" not in mine["pretrain"].data.tags and "loss" in mine["pretrain"].data.metrics
+
+
+def test_tensorboard_event_files_parse_and_a_logged_trial_is_not_logged_again(finished, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    study, done = finished
+    log_all(TensorBoard(study, tmp_path), done)
+    log_all(TensorBoard(study, tmp_path), done)
+    (first, *_), (second, *_) = done
+    for t in (first, second):
+        [events] = list((tmp_path / TENSORBOARD_DIR / t.id).glob("events.out.tfevents.*"))  # one file: not logged twice
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"sft/loss", "dpo/loss", "eval/reward_accuracy"} <= tags
+        assert ("pretrain/loss" in tags) == (t is first)  # curves stay with the trial that trained the stage
+        assert [(e.step, round(e.value, 6)) for e in acc.Scalars("dpo/loss")] == [(1, 0.6), (2, 0.5), (3, 0.4)]
+
+
+def test_wandb_offline_writes_its_run_files_once(finished, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    study, done = finished
+    log_all(WandB(study, tmp_path), done[:1])
+    log_all(WandB(study, tmp_path), done[:1])
+    [run] = list((tmp_path / WANDB_DIR).glob("offline-run-*"))
+    assert list(run.glob("*.wandb"))  # the run's records, for `wandb sync`
+
+
+def test_an_unknown_tracker_package_names_the_extra(finished, tmp_path, monkeypatch):
+    import builtins
+
+    study, _ = finished
+    real = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ModuleNotFoundError("No module named 'wandb'", name="wandb")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(RuntimeError, match=r"tracking: wandb needs the package 'wandb': pip install 'farm\[wandb\]'"):
+        open_trackers(["wandb"], study, tmp_path)
+
+
+def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromium(finished, tmp_path, monkeypatch):
+    """`farm ui results/<study>` serves MLflow's own UI on 127.0.0.1; the experiment page, with
+    the trials' runs, renders (a screenshot that is not blank); without a store it says what to run."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import FARM, free_port
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study, done = finished
+    log_all(MLflow(study, tmp_path), done)
+    missing = subprocess.run([*FARM, "ui", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "run the study with MLflow tracking first" in missing.stderr
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium not installed (CI installs it)")
+    port = free_port()
+    server = subprocess.Popen([*FARM, "ui", str(tmp_path), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the MLflow UI did not answer within a minute")
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(f"sqlite:///{tmp_path / MLFLOW_DB}").get_experiment_by_name(study.name).experiment_id
+        shot, page = tmp_path / "ui.png", f"{url}/#/experiments/{exp}/runs"
+        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=1280,900", "--virtual-time-budget=20000"]
+        dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+        assert all(t.id in dom for t, *_ in done)  # the runs table lists the trials by their ids
+        subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=180)
+        pixels = np.asarray(Image.open(shot).convert("L"))
+        assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # not blank
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
