@@ -26,6 +26,9 @@ WORKER_ENV = {
     # more than a tiny stage's training. Collect every 0.25 s (a hung worker is still only
     # declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # TRL imports mlflow at import time wherever it is installed (~1 s a process on 2 cores); the
+    # farm's trainers report to no tracker (report_to=[]: the driver logs, farm/track.py).
+    "DISABLE_MLFLOW_INTEGRATION": "TRUE",
 }
 
 
@@ -61,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
                           "set it on an autoscaling cluster whose GPU workers start at zero)")
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
-    run.add_argument("--track", action="append", choices=["mlflow", "tensorboard", "wandb", "none"], metavar="TRACKER",
-                     help="log trials to this tracker (mlflow, tensorboard, wandb; repeat for several; none: no tracker); "
+    run.add_argument("--track", action="append", choices=["mlflow", "tensorboard", "none"], metavar="TRACKER",
+                     help="log trials to this tracker (mlflow, tensorboard; repeat for both; none: no tracker); "
                           "default: $FARM_TRACK (comma-separated), else the study's `tracking` (mlflow and tensorboard under results/<study>/)")
     run.add_argument("--ignore-memory-estimate", action="store_true",
                      help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run")
@@ -496,8 +499,6 @@ def cmd_run(args) -> int:
 def cmd_ui(args) -> int:
     """MLflow's own UI (`mlflow ui`) on the SQLite store `farm run` keeps beside the results; bound to
     127.0.0.1, since the UI has no authentication."""
-    import subprocess
-
     from farm.track import MLFLOW_DB
 
     db = Path(args.study_dir) / MLFLOW_DB
@@ -506,11 +507,9 @@ def cmd_ui(args) -> int:
               file=sys.stderr)
         return 2
     print(f"farm: MLflow UI at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
-                                "--host", "127.0.0.1", "--port", str(args.port)])
-    except KeyboardInterrupt:
-        return 0
+    # exec: this process becomes the server, so a signal to it (Ctrl-C, a supervisor's SIGTERM) is the server's
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
+                              "--host", "127.0.0.1", "--port", str(args.port)])
 
 
 def warn_version_drift(trials, plans, store) -> None:

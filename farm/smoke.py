@@ -109,8 +109,10 @@ def _shrink(model: BaseModel, data: dict) -> None:
             data["sample"] = min(data["sample"], ROWS)
         else:
             data["limit"] = min(data.get("limit") or ROWS, ROWS)
-    if kind == "DataSpec" and 0 < data["holdout"] < HOLDOUT:
-        data["holdout"] = HOLDOUT
+    if kind == "DataSpec" and 0 < data["holdout"]:
+        # The eval keeps a HOLDOUT share of the rows when dev rows take part of the held-out ones.
+        dev = data.get("dev", 0.0)
+        data["holdout"] = max(data["holdout"], HOLDOUT if dev >= 1 else min(0.5, HOLDOUT / (1 - dev)))
     if "max_steps" in data and "epochs" in data:  # a training stage
         data["max_steps"] = STEPS
     if kind in ("Resources", "EvalResources", "LabelSpec"):  # CPU only, one CPU each

@@ -1,5 +1,5 @@
-"""Experiment trackers: a study's trials and stages where researchers already look (MLflow,
-TensorBoard, Weights & Biases).
+"""Experiment trackers: a study's trials and stages where researchers already look (MLflow and
+TensorBoard; Weights & Biases not yet: with wandb installed, TRL imports it in every worker process).
 
 The driver logs, from the records the store and the results already hold, after each trial
 finishes: no worker talks to a tracker, so a cluster needs no tracker credentials on its nodes.
@@ -12,15 +12,12 @@ logged as reused, with the trial that trained it, and its curves stay with that 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-TRACKERS = ("mlflow", "tensorboard", "wandb")
-PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "farm[wandb]"}  # what installs each
+TRACKERS = ("mlflow", "tensorboard")
 MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"
-WANDB_DIR = "wandb"
 
 
 def trained_here(trial_id: str, record: dict) -> bool:
@@ -134,36 +131,6 @@ class TensorBoard:
         pass
 
 
-class WandB:
-    """Offline W&B runs under results/<study>/wandb/ (`wandb sync` uploads them; online with
-    WANDB_MODE=online and a logged-in key): one run per trial, its id derived from the study and
-    trial ids, so a rerun resumes the same run; stages as `<stage>/<name>` series."""
-
-    def __init__(self, study, out: Path):
-        import wandb
-
-        self.project, self.root, self.wandb = study.name, out, wandb
-
-    def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
-        wandb = self.wandb
-        run_id = hashlib.sha256(f"{self.project}/{trial.id}".encode()).hexdigest()[:16]
-        if list((self.root / WANDB_DIR).glob(f"*-{run_id}")):
-            return
-        run = wandb.init(project=self.project, name=trial.id, id=run_id, dir=str(self.root), resume="allow",
-                         mode=os.environ.get("WANDB_MODE", "offline"), config={**trial.axes, "profile": trial.profile},
-                         settings=wandb.Settings(silent=True, x_disable_stats=True))
-        for s in plan.stages:
-            record = stages.get(s.name) or {}
-            if trained_here(trial.id, record):
-                for step, name, value in curves(record):
-                    run.log({f"{s.name}/{name}": value, f"{s.name}/step": step})
-        run.summary.update(numbers(metrics))
-        run.finish()
-
-    def study(self, files: list[Path]) -> None:
-        pass
-
-
 def open_trackers(names: list[str], study, out: Path) -> list:
     """The trackers `names` asks for, opened on results/<study>/ (`out`); a tracker whose package is
     missing is an error naming the extra that installs it, before Ray starts."""
@@ -172,9 +139,9 @@ def open_trackers(names: list[str], study, out: Path) -> list:
         if name not in TRACKERS:
             raise RuntimeError(f"tracking: unknown tracker {name!r}; one of {', '.join(TRACKERS)}")
         try:
-            made.append({"mlflow": MLflow, "tensorboard": TensorBoard, "wandb": WandB}[name](study, out))
+            made.append({"mlflow": MLflow, "tensorboard": TensorBoard}[name](study, out))
         except ImportError as e:
-            raise RuntimeError(f"tracking: {name} needs the package {e.name!r}: pip install '{PACKAGES[name]}' "
+            raise RuntimeError(f"tracking: {name} needs the package {e.name!r}: pip install {name} "
                                f"(or leave {name} out of the study's `tracking` / farm run --track)") from None
     return made
 

@@ -4,7 +4,7 @@ and metrics, runs on CPUs, and covers every value of every grid axis."""
 import pytest
 from conftest import ROOT
 
-from farm.smoke import ROWS, STEPS, cover, shrink
+from farm.smoke import HOLDOUT, ROWS, STEPS, cover, shrink
 from farm.spec import TrainingStage, load_study
 
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
@@ -34,6 +34,8 @@ def test_a_paper_profile_keeps_its_graph_and_covers_its_grid_small(job):
             if isinstance(st, TrainingStage):
                 assert st.max_steps == STEPS and st.batch_size <= 4
         assert s.eval.resources.num_gpus == 0
+        if 0 < s.data.holdout and s.data.dev < 1:  # dev rows take their share beside the eval's, not out of it
+            assert s.data.holdout * (1 - s.data.dev) >= HOLDOUT - 1e-12 or s.data.holdout == 0.5
     # Every value of every axis but the seed is covered, with one seed (before trials that became
     # the same run are merged).
     covering = cover(trials)

@@ -1,6 +1,6 @@
 """Trackers (farm/track.py) on constructed trial records: MLflow runs read back with MLflow's
-client, TensorBoard event files parsed with TensorBoard's reader, W&B offline run files; each
-logged twice (a study run again) without a duplicate."""
+client, TensorBoard event files parsed with TensorBoard's reader; each logged twice (a study run
+again) without a duplicate; MLflow's UI served by `farm ui`."""
 
 import os
 
@@ -8,7 +8,7 @@ import pytest
 
 from farm.cache import plan_study
 from farm.spec import expand
-from farm.track import MLFLOW_DB, TENSORBOARD_DIR, WANDB_DIR, MLflow, TensorBoard, WandB, open_trackers
+from farm.track import MLFLOW_DB, TENSORBOARD_DIR, MLflow, TensorBoard, open_trackers
 
 RATE = "data.transforms.0.rate"
 
@@ -81,29 +81,21 @@ def test_tensorboard_event_files_parse_and_a_logged_trial_is_not_logged_again(fi
         assert [(e.step, round(e.value, 6)) for e in acc.Scalars("dpo/loss")] == [(1, 0.6), (2, 0.5), (3, 0.4)]
 
 
-def test_wandb_offline_writes_its_run_files_once(finished, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    study, done = finished
-    log_all(WandB(study, tmp_path), done[:1])
-    log_all(WandB(study, tmp_path), done[:1])
-    [run] = list((tmp_path / WANDB_DIR).glob("offline-run-*"))
-    assert list(run.glob("*.wandb"))  # the run's records, for `wandb sync`
-
-
-def test_an_unknown_tracker_package_names_the_extra(finished, tmp_path, monkeypatch):
+def test_a_missing_tracker_package_is_named_before_ray(finished, tmp_path, monkeypatch):
     import builtins
 
     study, _ = finished
     real = builtins.__import__
 
-    def no_wandb(name, *args, **kwargs):
-        if name == "wandb":
-            raise ModuleNotFoundError("No module named 'wandb'", name="wandb")
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ModuleNotFoundError("No module named 'tensorboard'", name="tensorboard")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_wandb)
-    with pytest.raises(RuntimeError, match=r"tracking: wandb needs the package 'wandb': pip install 'farm\[wandb\]'"):
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(RuntimeError, match=r"tracking: tensorboard needs the package 'tensorboard': pip install tensorboard"):
+        open_trackers(["tensorboard"], study, tmp_path)
+    with pytest.raises(RuntimeError, match=r"tracking: unknown tracker 'wandb'; one of mlflow, tensorboard"):
         open_trackers(["wandb"], study, tmp_path)
 
 
@@ -111,6 +103,7 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
     """`farm ui results/<study>` serves MLflow's own UI on 127.0.0.1; the experiment page, with
     the trials' runs, renders (a screenshot that is not blank); without a store it says what to run."""
     import shutil
+    import signal
     import subprocess
     import time
     import urllib.request
@@ -131,7 +124,8 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
             pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
         pytest.skip("chromium not installed (CI installs it)")
     port = free_port()
-    server = subprocess.Popen([*FARM, "ui", str(tmp_path), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([*FARM, "ui", str(tmp_path), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # its own process group: the server's workers stop with it
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -154,5 +148,10 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
         pixels = np.asarray(Image.open(shot).convert("L"))
         assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # not blank
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        time.sleep(1)
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # a worker that outlived the server
+        except ProcessLookupError:
+            pass
