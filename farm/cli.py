@@ -412,7 +412,8 @@ def cmd_run(args) -> int:
     results, storage = Path(args.results).resolve(), _storage(args)
     store = Store(storage)
     study = trials[0].study
-    todo = [t for t in trials if not finished(results, t, plans[t.id])]
+    saved = {t.id: finished(results, t, plans[t.id]) for t in trials}  # read once: the plan's todo and the trackers'
+    todo = [t for t in trials if not saved[t.id]]
     if todo:  # a misspelt or gated repository, an empty eval set, a revision the hub lacks: one line each, before Ray starts
         preflight.check(todo, args.study, hub_checks=not args.no_preflight, unpinned=unpinned)
     if not args.ignore_memory_estimate:
@@ -433,9 +434,8 @@ def cmd_run(args) -> int:
         return {s.name: store.marker(s.kind, s.key) for s in plan.stages}
 
     for t in trials:  # finished before: a tracker that has them already skips them
-        saved = finished(results, t, plans[t.id])
-        if saved and trackers:
-            log_trial(trackers, t, plans[t.id], saved["metrics"], saved["stages"])
+        if saved[t.id] and trackers:
+            log_trial(trackers, t, plans[t.id], saved[t.id]["metrics"], saved[t.id]["stages"])
 
     def on_complete(trial_id: str) -> None:
         plan = plans[trial_id]

@@ -680,10 +680,11 @@ def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis:
     of the main axis the mean over its trials' seeds and a 95% t band. A stage whose curve is the
     same in every trial (trained once, shared) is one line. None: no trial kept a history."""
     ok = df[df["status"] == "ok"]
+    finished = set(ok["trial"])
     curves = {}  # stage -> [(label, steps x runs)]
     for stage in stages:
         runs = {t: h[stage].dropna(subset=[metric]).groupby("step")[metric].last()
-                for t, h in histories.items() if t in set(ok["trial"]) and stage in h and metric in h[stage]}
+                for t, h in histories.items() if t in finished and stage in h and metric in h[stage]}
         if not runs:
             continue
         if len({tuple(r.items()) for r in runs.values()}) == 1:

@@ -40,6 +40,20 @@ FARM = [sys.executable, "-m", "farm"]
 RAY = str(Path(sys.executable).parent / "ray")  # the `ray` CLI of this venv (tests that start Ray nodes)
 
 
+@pytest.fixture
+def chromium() -> str:
+    """The headless browser the HTML tests render in. CI installs it (.ci/run): missing there, the
+    test fails; a developer's machine without it skips."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium not installed (CI installs it)")
+    return path
+
+
 def free_port() -> int:
     import socket
 

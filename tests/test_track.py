@@ -99,10 +99,9 @@ def test_a_missing_tracker_package_is_named_before_ray(finished, tmp_path, monke
         open_trackers(["wandb"], study, tmp_path)
 
 
-def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromium(finished, tmp_path, monkeypatch):
+def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromium(finished, tmp_path, monkeypatch, chromium):
     """`farm ui results/<study>` serves MLflow's own UI on 127.0.0.1; the experiment page, with
     the trials' runs, renders (a screenshot that is not blank); without a store it says what to run."""
-    import shutil
     import signal
     import subprocess
     import time
@@ -118,11 +117,6 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
     log_all(MLflow(study, tmp_path), done)
     missing = subprocess.run([*FARM, "ui", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "run the study with MLflow tracking first" in missing.stderr
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("chromium not installed (CI installs it)")
     port = free_port()
     server = subprocess.Popen([*FARM, "ui", str(tmp_path), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True)  # its own process group: the server's workers stop with it
