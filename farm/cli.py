@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
                           "set it on an autoscaling cluster whose GPU workers start at zero)")
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
-    run.add_argument("--track", action="append", choices=["mlflow", "tensorboard", "none"], metavar="TRACKER",
-                     help="log trials to this tracker (mlflow, tensorboard; repeat for both; none: no tracker); "
+    run.add_argument("--track", action="append", choices=["mlflow", "tensorboard", "wandb", "none"], metavar="TRACKER",
+                     help="log trials to this tracker (mlflow, tensorboard, wandb; repeat for several; none: no tracker); "
                           "default: $FARM_TRACK (comma-separated), else the study's `tracking` (mlflow and tensorboard under results/<study>/)")
     run.add_argument("--ignore-memory-estimate", action="store_true",
                      help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run")
@@ -472,7 +472,8 @@ def cmd_run(args) -> int:
         print(f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
         try:
             if todo:
-                run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error, args.max_concurrent)
+                run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error, args.max_concurrent,
+                         grid=_grid(todo, plans, store, len(trials) - len(todo)))
             if study.eval.pairwise:
                 _pairwise(trials, plans, store, study_dir(results, study.name) / ARENA_DIR)
         except KeyboardInterrupt:
@@ -494,6 +495,16 @@ def cmd_run(args) -> int:
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         print(f"farm: MLflow runs: farm ui {study_dir(results, study.name)}")
     return 1 if failed else 0
+
+
+def _grid(todo, plans, store, finished_before: int):
+    """The live view's grid: each trial's stages still to run, with `farm plan`'s estimate of each."""
+    from farm.estimate import estimate_study
+    from farm.progress import Grid
+
+    seconds = {e.key: e.seconds for e in estimate_study(todo, plans)[0]}
+    return Grid({t.id: [(s.name, s.key, seconds.get(s.key)) for s in plans[t.id].stages if not store.done(s.kind, s.key)] for t in todo},
+                finished_before=finished_before)
 
 
 def cmd_ui(args) -> int:

@@ -203,6 +203,7 @@ class Estimate:
     tokens: float | None = None  # trained + generated + read by forward-only passes
     gpus: float | None = None  # 0: it runs on CPU; None: not estimated
     hours: float | None = None  # GPU-hours; None: CPU, unknown or not estimated (see note)
+    seconds: float | None = None  # at the nominal rates, on a GPU or not: the live view's unit of work (farm.progress)
     note: str = ""
 
 
@@ -235,8 +236,10 @@ def estimate_study(trials, plans, rates: Rates = Rates()) -> tuple[list[Estimate
             e.tokens = sum(tokens for _, tokens, _ in work)
             if s.kind == "pretrain" and s.max_steps <= 0:  # packed into blocks: a long row fills several
                 e.note = "packs whole rows: more tokens if rows are longer than max_length"
+            hours = gpu_hours(work, rates)
+            e.seconds = hours * 3600 if hours is not None else None
             if gpus:
-                e.hours = gpu_hours(work, rates)
+                e.hours = hours
                 e.note = e.note if e.hours is not None else "unknown size"
     return list(out.values()), models
 

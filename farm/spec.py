@@ -1174,7 +1174,7 @@ class Study(Strict):
     max_failures: int = Field(1, ge=0)  # Ray Tune retries of a failed trial
     # Experiment trackers the driver logs each finished trial to (farm/track.py): a local MLflow
     # store and TensorBoard event files under results/<study>/ by default; `farm run --track` overrides.
-    tracking: list[Literal["mlflow", "tensorboard"]] = ["mlflow", "tensorboard"]
+    tracking: list[Literal["mlflow", "tensorboard", "wandb"]] = ["mlflow", "tensorboard"]
 
     @model_validator(mode="before")
     @classmethod

@@ -1,12 +1,13 @@
-"""Experiment trackers: a study's trials and stages where researchers already look (MLflow and
-TensorBoard; Weights & Biases not yet: with wandb installed, TRL imports it in every worker process).
+"""Experiment trackers: a study's trials and stages where researchers already look (MLflow,
+TensorBoard, Weights & Biases).
 
 The driver logs, from the records the store and the results already hold, after each trial
 finishes: no worker talks to a tracker, so a cluster needs no tracker credentials on its nodes.
 Identity comes from the farm, not from the tracker: a trial is one run named by its trial id,
-each of its stages one nested run tagged with the stage key. Before logging, a tracker looks the
-trial up; a run already there (an interrupted study run again, a finished one rerun) is not
-logged twice. A stage trained by another trial (a shared pretrain) or reused from the store is
+each of its stages one nested run tagged with the stage key. A trial's result is its trial id and
+its eval key (what `farm.results.finished` reuses): before logging, a tracker looks that up; a run
+already there (an interrupted study run again, a finished one rerun) is not logged twice, and a
+trial whose study changed is logged as a new result. A stage trained by another trial (a shared pretrain) or reused from the store is
 logged as reused, with the trial that trained it, and its curves stay with that trial's run.
 """
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TRACKERS = ("mlflow", "tensorboard")
+TRACKERS = ("mlflow", "tensorboard", "wandb")
 MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # W&B's own folder name, under results/<study>/
 
 
 def trained_here(trial_id: str, record: dict) -> bool:
@@ -73,7 +75,7 @@ class MLflow:
             self.client.log_batch(run_id, metrics=batch[i:i + 1000], params=params if i == 0 else [])
 
     def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
-        if self._find(**{"farm.kind": "trial", "farm.trial": trial.id}):
+        if self._find(**{"farm.kind": "trial", "farm.trial": trial.id, "farm.eval_key": plan.eval_key}):
             return  # logged by an earlier run of the study
         run = self.client.create_run(self.experiment, run_name=trial.id, tags={
             "farm.kind": "trial", "farm.trial": trial.id, "farm.profile": trial.profile, "farm.eval_key": plan.eval_key})
@@ -104,7 +106,8 @@ class MLflow:
 class TensorBoard:
     """Event files under results/<study>/tensorboard/<trial>/: each stage's curves (the stages the
     trial trained) as `<stage>/<name>` by step, its eval metrics as `eval/<name>`. A trial whose
-    folder exists was logged already."""
+    folder holds its eval key was logged already; one with another key (the study changed) is
+    written again."""
 
     def __init__(self, study, out: Path):
         from torch.utils.tensorboard import SummaryWriter  # it needs the tensorboard package
@@ -112,10 +115,14 @@ class TensorBoard:
         self.root, self.writer = out / TENSORBOARD_DIR, SummaryWriter
 
     def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
+        import shutil
+
         folder = self.root / trial.id
-        if folder.exists():
+        mark = folder / "eval_key"
+        if mark.is_file() and mark.read_text() == plan.eval_key:
             return
         part = folder.with_name(folder.name + ".part")  # a trial half-written by an interrupted driver is written again
+        shutil.rmtree(part, ignore_errors=True)
         writer = self.writer(str(part))
         for s in plan.stages:
             record = stages.get(s.name) or {}
@@ -125,10 +132,94 @@ class TensorBoard:
         for name, value in numbers(metrics).items():
             writer.add_scalar(f"eval/{name}", value, 0)
         writer.close()
+        (part / "eval_key").write_text(plan.eval_key)
+        shutil.rmtree(folder, ignore_errors=True)
         part.rename(folder)
 
     def study(self, files: list[Path]) -> None:
         pass
+
+
+class WandB:
+    """Weights & Biases: a run per trial (name: the trial id; id: a digest of the study, the trial
+    and its eval key, so a study run again resumes the same run), each stage's curves as
+    `<stage>/<name>` against its own `<stage>/step`, the stages' keys, configs and reuse in the run's
+    config (W&B has no nested runs), the eval metrics in its summary; a run `study` with the table
+    and report as an artifact. Project: $WANDB_PROJECT, else the study's name. Online where W&B has
+    an API key ($WANDB_API_KEY or `wandb login`), else offline under results/<study>/wandb/ (`wandb
+    sync` uploads it); $WANDB_MODE decides where set. A trial is marked logged once its run is
+    finished: W&B cannot be asked offline which runs it holds."""
+
+    def __init__(self, study, out: Path):
+        import wandb
+
+        self.wandb, self.out, self.name = wandb, out, study.name
+        self.project = os.environ.get("WANDB_PROJECT") or study.name
+        self.mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key() else "offline")
+        self.logged = out / WANDB_DIR / "farm-logged"  # <run id>: one empty file per finished trial run
+
+    def _run(self, run_id: str, name: str, job_type: str, config: dict):
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        settings = self.wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False)
+        return self.wandb.init(project=self.project, id=run_id, name=name, job_type=job_type, config=config, dir=str(out),
+                               mode=self.mode, resume="allow", reinit="create_new", settings=settings)
+
+    def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
+        import hashlib
+
+        run_id = hashlib.sha256(f"{self.name}/{trial.id}/{plan.eval_key}".encode()).hexdigest()[:16]
+        if (self.logged / run_id).exists():
+            return
+        config = {**trial.axes, "profile": trial.profile, "trial": trial.id, "eval_key": plan.eval_key, "stages": {}}
+        for s in plan.stages:
+            record = stages.get(s.name) or {}
+            config["stages"][s.name] = {"kind": s.kind, "key": s.key, "trial": record.get("trial"),
+                                        **{k: v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))}}
+        run = self._run(run_id, trial.id, "trial", config)
+        try:
+            for s in plan.stages:
+                record = stages.get(s.name) or {}
+                if not trained_here(trial.id, record):
+                    continue  # its curves are in the run of the trial that trained it (config.stages.<name>.trial)
+                run.define_metric(f"{s.name}/step")
+                run.define_metric(f"{s.name}/*", step_metric=f"{s.name}/step")
+                steps: dict[int, dict] = {}
+                for step, name, value in curves(record):
+                    steps.setdefault(step, {})[f"{s.name}/{name}"] = value
+                for step in sorted(steps):
+                    run.log({f"{s.name}/step": step, **steps[step]})
+            run.summary.update(numbers(metrics))
+        finally:
+            run.finish()
+        self.logged.mkdir(parents=True, exist_ok=True)
+        (self.logged / run_id).touch()
+
+    def study(self, files: list[Path]) -> None:
+        import hashlib
+
+        run = self._run(hashlib.sha256(f"{self.name}/study".encode()).hexdigest()[:16], "study", "study", {})
+        try:
+            artifact = self.wandb.Artifact(f"{self.name}-report", type="report")
+            for f in files:
+                artifact.add_file(str(f))
+            run.log_artifact(artifact)  # a new version of the artifact for each run of the study
+        finally:
+            run.finish()
+
+
+def _wandb_key() -> bool:
+    """Whether W&B has an API key here: $WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def open_trackers(names: list[str], study, out: Path) -> list:
@@ -139,7 +230,7 @@ def open_trackers(names: list[str], study, out: Path) -> list:
         if name not in TRACKERS:
             raise RuntimeError(f"tracking: unknown tracker {name!r}; one of {', '.join(TRACKERS)}")
         try:
-            made.append({"mlflow": MLflow, "tensorboard": TensorBoard}[name](study, out))
+            made.append({"mlflow": MLflow, "tensorboard": TensorBoard, "wandb": WandB}[name](study, out))
         except ImportError as e:
             raise RuntimeError(f"tracking: {name} needs the package {e.name!r}: pip install {name} "
                                f"(or leave {name} out of the study's `tracking` / farm run --track)") from None

@@ -8,7 +8,6 @@ import dataclasses
 import shutil
 import sys
 import threading
-import time
 
 import ray
 from ray import tune
@@ -194,37 +193,55 @@ INTERRUPTED = threading.Event()
 
 
 class Progress(tune.Callback):
-    """One line per training log, trial end and trial error, on the driver."""
+    """Tune's events to the grid's state and view (farm.progress), and to `farm run`'s handlers."""
 
-    def __init__(self, on_complete, on_error, out=sys.stdout):
-        self.on_complete, self.on_error, self.out = on_complete, on_error, out
-        self.start = time.time()
+    def __init__(self, grid, view, on_complete, on_error):
+        self.grid, self.view, self.on_complete, self.on_error = grid, view, on_complete, on_error
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl, for Tuner.restore (the farm resumes from its store
+        # instead); a terminal does not pickle ("Cannot pickle files that map to tty objects").
+        return {}
 
     def on_step_begin(self, iteration, trials, **info):
         if INTERRUPTED.is_set():
             raise KeyboardInterrupt
 
-    def _say(self, trial, text: str) -> None:
-        print(f"[{time.time() - self.start:6.0f}s] {trial.config['trial_id']}: {text}", file=self.out, flush=True)
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.grid.started(trial.config["trial_id"])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "stage" in result:  # a training loss, or a dev score of checkpoint selection (`select`)
+            tid = trial.config["trial_id"]
+            self.grid.step(tid, result["stage"], result["step"], result["max_steps"])
             values = " ".join(f"{k} {result[k]:.4g}" for k in result if k == "loss" or k.startswith("dev_"))
-            self._say(trial, f"{result['stage']} step {result['step']}/{result['max_steps']} {values}")
+            self.view.step(tid, f"{result['stage']} step {result['step']}/{result['max_steps']} {values}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        tid = trial.config["trial_id"]
         result = trial.last_result or {}
         shown = {k: v for k, v in result.items() if isinstance(v, float) and not k.startswith(("time", "eval_seconds", "gen_tokens_per_s"))}
-        self._say(trial, "done " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()) if k != "loss"))
-        self.on_complete(trial.config["trial_id"])
+        self.grid.ended(tid, ok=True)
+        self.view.ended(tid, "done " + " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items()) if k != "loss"))
+        self.on_complete(tid)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(trial, f"FAILED: {trial.error_file or 'see Ray logs'}")
-        self.on_error(trial.config["trial_id"], trial)
+        tid = trial.config["trial_id"]
+        self.grid.ended(tid, ok=False)
+        self.view.ended(tid, f"FAILED: {trial.error_file or 'see Ray logs'}")
+        self.on_error(tid, trial)
 
 
-def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error, concurrency: int | None = None):
+def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error, concurrency: int | None = None,
+             grid=None):
+    """Run the trials under Tune; `grid` (farm.progress.Grid) is what the view shows, by default
+    the trials' stages without estimates."""
     from ray.tune import FailureConfig, RunConfig
+
+    from farm.progress import Grid, view
+
+    grid = grid or Grid({t.id: [(s.name, s.key, None) for s in plans[t.id].stages] for t in trials})
+    shown = view(grid, sys.stdout)
 
     payloads = {
         t.id: {"trial_id": t.id, "study": t.study.model_dump(mode="json"), "plan": plan_to_json(plans[t.id]), "storage": storage}
@@ -242,8 +259,11 @@ def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: i
             name=experiment,
             storage_path=join(storage, "tune"),  # a local path or a URI (s3://...)
             failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=[Progress(on_complete, on_error)],
+            callbacks=[Progress(grid, shown, on_complete, on_error)],
             verbose=0,
         ),
     )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        shown.close()

@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # No tracker by default: MLflow's start costs ~8 s a run. The trackers are tested on their own
 # (test_track.py) and through `farm run --track` on the tiny study (tiny_run, e2e/test_run.py).
 os.environ.setdefault("FARM_TRACK", "none")
+os.environ.setdefault("WANDB_MODE", "offline")  # W&B's servers are not reached either
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -69,6 +70,29 @@ def farm(*args, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+def farm_in_terminal(*args) -> str:
+    """`farm run ...` with a pseudo-terminal for its output (as a researcher's shell gives it): what
+    it wrote, escape codes and all; fails as `farm` does on a non-zero exit."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    proc = subprocess.Popen([*FARM, *map(str, args)], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    try:
+        while chunk := os.read(master, 65536):
+            out += chunk
+    except OSError:  # EIO: every holder of the terminal's other end has closed it
+        pass
+    finally:
+        os.close(master)
+    text = out.decode(errors="replace")
+    if proc.wait(timeout=900) != 0:
+        raise AssertionError(f"farm {' '.join(map(str, args))} exited {proc.returncode}\n{text}")
+    return text
+
+
 def metrics_table(results: Path) -> pd.DataFrame:
     return pd.read_csv(results / "tiny" / "table.csv").drop(columns=["eval_seconds", "gen_tokens_per_s"], errors="ignore").set_index("trial").sort_index()
 
@@ -82,7 +106,7 @@ def artifacts(results: Path) -> dict[str, float]:
 def tiny_run(tmp_path_factory):
     """The tiny study run once on a local Ray: (results folder, the run's output)."""
     results = tmp_path_factory.mktemp("tiny-results")
-    proc = farm("run", TINY, "--results", results, "--track", "mlflow", "--track", "tensorboard")
+    proc = farm("run", TINY, "--results", results, "--track", "mlflow", "--track", "tensorboard", "--track", "wandb")
     return results, proc.stdout + proc.stderr
 
 

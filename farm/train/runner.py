@@ -202,8 +202,15 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
 def quiet() -> None:
     """Keep worker output to the farm's own progress lines (on a cluster the driver's
     environment does not reach the workers, so this is set in each worker)."""
+    import sys
+
     import datasets
     import transformers
 
+    # TRL imports wandb at import wherever it is installed (~1 s a process on 2 cores) and no setting
+    # stops it. A worker never logs to a tracker (the driver does: farm/track.py), so to a Ray worker
+    # wandb is not there (import machinery reads a None in sys.modules as "no such module").
+    if ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        sys.modules.setdefault("wandb", None)
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import artifacts, farm, metrics_table, read_json
+from conftest import artifacts, farm, farm_in_terminal, metrics_table, read_json
 from conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -58,13 +58,13 @@ def tracked(results):
             for t, r in trials.items()}, runs
 
 
-def test_run_logs_trials_and_stages_to_mlflow_and_tensorboard(tiny_run):
+def test_run_logs_trials_and_stages_to_mlflow_tensorboard_and_wandb(tiny_run):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     results, out = tiny_run
     runs, every = tracked(results)
-    assert set(runs) == {"rate=0.0", "rate=1.0"} and "tracking: mlflow, tensorboard" in out
+    assert set(runs) == {"rate=0.0", "rate=1.0"} and "tracking: mlflow, tensorboard, wandb" in out
     table = metrics_table(results)
     for trial, (run, stages) in runs.items():
         assert run.data.metrics["reward_accuracy"] == pytest.approx(table.loc[trial, "reward_accuracy"])
@@ -79,6 +79,9 @@ def test_run_logs_trials_and_stages_to_mlflow_and_tensorboard(tiny_run):
     acc = EventAccumulator(str(results / "tiny" / "tensorboard" / "rate=1.0"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("dpo/loss")] == [1, 2, 3]
+    # W&B offline (no API key here): a run per trial and one for the study's files, each finished
+    assert len(list((results / "tiny" / "wandb").glob("offline-run-*/run-*.wandb"))) == 3
+    assert len(list((results / "tiny" / "wandb" / "farm-logged").iterdir())) == 2
 
 
 def test_shared_pretrain_stage_ran_once(tiny_run):
@@ -102,8 +105,9 @@ def test_rerun_trains_nothing(tiny_run, tmp_path):
     copy = tmp_path / "results"
     shutil.copytree(results, copy)
     shutil.rmtree(copy / "tiny")
-    out = farm("run", TINY, "--results", copy).stdout
+    out = farm_in_terminal("run", TINY, "--results", copy)  # on a terminal: the live view
     assert "0 already finished" in out and " step " not in out
+    assert "\x1b[" in out and "grid 2 done, 0 running, 0 pending, 0 failed" in out  # redrawn in place, to its last state
     assert artifacts(copy).keys() == before.keys()
     assert metrics_table(copy).equals(table)
 
