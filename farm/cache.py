@@ -503,6 +503,10 @@ class Store:
         """Evict from this node's cache until `size` more bytes fit under its limit."""
         evict(self.cache.parent, cache_limit(self.cache.parent) - size)
 
+    def location(self, kind: str, key: str) -> str:
+        """Where the artifact lives: its URI under a URI root, else its folder; nothing is fetched."""
+        return f"{self.uri}/artifacts/{kind}-{key}" if self.uri else str(self.root / "artifacts" / f"{kind}-{key}")
+
     def _remote(self, kind: str, key: str) -> str:
         return f"{self.base}/artifacts/{kind}-{key}"
 

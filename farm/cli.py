@@ -435,7 +435,7 @@ def cmd_run(args) -> int:
 
     for t in trials:  # finished before: a tracker that has them already skips them
         if saved[t.id] and trackers:
-            log_trial(trackers, t, plans[t.id], saved[t.id]["metrics"], saved[t.id]["stages"])
+            log_trial(trackers, t, plans[t.id], saved[t.id]["metrics"], saved[t.id]["stages"], store.location)
 
     def on_complete(trial_id: str) -> None:
         plan = plans[trial_id]
@@ -443,7 +443,7 @@ def cmd_run(args) -> int:
         items = json.loads((store.path("eval", plan.eval_key) / ITEMS_FILE).read_text(encoding="utf-8"))
         stages = stage_records(plan)
         write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stages, eval_versions=marker.get("versions"), items=items)
-        log_trial(trackers, by_id[trial_id], plan, marker["metrics"], stages)
+        log_trial(trackers, by_id[trial_id], plan, marker["metrics"], stages, store.location)
 
     def on_error(trial_id: str, trial) -> None:
         t = by_id[trial_id]

@@ -74,16 +74,20 @@ class MLflow:
         for i in range(0, max(len(batch), 1), 1000):  # MLflow takes at most 1000 metrics a batch
             self.client.log_batch(run_id, metrics=batch[i:i + 1000], params=params if i == 0 else [])
 
-    def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
+    def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
         if self._find(**{"farm.kind": "trial", "farm.trial": trial.id, "farm.eval_key": plan.eval_key}):
             return  # logged by an earlier run of the study
-        run = self.client.create_run(self.experiment, run_name=trial.id, tags={
-            "farm.kind": "trial", "farm.trial": trial.id, "farm.profile": trial.profile, "farm.eval_key": plan.eval_key})
+        tags = {"farm.kind": "trial", "farm.trial": trial.id, "farm.profile": trial.profile, "farm.eval_key": plan.eval_key}
+        if locate:
+            tags["farm.eval_artifact"] = locate("eval", plan.eval_key)
+        run = self.client.create_run(self.experiment, run_name=trial.id, tags=tags)
         parent = run.info.run_id
         for s in plan.stages:
             record = stages.get(s.name) or {}
             tags = {"mlflow.parentRunId": parent, "farm.kind": "stage", "farm.trial": trial.id, "farm.stage": s.name,
                     "farm.stage_kind": s.kind, "farm.stage_key": s.key}
+            if locate:
+                tags["farm.artifact"] = locate(s.kind, s.key)
             here = trained_here(trial.id, record)
             if not here:
                 tags["farm.reused_from_trial"] = str(record.get("trial"))
@@ -114,7 +118,7 @@ class TensorBoard:
 
         self.root, self.writer = out / TENSORBOARD_DIR, SummaryWriter
 
-    def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
+    def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
         import shutil
 
         folder = self.root / trial.id
@@ -165,16 +169,19 @@ class WandB:
         return self.wandb.init(project=self.project, id=run_id, name=name, job_type=job_type, config=config, dir=str(out),
                                mode=self.mode, resume="allow", reinit="create_new", settings=settings)
 
-    def trial(self, trial, plan, metrics: dict, stages: dict) -> None:
+    def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
         import hashlib
 
         run_id = hashlib.sha256(f"{self.name}/{trial.id}/{plan.eval_key}".encode()).hexdigest()[:16]
         if (self.logged / run_id).exists():
             return
         config = {**trial.axes, "profile": trial.profile, "trial": trial.id, "eval_key": plan.eval_key, "stages": {}}
+        if locate:
+            config["eval_artifact"] = locate("eval", plan.eval_key)
         for s in plan.stages:
             record = stages.get(s.name) or {}
             config["stages"][s.name] = {"kind": s.kind, "key": s.key, "trial": record.get("trial"),
+                                        **({"artifact": locate(s.kind, s.key)} if locate else {}),
                                         **{k: v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))}}
         run = self._run(run_id, trial.id, "trial", config)
         try:
@@ -237,12 +244,13 @@ def open_trackers(names: list[str], study, out: Path) -> list:
     return made
 
 
-def log_trial(trackers: list, trial, plan, metrics: dict, stages: dict) -> None:
-    """Log a finished trial to every tracker; a tracker that fails warns and the study goes on."""
+def log_trial(trackers: list, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
+    """Log a finished trial to every tracker; a tracker that fails warns and the study goes on.
+    `locate(kind, key)`: where an artifact lives in the store (`Store.location`), for the links."""
     import sys
 
     for t in trackers:
         try:
-            t.trial(trial, plan, metrics, stages)
+            t.trial(trial, plan, metrics, stages, locate)
         except Exception as e:  # a tracker is a view of the results, never a reason to lose them
             print(f"farm: warning: {type(t).__name__} did not log trial {trial.id}: {type(e).__name__}: {e}", file=sys.stderr)

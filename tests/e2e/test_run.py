@@ -1,6 +1,7 @@
 """The tiny study end to end on a local Ray: two trials through pretrain -> SFT -> DPO -> eval."""
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -70,6 +71,10 @@ def test_run_logs_trials_and_stages_to_mlflow_tensorboard_and_wandb(tiny_run):
         assert run.data.metrics["reward_accuracy"] == pytest.approx(table.loc[trial, "reward_accuracy"])
         assert run.data.params["data.transforms.0.rate"] == trial.split("=")[1]
         assert set(stages) == {"pretrain", "sft", "dpo"} and "loss" in stages["dpo"].data.metrics
+        # links to the artifacts in the store
+        assert (results / ".store" / "artifacts" / f"eval-{run.data.tags['farm.eval_key']}").samefile(run.data.tags["farm.eval_artifact"])
+        assert all(Path(s.data.tags["farm.artifact"]).name == f"{s.data.tags['farm.stage_kind']}-{s.data.tags['farm.stage_key']}"
+                   and Path(s.data.tags["farm.artifact"]).is_dir() for s in stages.values())
     # one pretrain, trained by one trial: the other's is logged as reused from it, without curves
     pretrains = [stages["pretrain"] for _, stages in runs.values()]
     assert sorted("farm.reused_from_trial" in p.data.tags for p in pretrains) == [False, True]
