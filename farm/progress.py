@@ -133,7 +133,7 @@ class Live:
         for trial, (stage, step, total) in sorted(self.grid.where.items()):
             running.add_row(Text(trial), Text(stage), ProgressBar(total=max(total, 1), completed=step, width=24), Text(f"{step}/{total}"))
         for trial in sorted(t for t, s in self.grid.state.items() if s == "running" and t not in self.grid.where):
-            running.add_row(Text(trial), Text("(no training step yet)"), Text(""), Text(""))
+            running.add_row(Text(trial), Text("(not training)"), Text(""), Text(""))
         table.add_row(running)
         return table
 

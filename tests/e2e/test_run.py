@@ -112,7 +112,7 @@ def test_rerun_trains_nothing(tiny_run, tmp_path):
     shutil.rmtree(copy / "tiny")
     out = farm_in_terminal("run", TINY, "--results", copy)  # on a terminal: the live view
     assert "0 already finished" in out and " step " not in out
-    assert "\x1b[" in out and "grid 2 done, 0 running, 0 pending, 0 failed" in out  # redrawn in place, to its last state
+    assert "\x1b[" in out and "2 done, 0 running, 0 pending, 0 failed" in out  # redrawn in place, to its last state
     assert artifacts(copy).keys() == before.keys()
     assert metrics_table(copy).equals(table)
 
