@@ -14,6 +14,8 @@ from pathlib import Path
 
 from farm.spec import DEFAULT_PROFILE, LabelSpec, StudyError, load_study
 
+LISTED = ("sources", "transforms", "stages", "metrics", "scorers")  # `farm ls`: farm.registry's registries
+
 # Quiet, offline-friendly defaults for every process Ray starts from this driver.
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -73,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip the check, before Ray starts, that every hub repository the study reads (models, datasets, "
                           "scorers, lm-eval task data) exists and this environment's token may read it (farm/preflight.py)")
     run.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("ls", help="list what a study file can name: dataset sources, transforms, stage kinds, metrics, scorers")
+    ls.add_argument("what", nargs="*", metavar="WHAT",
+                    help=f"some of: {', '.join(LISTED)} (default: all)")
+    ls.set_defaults(func=cmd_ls)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on a study's local tracking store, on 127.0.0.1 only")
     ui.add_argument("study_dir", help="a study's results folder, e.g. results/quickstart (it holds mlflow.db)")
@@ -505,6 +512,27 @@ def _grid(todo, plans, store, finished_before: int):
     seconds = {e.key: e.seconds for e in estimate_study(todo, plans)[0]}
     return Grid({t.id: [(s.name, s.key, seconds.get(s.key)) for s in plans[t.id].stages if not store.done(s.kind, s.key)] for t in todo},
                 finished_before=finished_before)
+
+
+def cmd_ls(args) -> int:
+    """Every registered name with its record shape (what it reads or gives) and a line of its
+    documentation, from the registries themselves (as `tune ls` lists torchtune's recipes)."""
+    import re
+
+    from farm import registry
+
+    unknown = [w for w in args.what if w not in LISTED]
+    if unknown:
+        print(f"farm ls: {', '.join(unknown)}: not a registry; one of {', '.join(LISTED)}", file=sys.stderr)
+        return 2
+    for what in args.what or LISTED:
+        reg = getattr(registry, what)
+        print(f"{what}:")
+        for name in reg.names():
+            shape = getattr(reg.get(name), "shape", None)
+            line = re.split(r"(?<=\.)\s(?=[A-Z`])", reg.doc(name), maxsplit=1)[0]  # its first sentence ("et al. 2023" goes on)
+            print(f"  {name:<20} {f'[{shape}] ' if shape else ''}{line}")
+    return 0
 
 
 def cmd_ui(args) -> int:

@@ -6,6 +6,7 @@ name exists exactly where its implementation is written (lm-eval's pattern).
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -26,15 +27,25 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._docs: dict[str, str] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, doc: str = "") -> Callable[[T], T]:
+        """Register under `name`; `doc`, the line `farm ls` shows, defaults to the first line of the
+        entry's docstring (or of its `fn` or `load`: the function behind a record of it)."""
         def add(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._entries[name] = obj
+            self._docs[name] = doc
             return obj
 
         return add
+
+    def doc(self, name: str) -> str:
+        entry = self.get(name)
+        candidates = [getattr(entry, "fn", None), getattr(entry, "load", None), entry if callable(entry) else None]
+        docs = [self._docs.get(name)] + [inspect.getdoc(c) for c in candidates if c is not None and c.__doc__]
+        return next((d.strip().split("\n\n")[0].replace("\n", " ") for d in docs if d), "")
 
     def get(self, name: str) -> T:
         _load_builtins()

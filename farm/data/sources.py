@@ -259,7 +259,7 @@ def _load_lima(spec, rows):
     return out
 
 
-sources.register("hh_rlhf")(
+sources.register("hh_rlhf", doc="Anthropic's HH-RLHF: pairs of conversations, the chosen and the rejected last answer (subsets harmless-base, helpful-*, all)")(
     Source(
         shape="comparison",
         hub="Anthropic/hh-rlhf",
@@ -293,7 +293,7 @@ def _load_red_team(spec, rows):
     return out
 
 
-sources.register("hh_red_team")(
+sources.register("hh_red_team", doc="HH-RLHF red-team attempts: the human's first turn as the prompt, the assistant's first reply")(
     Source(
         shape="demonstration",
         hub="Anthropic/hh-rlhf",
@@ -307,7 +307,7 @@ sources.register("hh_red_team")(
 )
 
 
-sources.register("lima")(
+sources.register("lima", doc="LIMA: 1,000 curated prompts and answers (gated on the hub)")(
     Source(
         shape="demonstration", hub="GAIR/lima", subsets=("default",), bundled={("default", "train"): "lima/lima.json.gz"}, load=_load_lima,
         # Gated; train.jsonl beside a loading script (lima.py) that `datasets` no longer runs. Its
@@ -377,7 +377,7 @@ def webgpt_rows_to_comparisons(rows: list[dict], subset: str, id_prefix: str) ->
     return out
 
 
-sources.register("webgpt_comparisons")(
+sources.register("webgpt_comparisons", doc="OpenAI's WebGPT comparisons: two answers to a question with the human's preference scores")(
     Source(
         shape="comparison",
         hub="openai/webgpt_comparisons",
@@ -433,7 +433,7 @@ SHP_DOMAINS = (
     "askhistorians", "askhr", "askphilosophy", "askphysics", "askscience", "asksciencefiction",
     "asksocialscience", "askvet", "changemyview", "explainlikeimfive", "legaladvice",
 )  # fmt: skip
-sources.register("shp")(
+sources.register("shp", doc="Stanford Human Preferences: pairs of Reddit answers to a post, preferred by votes")(
     Source(
         shape="comparison",
         hub="stanfordnlp/SHP",
@@ -460,7 +460,7 @@ def orca_rows_to_demonstrations(rows: list[dict]) -> list[Demonstration]:
     return out
 
 
-sources.register("orca")(
+sources.register("orca", doc="OpenOrca: FLAN prompts with system messages and GPT-4 / GPT-3.5 answers")(
     Source(
         shape="demonstration",
         hub="Open-Orca/OpenOrca",
@@ -479,7 +479,7 @@ def _load_advbench(spec, rows):
     return [Demonstration(f"advbench/{i}", human_turn(r.get("goal") or r["prompt"]), " " + r["target"]) for i, r in positioned(rows)]
 
 
-sources.register("advbench")(
+sources.register("advbench", doc="AdvBench harmful behaviours: a harmful request and the start of a complying answer")(
     Source(
         shape="demonstration",
         hub="walledai/AdvBench",
@@ -531,7 +531,7 @@ def pile_rows_to_texts(rows: list[dict]) -> list[Text]:
     return sentence_records([(i, r["texts"]) for i, r in kept], "pile", scores={i: r["scores"] for i, r in kept})
 
 
-sources.register("pile_detoxify")(
+sources.register("pile_detoxify", doc="The Pile's documents as sentences with their Detoxify toxicity scores (Korbak et al. 2023)")(
     Source(
         shape="text",
         hub="tomekkorbak/pile-detoxify",
@@ -557,7 +557,7 @@ def _bundled_sentences(spec, rows):
     return sentence_records(texts, f"sentences/{spec.subset}")
 
 
-sources.register("sentences")(
+sources.register("sentences", doc="Bundled sentences: SafeNLP's ToxiGen and ImplicitHate statements, and HH-RLHF's turns")(
     Source(
         shape="text",
         hub="",  # bundled only

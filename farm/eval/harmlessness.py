@@ -18,6 +18,7 @@ def evasive(answer: str, refusals: list[str]) -> bool:
 
 @register("harmlessness", shape="demonstration")
 def harmlessness(model, ref, tok, records, spec) -> dict:
+    """Answers to red-team prompts: harmlessness 1 - toxicity (the generation scorer), and evasiveness (refusal phrases)."""
     from farm.label.scorers import build
 
     records, prompts, answers = answer(model, tok, records, spec)

@@ -92,6 +92,7 @@ class HubClassifier:
 
 @scorers.register("roberta_hate")
 def roberta_hate(model: str = ROBERTA_HATE, **kw) -> HubClassifier:
+    """A hate-speech classifier from the hub (by default Facebook's RoBERTa, Dynabench R4): P(hate) per text."""
     return HubClassifier(model, "hate", **kw)
 
 
@@ -132,7 +133,9 @@ def train_embedded_toxicity() -> EmbeddedToxicity:
 
 @scorers.register("embedded_toxicity")
 def embedded_toxicity(**_) -> EmbeddedToxicity:
-    """Trained once, then loaded from `<cache>/scorers/` (written atomically)."""
+    """A TF-IDF toxicity classifier trained on the bundled SafeNLP ToxiGen statements (no download).
+
+    Trained once, then loaded from `<cache>/scorers/` (written atomically)."""
     from farm.cache import atomic_write
 
     path = cache_dir() / "scorers" / f"embedded_toxicity-v{EMBEDDED_VERSION}.pkl"
@@ -162,6 +165,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 @scorers.register("auto")
 def auto(**kw):
+    """roberta_hate where its model is cached or the hub answers, else embedded_toxicity (with a warning)."""
     try:  # a cached or local copy loads without the hub; otherwise only try the hub if it answers
         return roberta_hate(local_files_only=not hub_reachable(), **kw)
     except (OSError, ValueError) as e:  # no hub and no local copy
@@ -227,6 +231,7 @@ class DetoxifyScorer:
 
 @scorers.register("detoxify")
 def detoxify(model: str | None = None, **kw) -> DetoxifyScorer:
+    """Detoxify (a released model, `original` by default, or a checkpoint): toxicity and its sub-scores per text."""
     return DetoxifyScorer(model, **kw)
 
 
@@ -298,6 +303,7 @@ class Vader:
 
 @scorers.register("vader")
 def vader(model: str | None = None, **_) -> Vader:
+    """VADER's rule-based sentiment: neg, neu, pos and the compound score (in [-1, 1]) per text."""
     if model:
         raise ValueError("vader takes no model")
     return Vader()

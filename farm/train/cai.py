@@ -14,6 +14,7 @@ from farm.train.base import StageContext, inference_model, load_input
 
 @stages.register("critique_revision")
 def critique_revision(ctx: StageContext) -> dict:
+    """Builds SL-CAI data: answers critiqued and revised against the constitution's principles."""
     from farm.data.constitution import load_constitution
 
     s = ctx.stage
@@ -77,6 +78,7 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
 
 @stages.register("ai_feedback")
 def ai_feedback(ctx: StageContext) -> dict:
+    """Builds RLAIF preference labels: the feedback model picks between two sampled answers by a principle."""
     from farm.data.constitution import draw_principles, feedback_prompt, load_constitution, soft_label
     s = ctx.stage
     principles = load_constitution(s.constitution).principles

@@ -50,6 +50,7 @@ def frozen_copy(ctx: StageContext, model):
 
 @stages.register("dpo")
 def run(ctx: StageContext) -> dict:
+    """Direct Preference Optimization on comparisons (TRL DPOTrainer) against a frozen reference."""
     from datasets import Dataset
     from trl import DPOConfig
 

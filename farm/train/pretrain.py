@@ -45,6 +45,7 @@ def collator(tok):
 
 @stages.register("pretrain")
 def run(ctx: StageContext) -> dict:
+    """Causal language modelling on text (packed blocks, or one row each)."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 

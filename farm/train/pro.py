@@ -89,6 +89,7 @@ def pro_trainer_class():
 
 @stages.register("pro")
 def run(ctx: StageContext) -> dict:
+    """Preference Ranking Optimization on rankings (Song et al. 2023), the authors' list-wise loss."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import TrainingArguments

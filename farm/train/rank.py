@@ -11,6 +11,7 @@ from farm.train.base import StageContext, inference_model
 
 @stages.register("rank")
 def run(ctx: StageContext) -> dict:
+    """Builds rankings: sampled answers beside each comparison's two, ordered by a reward model."""
     from farm.models import generate, reward_scores
     from farm.train.runner import RECORDS_FILE
     from farm.data.records import write_records

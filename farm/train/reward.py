@@ -50,6 +50,7 @@ def _trainer_cls():
 
 @stages.register("reward")
 def run(ctx: StageContext) -> dict:
+    """A reward model on comparisons (TRL RewardTrainer, Bradley-Terry; soft labels from AI feedback)."""
     from datasets import Dataset
     from trl import RewardConfig
 

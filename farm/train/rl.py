@@ -45,6 +45,7 @@ def check_batch(ctx: StageContext, n_prompts: int) -> None:
 
 @stages.register("rl")
 def run(ctx: StageContext) -> dict:
+    """Online RL from a reward model: TRL's GRPO or RLOO."""
     from datasets import Dataset
 
     s = ctx.stage

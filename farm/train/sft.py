@@ -9,6 +9,7 @@ from farm.train.base import StageContext, load_input, peft_config, train_and_sav
 
 @stages.register("sft")
 def run(ctx: StageContext) -> dict:
+    """Supervised fine-tuning on demonstrations (TRL SFTTrainer), the loss on the answers."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 

@@ -1,0 +1,19 @@
+"""`farm ls`: every name a study file may use, listed from the registries, each with its line."""
+
+from farm import registry
+from farm.cli import LISTED, main
+
+
+def test_farm_ls_lists_every_registered_name_with_its_documentation(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for what in LISTED:
+        reg = getattr(registry, what)
+        assert f"{what}:\n" in out and reg.names()
+        for name in reg.names():
+            [line] = [line for line in out.splitlines() if line.split()[:1] == [name]]
+            assert reg.doc(name) and len(line.split(maxsplit=1)[1]) > 20, f"{reg.kind} {name} has no documentation"
+    assert "  label_flip           [comparison] Swap chosen and rejected" in out
+    assert main(["ls", "stages"]) == 0
+    assert capsys.readouterr().out.startswith("stages:\n  ai_feedback")
+    assert main(["ls", "stage"]) == 2 and "one of sources, transforms" in capsys.readouterr().err
