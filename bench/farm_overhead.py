@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 
+from farm.spec import read_study
+
 from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +50,10 @@ TARGET = 1.25
 
 
 def study_doc(pretrain: int, sft: int, dpo: int) -> dict:
-    doc = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    doc = read_study(ROOT / "jobs" / "quickstart.yaml")  # with what it includes
     doc.update(name="farm-overhead", grid={"seed": [42, 43, 44, 45]})
     doc.pop("profiles"), doc.pop("reference")
+    doc["report"].pop("labels")  # it names the rate axis, which this grid replaces
     doc["data"]["transforms"][0]["rate"] = 0.5
     st = doc["stages"]
     st["pretrain"].pop("seed")  # the trial seed: one pretrain per trial

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from farm.spec import read_study
+
 from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +57,11 @@ def write_data(path: Path, gb: float) -> int:
 
 
 def study_doc(data: Path | None) -> dict:
-    doc = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    doc = read_study(ROOT / "jobs" / "quickstart.yaml")  # with what it includes
     for key in ("profiles", "reference", "grid"):
         doc.pop(key, None)
     doc["name"] = "plan-hash"
+    doc["report"].pop("labels")  # it names the rate axis, which this study drops
     if data:
         doc["stages"]["sft"]["data"] = {"sources": [{"name": "file", "path": str(data), "records": "comparison"}]}
     return doc

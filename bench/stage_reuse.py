@@ -38,6 +38,8 @@ from pathlib import Path
 
 import yaml
 
+from farm.spec import read_study
+
 from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ BETAS = [0.05, 0.1, 0.2]
 
 
 def study_doc(sft_steps: int, dpo_steps: int, shared: bool) -> dict:
-    doc = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    doc = read_study(ROOT / "jobs" / "quickstart.yaml")  # with what it includes
     doc.pop("profiles"), doc.pop("reference")
     doc["name"] = "stage-reuse"
     stages = doc.pop("stages")

@@ -31,6 +31,8 @@ from unittest import mock
 
 import yaml
 
+from farm.spec import read_study
+
 from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def quickstart(steps: int | None = None) -> dict:
     """One trial of the quickstart (rate 0.5, seed 42); SFT and DPO cut to `steps` if given."""
-    doc = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    doc = read_study(ROOT / "jobs" / "quickstart.yaml")  # with what it includes
     doc.pop("profiles"), doc.pop("reference")
+    doc["report"].pop("labels")  # it names the rate axis, which this grid replaces
     doc.update(name="step-efficiency", grid={"seed": [42]})
     doc["data"]["transforms"][0]["rate"] = 0.5
     for name in ("sft", "dpo"):

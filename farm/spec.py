@@ -1341,8 +1341,15 @@ class Trial(BaseModel):
 
 
 def load_study(path: str | os.PathLike, profile: str = DEFAULT_PROFILE, max_trials: int = 1000) -> list[Trial]:
-    """Read, merge the profile, expand the grid and validate every trial of a study file."""
-    path = Path(path)
+    """Read (with what it includes), merge the profile, expand the grid and validate every trial of a study file."""
+    return expand(read_study(Path(path)), str(path), profile, max_trials)
+
+
+def read_study(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A study file's document, with the files it names under `include:` (a path or a list of them,
+    relative to the file, as lm-eval's task YAMLs include a template) merged beneath it: its own
+    keys override theirs mapping by mapping, and `key: null` removes one of theirs; later includes
+    override earlier ones."""
     try:
         if path.stat().st_size > MAX_STUDY_BYTES:
             raise StudyError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is not a study file (a study file is YAML of a few KB; "
@@ -1360,7 +1367,21 @@ def load_study(path: str | os.PathLike, profile: str = DEFAULT_PROFILE, max_tria
         raise StudyError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise StudyError(f"{path}: a study file is a mapping of keys (name, model, data, stages, eval, grid, ...)")
-    return expand(doc, str(path), profile, max_trials)
+    includes = doc.pop("include", None)
+    if includes is None:
+        return doc
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not includes or not all(isinstance(i, str) and i for i in includes):
+        raise StudyError(f"{path}: include: a file name, or a list of them, relative to {path.parent}/")
+    base: dict = {}
+    for name in includes:
+        included = (path.parent / name).resolve()
+        if included == path.resolve() or included in seen:
+            raise StudyError(f"{path}: include: {name} includes itself, through {' -> '.join(p.name for p in (*seen, path.resolve(), included))}")
+        if not included.is_file():
+            raise StudyError(f"{path}: include: {name}: no such file ({included})")
+        base = deep_merge(base, read_study(included, (*seen, path.resolve())))
+    return deep_merge(base, doc)
 
 
 def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: int = 1000) -> list[Trial]:

@@ -3,7 +3,7 @@ import copy
 import pytest
 
 from farm.cli import main
-from farm.spec import DPO, StudyError, expand, load_study
+from farm.spec import DPO, StudyError, expand, load_study, read_study
 
 from conftest import QUICKSTART, ROOT, TINY
 
@@ -121,7 +121,7 @@ def test_a_sorted_keys_dump_is_refused_with_the_fix(tmp_path, capsys):
     import yaml
 
     path = tmp_path / "sorted.yaml"
-    path.write_text(yaml.safe_dump(yaml.safe_load(QUICKSTART.read_text())))
+    path.write_text(yaml.safe_dump(read_study(QUICKSTART)))  # the quickstart with what it includes
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err
     assert "stages.dpo: the order of stages: is the chain" in err and "set stages.dpo.input: base" in err
@@ -203,3 +203,64 @@ def test_every_trial_of_every_job_validates_again_from_its_dump(profile):
     for job in sorted((ROOT / "jobs").glob("*.yaml")):
         for t in load_study(job, profile):
             assert Study.model_validate(t.study.model_dump(mode="json")) == t.study, (job.name, t.id)
+
+
+def test_include_merges_a_shared_file_beneath_the_study(tmp_path, tiny_doc):
+    """`include:` (a path relative to the file, or a list): the study's own keys override the
+    included ones mapping by mapping, `null` removes one, later includes override earlier ones;
+    the result is the study written out whole."""
+    import yaml
+
+    from farm.cache import plan_study
+
+    (tmp_path / "shared").mkdir()
+    pretrain = tiny_doc["stages"]["pretrain"]
+    (tmp_path / "shared" / "pretrain.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": {**pretrain, "lr": 0.5}}}))
+    (tmp_path / "shared" / "lr.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": {"lr": pretrain.get("lr", 1e-3)}}, "description": "x"}))
+    own = copy.deepcopy(tiny_doc)
+    del own["stages"]["pretrain"]
+    own["include"] = ["shared/pretrain.yaml", "shared/lr.yaml"]
+    own["description"] = None  # removes the included one
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(own, sort_keys=False))
+    whole = copy.deepcopy(tiny_doc)
+    whole["stages"] = {"pretrain": {**pretrain, "lr": pretrain.get("lr", 1e-3)}, **{k: v for k, v in tiny_doc["stages"].items() if k != "pretrain"}}
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(whole, sort_keys=False))
+    got, want = load_study(tmp_path / "s.yaml"), load_study(tmp_path / "whole.yaml")
+    assert [t.study for t in got] == [t.study for t in want] and list(got[0].study.stages) == list(tiny_doc["stages"])
+    assert [p.stages for p in plan_study(got).values()] == [p.stages for p in plan_study(want).values()]  # the same keys
+
+
+@pytest.mark.parametrize("include, message", [
+    ("missing.yaml", r"include: missing.yaml: no such file"),
+    ("s.yaml", r"include: s.yaml includes itself"),
+    ("loop.yaml", r"include: s.yaml includes itself, through s.yaml -> loop.yaml -> s.yaml"),
+    (7, r"include: a file name, or a list of them, relative to"),
+])
+def test_a_bad_include_names_the_field(tmp_path, tiny_doc, include, message):
+    import yaml
+
+    (tmp_path / "loop.yaml").write_text("include: s.yaml\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**tiny_doc, "include": include}))
+    with pytest.raises(StudyError, match=message):
+        load_study(tmp_path / "s.yaml")
+
+
+def test_three_studies_share_one_pretrain_through_their_include():
+    from farm.cache import plan_study
+
+    keys = {job: {s.key for p in plan_study(load_study(ROOT / "jobs" / f"{job}.yaml")).values() for s in p.stages if s.name == "pretrain"}
+            for job in ("quickstart", "malign_labels", "data_impact")}
+    assert all(len(k) == 1 for k in keys.values()) and len(set.union(*keys.values())) == 1
+
+
+def test_the_benchmarks_build_valid_studies_from_the_job_files(monkeypatch):
+    """bench/ (not run by `make test`) edits the quickstart into its own studies: they stay valid
+    as the job files and the schema change."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import farm_overhead
+    import plan_hash
+    import stage_reuse
+    import step_efficiency
+
+    for doc in (farm_overhead.study_doc(1, 1, 1), step_efficiency.quickstart(2), plan_hash.study_doc(None), stage_reuse.study_doc(1, 1, True)):
+        assert expand(doc, "bench")

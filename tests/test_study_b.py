@@ -5,14 +5,13 @@ import copy
 
 import pandas as pd
 import pytest
-import yaml
 from conftest import ROOT, farm
 
 from farm.cache import plan_study
 from farm.data.prepare import load_split, mix_counts
 from farm.data.records import Demonstration
 from farm.data.sources import load_source
-from farm.spec import DataSpec, SourceSpec, StudyError, expand
+from farm.spec import DataSpec, SourceSpec, StudyError, expand, read_study
 
 # Rows in the hub schemas (stanfordnlp/SHP, Open-Orca/OpenOrca); the texts are made up.
 
@@ -112,7 +111,7 @@ def test_a_chain_axis_with_a_base_row_and_a_profile_that_drops_axes():
 def test_data_impact_runs_its_chains_and_reports_benchmarks_and_safety(tmp_path, write_study):
     """jobs/data_impact.yaml, shrunk (tiny model, a few steps, a few documents): every chain
     runs, the report has the benchmark table beside the published one and the heatmap."""
-    doc = yaml.safe_load((ROOT / "jobs" / "data_impact.yaml").read_text())
+    doc = read_study(ROOT / "jobs" / "data_impact.yaml")  # with what it includes
     tiny = {"max_steps": 2, "batch_size": 4, "max_length": 32, "max_prompt_length": 16}
     doc["model"]["config"] = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}
     doc["stages"]["pretrain"].update(max_steps=2, batch_size=4, max_length=32)
