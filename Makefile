@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.farm-installed
 
-.PHONY: demo test rehearse bench clean
+.PHONY: demo test lint rehearse bench clean
 
 $(STAMP): pyproject.toml Makefile  # (the Makefile: what the install step installs)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml Makefile  # (the Makefile: what the install step instal
 
 demo: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/farm run jobs/quickstart.yaml
+
+# ruff (pinned in the test extra; pyproject.toml's [tool.ruff]): `ruff format farm tests bench` fixes what the second check finds.
+lint: $(STAMP)
+	$(BIN)/ruff check farm tests bench
+	$(BIN)/ruff format --check farm tests bench
 
 # DeepSpeed compiles its CPU ops with g++ and ninja on first use (deepspeed_shm_comm: ~150 CPU-seconds,
 # about a minute on 2 cores): the builds are kept in the user's cache, outside the venv, so that a clean clone (CI) reuses

@@ -27,12 +27,11 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+from _results import write_result
 
 from farm.data.sources import load_source  # noqa: E402
 from farm.label.scorers import build, write_tiny_detoxify  # noqa: E402
 from farm.spec import SourceSpec  # noqa: E402
-
-from _results import write_result
 
 MODEL_SHAPE = dict(hidden=256, layers=3, heads=4)
 
@@ -64,10 +63,16 @@ def main() -> int:
 
     sentences = [r.text for sub in ("toxigen", "hh_rlhf") for r in load_source(SourceSpec(name="sentences", subset=sub))]
     texts = (sentences * (args.rows // len(sentences) + 1))[: args.rows]
-    result = {"rows": len(texts), "words_per_text": round(float(np.mean([len(t.split()) for t in texts])), 1), "torch_threads": torch.get_num_threads()}
+    result = {
+        "rows": len(texts),
+        "words_per_text": round(float(np.mean([len(t.split()) for t in texts])), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     result["load_average_start"] = round(os.getloadavg()[0], 2)
-    print(f"batched scoring: {len(texts)} texts ({result['words_per_text']} words avg), {result['torch_threads']} torch threads, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {result['load_average_start']}")
+    print(
+        f"batched scoring: {len(texts)} texts ({result['words_per_text']} words avg), {result['torch_threads']} torch threads, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {result['load_average_start']}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         scorers = {
             f"detoxify-format BERT {MODEL_SHAPE}": build("detoxify", model=str(write_tiny_detoxify(tmp, **MODEL_SHAPE)), device="cpu"),

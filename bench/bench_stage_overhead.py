@@ -23,12 +23,11 @@ from pathlib import Path
 import ray
 import ray.train.torch  # noqa: F401  (the driver's import of Ray Train, outside the timings)
 import yaml
+from _results import write_result
 
 from farm.cache import Store, plan_trial
 from farm.spec import expand
 from farm.train import runner
-
-from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -64,8 +63,17 @@ def main() -> int:
         ray.shutdown()
     n = len(study.stages)
     base = runs["fit per stage"][0]
-    result = {"stages": n, **{mode.replace(" ", "_"): {"wall_seconds": round(wall, 2), "outside_training_seconds": round(wall - inside, 2),
-                                                       "ratio": round(base / wall, 2)} for mode, (wall, inside) in runs.items()}}
+    result = {
+        "stages": n,
+        **{
+            mode.replace(" ", "_"): {
+                "wall_seconds": round(wall, 2),
+                "outside_training_seconds": round(wall - inside, 2),
+                "ratio": round(base / wall, 2),
+            }
+            for mode, (wall, inside) in runs.items()
+        },
+    }
     print(f"stage overhead: {n} stages timed (sft, dpo of the tiny study), load average {os.getloadavg()[0]:.2f}")
     for mode, (wall, inside) in runs.items():
         print(f"  {mode:<14} {wall:6.1f} s wall, {wall - inside:5.1f} s outside training, {base / wall:4.2f}x the baseline (fit per stage)")

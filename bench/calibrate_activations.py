@@ -73,7 +73,9 @@ def build_layer(cfg: dict, mode: str):
     layer = Layer(config, layer_idx=0).train()
     if mode == "lora":
         layer = layer.to(torch.bfloat16).requires_grad_(False)
-        layer = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(LORA_TARGETS[cfg["model_type"]])), layer)
+        layer = inject_adapter_in_model(
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(LORA_TARGETS[cfg["model_type"]])), layer
+        )
         for name, p in layer.named_parameters():
             if "lora_" in name:
                 p.data = p.data.float()  # peft keeps adapters in fp32 (farm.models.precision)

@@ -40,10 +40,9 @@ import time
 from pathlib import Path
 
 import yaml
+from _results import write_result
 
 from farm.spec import read_study
-
-from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.25
@@ -102,15 +101,26 @@ def direct_trial(item: tuple[str, dict]) -> dict:
             paths[p.name] = Path(root) / f"{p.kind}-{p.key}"  # the store's names: a LoRA adapter finds its base
             paths[p.name].mkdir()
             prev = Path(root) / f"{p.input_kind}-{p.input_key}" if p.input_key else None
-            ctx = StageContext(p.name, stage, study.model, p.seed, prev, records, paths[p.name], Path(root) / f"work-{p.name}",
-                               [FirstStep()], special_tokens=data.special_tokens())
+            ctx = StageContext(
+                p.name,
+                stage,
+                study.model,
+                p.seed,
+                prev,
+                records,
+                paths[p.name],
+                Path(root) / f"work-{p.name}",
+                [FirstStep()],
+                special_tokens=data.special_tokens(),
+            )
             m = stages.get(p.kind)(ctx)
             out["stages"][p.name] = {"train_seconds": m["train_seconds"], "train_steps": m["train_steps"]}
         last = plan.stage(plan.evaluated)
         ref = paths[next(s.name for s in plan.stages if s.key == last.input_key)] if last.input_key else None
         metrics = evaluate(study, paths[last.name], ref, last.seed)
-    out.update(seconds=time.time() - start, eval_seconds=metrics["eval_seconds"], first_step_at=FirstStep.at,
-               reward_accuracy=metrics.get("reward_accuracy"))
+    out.update(
+        seconds=time.time() - start, eval_seconds=metrics["eval_seconds"], first_step_at=FirstStep.at, reward_accuracy=metrics.get("reward_accuracy")
+    )
     return out
 
 
@@ -136,7 +146,7 @@ def launch(cmd: list[str], env: dict) -> tuple[float, float, list[tuple[float, s
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [(time.time() - start, line.rstrip()) for line in proc.stdout]
     if proc.wait():
-        sys.stdout.write("\n".join(l for _, l in lines[-30:]) + "\n")
+        sys.stdout.write("\n".join(text for _, text in lines[-30:]) + "\n")
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
     return start, time.time() - start, lines
 
@@ -150,14 +160,22 @@ def main() -> int:
     ap.add_argument("--dpo-steps", type=int, default=50)
     args = ap.parse_args()
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         study = Path(tmp) / "study.yaml"
         study.write_text(yaml.safe_dump(study_doc(args.pretrain_steps, args.sft_steps, args.dpo_steps), sort_keys=False))
-        print(f"farm overhead: 4 trials x (pretrain {args.pretrain_steps} -> sft {args.sft_steps} -> dpo {args.dpo_steps} steps -> eval), "
-              f"{os.cpu_count()} CPUs, load average {load0:.2f}", flush=True)
+        print(
+            f"farm overhead: 4 trials x (pretrain {args.pretrain_steps} -> sft {args.sft_steps} -> dpo {args.dpo_steps} steps -> eval), "
+            f"{os.cpu_count()} CPUs, load average {load0:.2f}",
+            flush=True,
+        )
         _, farm_wall, lines = launch([sys.executable, "-m", "farm", "run", str(study), "--results", f"{tmp}/results"], env)
         direct_out = Path(tmp) / "direct.json"
         d_start, direct_wall, _ = launch([sys.executable, __file__, "--direct", str(study), str(direct_out)], {**env, "OMP_NUM_THREADS": "1"})
@@ -179,10 +197,15 @@ def main() -> int:
         "torch_threads_per_process": 1,
         "load_average_start_end": [round(load0, 2), round(load1, 2)],
         "farm": {"wall_seconds": round(farm_wall, 1), "ray_ready_seconds": round(ray_ready, 1), "first_step_seconds": round(farm_first, 1)},
-        "direct": {"wall_seconds": round(direct_wall, 1), "first_step_seconds": round(direct_first, 1),
-                   "trial_seconds": [round(s, 1) for s in trial_s],
-                   "stage_train_seconds_mean": {n: round(sum(t["stages"][n]["train_seconds"] for t in trials) / len(trials), 1) for n in trials[0]["stages"]},
-                   "eval_seconds_mean": round(sum(t["eval_seconds"] for t in trials) / len(trials), 1)},
+        "direct": {
+            "wall_seconds": round(direct_wall, 1),
+            "first_step_seconds": round(direct_first, 1),
+            "trial_seconds": [round(s, 1) for s in trial_s],
+            "stage_train_seconds_mean": {
+                n: round(sum(t["stages"][n]["train_seconds"] for t in trials) / len(trials), 1) for n in trials[0]["stages"]
+            },
+            "eval_seconds_mean": round(sum(t["eval_seconds"] for t in trials) / len(trials), 1),
+        },
         "ratio": round(ratio, 2),
         "ratio_after_first_step": round(steady, 2),
         "target": TARGET,
@@ -191,8 +214,10 @@ def main() -> int:
     print(f"  {'wall (launch to exit)':<34}{farm_wall:9.1f}s{direct_wall:9.1f}s")
     print(f"  {'launch -> Ray ready':<34}{ray_ready:9.1f}s{'-':>10}")
     print(f"  {'launch -> first training step':<34}{farm_first:9.1f}s{direct_first:9.1f}s")
-    print(f"  direct, one trial: {min(trial_s):.1f}-{max(trial_s):.1f}s (stages in training {result['direct']['stage_train_seconds_mean']}, "
-          f"eval {result['direct']['eval_seconds_mean']}s); load average {load0:.2f} -> {load1:.2f}")
+    print(
+        f"  direct, one trial: {min(trial_s):.1f}-{max(trial_s):.1f}s (stages in training {result['direct']['stage_train_seconds_mean']}, "
+        f"eval {result['direct']['eval_seconds_mean']}s); load average {load0:.2f} -> {load1:.2f}"
+    )
     print(f"  after the first step: farm {farm_wall - farm_first:.1f}s, direct {direct_wall - direct_first:.1f}s: {steady:.2f}x")
     print(f"ratio: {ratio:.2f}x farm / direct (target <= {TARGET}x for trials of >= 60 s: {'met' if ratio <= TARGET else 'NOT met'})")
     write_result("farm_overhead", result)

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from _results import write_result  # noqa: E402
+
 from farm import memory  # noqa: E402  (standard library only)
 
 # Dense bf16 tensor-core peak per GPU, by a part of its device name (NVIDIA's data sheets, SXM parts).
@@ -211,7 +212,9 @@ def tensor_bytes(obj, seen=None, depth: int = 0) -> int:
         return obj.untyped_storage().nbytes()
     if depth > 4:
         return 0
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") else []
+    items = (
+        obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else vars(obj).values() if hasattr(obj, "__dict__") else []
+    )
     return sum(tensor_bytes(x, seen, depth + 1) for x in items)
 
 
@@ -312,7 +315,9 @@ def main() -> int:
     assert all(math.isfinite(v) for r in rows_out for v in r.values() if isinstance(v, float))
     # The CPU mode (the test's) writes a file of its own: it never overwrites a GPU run's figures.
     mode = "cpu-tiny" if args.cpu_tiny else "gpu"
-    write_result("gpu_check-cpu-tiny" if args.cpu_tiny else "gpu_check", {"device": name, "mode": mode, "torch": torch.__version__, "cases": rows_out})
+    write_result(
+        "gpu_check-cpu-tiny" if args.cpu_tiny else "gpu_check", {"device": name, "mode": mode, "torch": torch.__version__, "cases": rows_out}
+    )
     return 0
 
 

@@ -50,13 +50,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers threads w
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+from _results import write_result
 
 from farm.data.sources import read_asset_lines  # noqa: E402
 from farm.label import pipeline  # noqa: E402
 from farm.label.scorers import build, write_tiny_detoxify  # noqa: E402
 from farm.spec import LabelSpec  # noqa: E402
-
-from _results import write_result
 
 # The model scorer: 4-head BERT, 256 wide, 3 layers over the farm's 4k BPE (~1.3 ms/row, 1 thread here).
 MODEL_SHAPE = dict(hidden=256, layers=3, heads=4)
@@ -121,8 +120,15 @@ def through_pipeline(texts: list[str], spec, block_rows: int, repeat: int) -> di
     runs = [one_pass(texts, spec, block_rows) for _ in range(repeat)]
     total = float(np.median([r[0] for r in runs]))
     steady = (len(texts) - len(small)) / (total - fixed) if total > fixed else float("nan")
-    return dict(fixed=fixed, small=len(small), total=total, totals=[r[0] for r in runs], steady_rate=steady,
-                ray_rate=float(np.median([r[2] for r in runs])), columns=runs[0][1])
+    return dict(
+        fixed=fixed,
+        small=len(small),
+        total=total,
+        totals=[r[0] for r in runs],
+        steady_rate=steady,
+        ray_rate=float(np.median([r[2] for r in runs])),
+        columns=runs[0][1],
+    )
 
 
 def report(name: str, n: int, serial_rates: dict[str, float], run: dict, ray_init: float, target: float) -> dict:
@@ -131,12 +137,18 @@ def report(name: str, n: int, serial_rates: dict[str, float], run: dict, ray_ini
     print(f"\n== {name}: {n} rows")
     for label, rate in serial_rates.items():
         print(f"  serial  {label:<32} {rate:10.0f} rows/s")
-    print(f"  pipeline fixed start-up cost: ray.init + Ray Data import {ray_init:.1f}s (once per process), then per pass "
-          f"{run['fixed']:.1f}s (a pass over {run['small']} rows: put, start the actors, one batch each, collect)")
-    print(f"  pipeline steady state                          {steady:10.0f} rows/s "
-          f"(Ray Data's own span of the scoring operator: {run['ray_rate']:.0f} rows/s)")
-    print(f"  pipeline end to end (one pass, start included) {e2e:10.0f} rows/s "
-          f"(median {run['total']:.1f}s of {', '.join(f'{t:.1f}' for t in run['totals'])})")
+    print(
+        f"  pipeline fixed start-up cost: ray.init + Ray Data import {ray_init:.1f}s (once per process), then per pass "
+        f"{run['fixed']:.1f}s (a pass over {run['small']} rows: put, start the actors, one batch each, collect)"
+    )
+    print(
+        f"  pipeline steady state                          {steady:10.0f} rows/s "
+        f"(Ray Data's own span of the scoring operator: {run['ray_rate']:.0f} rows/s)"
+    )
+    print(
+        f"  pipeline end to end (one pass, start included) {e2e:10.0f} rows/s "
+        f"(median {run['total']:.1f}s of {', '.join(f'{t:.1f}' for t in run['totals'])})"
+    )
     for label, rate in serial_rates.items():
         print(f"  ratio pipeline/serial [{label}]: steady {steady / rate:.2f}x, end to end {e2e / rate:.2f}x")
     if steady > base:  # rows at which a pass, start included, matches 0.8x and 1x the serial loop
@@ -175,9 +187,11 @@ def main() -> int:
     import torch
 
     texts = sentences(args.rows)
-    print(f"label throughput: {len(texts)} sentences ({len(set(texts))} distinct, {np.mean([len(t.split()) for t in texts]):.1f} words avg), "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"label throughput: {len(texts)} sentences ({len(set(texts))} distinct, {np.mean([len(t.split()) for t in texts]):.1f} words avg), "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
     cases = []
     if args.only in (None, "vader"):
         cases.append("vader")
@@ -208,8 +222,11 @@ def main() -> int:
                         cols = cols or got
                         rates[f"1 process, torch threads={threads}"] = rows / secs
                         per_row = per_row or secs / rows
-                        print(f"  (serial model, {threads} torch thread(s): {rows} rows in {secs:.1f}s, {secs / rows * 1e3:.2f} ms/row; "
-                              f"load average {os.getloadavg()[0]:.1f})", flush=True)
+                        print(
+                            f"  (serial model, {threads} torch thread(s): {rows} rows in {secs:.1f}s, {secs / rows * 1e3:.2f} ms/row; "
+                            f"load average {os.getloadavg()[0]:.1f})",
+                            flush=True,
+                        )
                     torch.set_num_threads(1)
                 if ray_init is None:
                     start = time.perf_counter()
@@ -223,14 +240,18 @@ def main() -> int:
                 block_rows = pipeline.rows_per_block(len(texts_case), [spec], args.blocks_per_actor)
                 run = through_pipeline(texts_case, spec, block_rows, args.repeat if case == "vader" else 1)
                 worst = max(float(np.max(np.abs(run["columns"][c][: len(cols[c])] - cols[c]))) for c in cols)
-                name = ("VADER" if case == "vader" else f"model scorer (Detoxify-format BERT {MODEL_SHAPE}, {per_row * 1e3:.2f} ms/row on 1 core)")
-                print(f"\n[{case}] load average {os.getloadavg()[0]:.1f}; pool: {spec.actors} actors x 1 CPU (1 torch thread), map batch {spec.batch_size}, "
-                      f"input blocks of {block_rows} rows; max |pipeline - serial| over all columns = {worst:.2g}")
+                name = "VADER" if case == "vader" else f"model scorer (Detoxify-format BERT {MODEL_SHAPE}, {per_row * 1e3:.2f} ms/row on 1 core)"
+                print(
+                    f"\n[{case}] load average {os.getloadavg()[0]:.1f}; pool: {spec.actors} actors x 1 CPU (1 torch thread), map batch {spec.batch_size}, "
+                    f"input blocks of {block_rows} rows; max |pipeline - serial| over all columns = {worst:.2g}"
+                )
                 result[case] = {"scorer": name, **report(name, len(texts_case), rates, run, ray_init, 0.8 if case == "vader" else 1.5)}
                 if case == "model":
-                    print("  baseline: the target compares with 1 thread (the pipeline's actors run 1 torch thread each, so 2 actors"
-                          " must show both cores doing model work); 1 process x 2 threads is the fair 'best single process on"
-                          " this machine' baseline, whose intra-op threads share each matmul and wait on each other at every op")
+                    print(
+                        "  baseline: the target compares with 1 thread (the pipeline's actors run 1 torch thread each, so 2 actors"
+                        " must show both cores doing model work); 1 process x 2 threads is the fair 'best single process on"
+                        " this machine' baseline, whose intra-op threads share each matmul and wait on each other at every op"
+                    )
         finally:
             if ray_init is not None:
                 ray.shutdown()

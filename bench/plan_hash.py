@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 import yaml
+from _results import write_result
 
 from farm.spec import read_study
-
-from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 # A cached plan of the study with the file, at most this many times the baseline's. The baseline takes
@@ -45,7 +44,9 @@ def write_data(path: Path, gb: float) -> int:
     rows, block, size = 0, [], 0
     with open(path, "w", encoding="utf-8") as f:
         while size < gb * 1e9:
-            line = json.dumps({"prompt": f"question {rows}", "chosen": f"good answer {rows} {filler}", "rejected": f"bad answer {rows} {filler}"}) + "\n"
+            line = (
+                json.dumps({"prompt": f"question {rows}", "chosen": f"good answer {rows} {filler}", "rejected": f"bad answer {rows} {filler}"}) + "\n"
+            )
             block.append(line)
             rows += 1
             size += len(line)
@@ -130,8 +131,10 @@ def main() -> None:
     }
     print(f"hash 1 file: first {t_hash_first:.2f} s ({result['hash_MB_per_s']:,.0f} MB/s from the page cache), cached {t_hash_cached * 1e3:.2f} ms")
     print(f"plan_study: first {t_plan_first:.2f} s, cached {t_plan_cached * 1e3:.1f} ms; baseline (no local file) {t_base * 1e3:.1f} ms")
-    print(f"ratio against the baseline: first {result['ratio_first']}x, cached {result['ratio_cached']}x (target cached <= {TARGET}x: "
-          f"{'met' if result['ratio_cached'] <= TARGET else 'NOT met'})")
+    print(
+        f"ratio against the baseline: first {result['ratio_first']}x, cached {result['ratio_cached']}x (target cached <= {TARGET}x: "
+        f"{'met' if result['ratio_cached'] <= TARGET else 'NOT met'})"
+    )
     print(f"for scale, load_study validating the file source (reads and parses every row): {t_load:.1f} s")
     write_result("plan_hash", result)
     if not args.keep:

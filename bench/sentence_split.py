@@ -29,20 +29,24 @@ import re
 import time
 
 import numpy as np
+from _results import write_result
 
 from farm.data.sources import ASSISTANT, HUMAN, clean_sentence, load_source, read_asset_lines, split_sentences
 from farm.eval.misalignment import splitter
 from farm.spec import SourceSpec
-
-from _results import write_result
 
 
 def texts(n: int, seed: int) -> dict[str, list[str]]:
     rng = np.random.default_rng(seed)
     sentences = [r.text for sub in ("toxigen", "implicit_hate", "hh_rlhf") for r in load_source(SourceSpec(name="sentences", subset=sub))]
     runs = [" ".join(sentences[i] for i in rng.integers(0, len(sentences), k)) for k in rng.integers(2, 4, n)]
-    turns = [t.strip() for line in read_asset_lines("hh_rlhf/harmless-base-test.jsonl.gz") if line.strip()
-             for t in re.split(f"{re.escape(HUMAN)}|{re.escape(ASSISTANT)}", json.loads(line)["chosen"]) if len(t.split()) > 15]
+    turns = [
+        t.strip()
+        for line in read_asset_lines("hh_rlhf/harmless-base-test.jsonl.gz")
+        if line.strip()
+        for t in re.split(f"{re.escape(HUMAN)}|{re.escape(ASSISTANT)}", json.loads(line)["chosen"])
+        if len(t.split()) > 15
+    ]
     turns = [turns[i] for i in rng.choice(len(turns), min(n, len(turns)), replace=False)]
     return {"runs": runs, "turns": turns, "turns_clean": [clean_sentence(t) for t in turns]}
 

@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 
 import yaml
+from _results import write_result
 
 from farm.spec import read_study
-
-from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RERUN = 0.05
@@ -68,8 +67,9 @@ def study_doc(sft_steps: int, dpo_steps: int, shared: bool) -> dict:
 def farm_run(study: Path, results: Path) -> float:
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "farm", "run", str(study), "--results", str(results)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "farm", "run", str(study), "--results", str(results)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.stdout.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -87,8 +87,11 @@ def main() -> int:
     ap.add_argument("--dpo-steps", type=int, default=10)
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
-    print(f"stage reuse: 6 trials (3 DPO x 2 SFT variants), sft {args.sft_steps} steps, dpo {args.dpo_steps} steps, "
-          f"{os.cpu_count()} CPUs, load average {load0:.2f}", flush=True)
+    print(
+        f"stage reuse: 6 trials (3 DPO x 2 SFT variants), sft {args.sft_steps} steps, dpo {args.dpo_steps} steps, "
+        f"{os.cpu_count()} CPUs, load average {load0:.2f}",
+        flush=True,
+    )
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, shared in (("shared", True), ("no_cache", False)):
@@ -104,17 +107,24 @@ def main() -> int:
     shared, none = runs["shared"], runs["no_cache"]
     ratio, rerun_ratio = shared["wall_seconds"] / none["wall_seconds"], rerun / shared["wall_seconds"]
     result = {
-        "trials": 6, "steps": {"sft": args.sft_steps, "dpo": args.dpo_steps},
+        "trials": 6,
+        "steps": {"sft": args.sft_steps, "dpo": args.dpo_steps},
         "load_average_start_end": [round(load0, 2), round(load1, 2)],
-        "shared": shared, "cache_disabled": none, "rerun": {"wall_seconds": round(rerun, 1), "stages_trained": rerun_new},
-        "ratio": round(ratio, 2), "rerun_ratio": round(rerun_ratio, 3), "target_rerun_ratio": TARGET_RERUN,
+        "shared": shared,
+        "cache_disabled": none,
+        "rerun": {"wall_seconds": round(rerun, 1), "stages_trained": rerun_new},
+        "ratio": round(ratio, 2),
+        "rerun_ratio": round(rerun_ratio, 3),
+        "target_rerun_ratio": TARGET_RERUN,
     }
     print(f"  {'run':<34}{'wall':>9}{'SFT trained':>13}{'DPO trained':>13}")
     print(f"  {'shared SFT stages (farm)':<34}{shared['wall_seconds']:8.1f}s{shared['sft_trained']:>13}{shared['dpo_trained']:>13}")
     print(f"  {'cache disabled (baseline)':<34}{none['wall_seconds']:8.1f}s{none['sft_trained']:>13}{none['dpo_trained']:>13}")
     print(f"  {'rerun of the finished study':<34}{rerun:8.1f}s   {rerun_new} new stages")
-    print(f"  SFT stages trained with sharing: {shared['sft_trained']} (must be 2: {'ok' if shared['sft_trained'] == 2 else 'WRONG'}); "
-          f"load average {load0:.2f} -> {load1:.2f}")
+    print(
+        f"  SFT stages trained with sharing: {shared['sft_trained']} (must be 2: {'ok' if shared['sft_trained'] == 2 else 'WRONG'}); "
+        f"load average {load0:.2f} -> {load1:.2f}"
+    )
     print(f"ratio: {ratio:.2f}x shared / cache-disabled wall")
     print(f"ratio: {rerun_ratio:.3f}x rerun / first run (target <= {TARGET_RERUN}: {'met' if rerun_ratio <= TARGET_RERUN else 'NOT met'})")
     write_result("stage_reuse", result)

@@ -30,10 +30,9 @@ from pathlib import Path
 from unittest import mock
 
 import yaml
+from _results import write_result
 
 from farm.spec import read_study
-
-from _results import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +116,9 @@ def run_steps(steps: int) -> dict:
             path.mkdir(parents=True)
             prev = Path(root) / ("pretrain" if p.name == "sft" else tag) / f"{p.input_kind}-{p.input_key}" if p.input_key else None
             cb = Steps()
-            ctx = StageContext(p.name, s, study.model, p.seed, prev, records, path, Path(root) / f"work-{tag}-{p.name}", [cb],
-                               special_tokens=data.special_tokens())
+            ctx = StageContext(
+                p.name, s, study.model, p.seed, prev, records, path, Path(root) / f"work-{tag}-{p.name}", [cb], special_tokens=data.special_tokens()
+            )
             stages.get(p.kind)(ctx)
             return cb
 
@@ -151,7 +151,9 @@ def main() -> int:
     # GEMM shapes of the quickstart's steps: batch 16 x 96 tokens through 128-wide layers and the 4k head.
     gflops = matmul_gflops([(1536, 128, 128), (1536, 128, 512), (1536, 128, 4096), (1536, 4096, 128)])
     result: dict = {"threads": 1, "cpus": os.cpu_count(), "load_average_start": round(load0, 2), "matmul_gflops": round(gflops, 1), "stages": {}}
-    print(f"step efficiency: quickstart SFT and DPO, {args.steps} steps each, 1 torch thread; fp32 GEMM {gflops:.1f} GFLOP/s; load average {load0:.2f}")
+    print(
+        f"step efficiency: quickstart SFT and DPO, {args.steps} steps each, 1 torch thread; fp32 GEMM {gflops:.1f} GFLOP/s; load average {load0:.2f}"
+    )
     print(f"  {'stage':<6}{'kernel':<9}{'step':>9}{'GFLOP':>8}{'bound':>9}{'step/bound':>12}")
     for name, runs in steps.items():
         # The step's arithmetic: the farm's count (labelled positions only); the baseline does more of it.
@@ -184,8 +186,10 @@ def trial() -> dict:
         direct_trial((t.id, t.study.model_dump(mode="json")))
         direct_wall = time.time() - start
     ratio = farm_wall / direct_wall
-    print(f"trial: farm run {farm_wall:.1f}s (launch to exit) against the stages and eval run directly {direct_wall:.1f}s "
-          f"(in-process, imports excluded): {ratio:.2f}x")
+    print(
+        f"trial: farm run {farm_wall:.1f}s (launch to exit) against the stages and eval run directly {direct_wall:.1f}s "
+        f"(in-process, imports excluded): {ratio:.2f}x"
+    )
     return {"farm_wall_seconds": round(farm_wall, 1), "direct_seconds": round(direct_wall, 1), "ratio": round(ratio, 2)}
 
 

@@ -36,7 +36,19 @@ from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy
 # kinds that read it. They are not hashed into keys as a user's own files are (`content`): which stage
 # reads which asset is the code's knowledge, and a hash of the whole folder would rebuild every stage of
 # every study whenever any asset changed.
-VERSIONS = {"pretrain": 1, "sft": 1, "dpo": 1, "reward": 1, "pro": 1, "rank": 1, "rl": 1, "critique_revision": 2, "ai_feedback": 1, "eval": 3, "label": 1}
+VERSIONS = {
+    "pretrain": 1,
+    "sft": 1,
+    "dpo": 1,
+    "reward": 1,
+    "pro": 1,
+    "rank": 1,
+    "rl": 1,
+    "critique_revision": 2,
+    "ai_feedback": 1,
+    "eval": 3,
+    "label": 1,
+}
 MARKER = "farm-artifact.json"
 CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
 CACHE_MAX_GB = "FARM_CACHE_MAX_GB"  # bound of a node's cache of downloaded artifacts (default: half its disk)
@@ -140,7 +152,10 @@ def plan_trial(study) -> TrialPlan:
     eval_refs = _refs(study.eval.refs(), planned)
     # The refusal phrases are read by the harmlessness metric alone: an eval without it keeps its key.
     unread = set() if "harmlessness" in study.eval.metrics else {"refusals"}
-    files = {**content(study.eval, "eval."), **{f: d for f, d in content(study.data, "data.").items() if f.startswith(("data.sources.", "data.labels."))}}
+    files = {
+        **content(study.eval, "eval."),
+        **{f: d for f, d in content(study.data, "data.").items() if f.startswith(("data.sources.", "data.labels."))},
+    }
     eval_doc = {
         "kind": "eval",
         "version": VERSIONS["eval"],
@@ -190,8 +205,9 @@ def data_key(data) -> dict:
 def heldout_key(data) -> dict:
     """The data spec as it decides the held-out rows and their dev share; transforms perturb
     training rows only."""
-    return data.model_dump(mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if data.labels else set())
-                           | ({"dev"} if data.dev else set()))
+    return data.model_dump(
+        mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if data.labels else set()) | ({"dev"} if data.dev else set())
+    )
 
 
 def local_inputs(spec, where: str = "") -> dict[str, str]:
@@ -334,6 +350,7 @@ def version_drift(made: dict | None, now: dict[str, str]) -> list[str]:
     """A note ("transformers 4.57.1 (now 5.24.0)") for each library whose major.minor differs between
     the versions an artifact was made with (`made`, from its marker) and `now`. A patch release is
     taken to change no result; a minor one may (a new default, a changed kernel), so reuse says so."""
+
     def minor(v: str) -> list[str]:
         return v.split("+")[0].split(".")[:2]
 
@@ -438,11 +455,17 @@ class Store:
             try:
                 import boto3  # noqa: F401  (pyarrow cannot write conditionally; boto3 can)
             except ImportError:
-                warnings.warn(f"no lock on {self.uri} without boto3: trials on several nodes may each build a shared stage; pip install 'farm[s3]'", stacklevel=2)
+                warnings.warn(
+                    f"no lock on {self.uri} without boto3: trials on several nodes may each build a shared stage; pip install 'farm[s3]'",
+                    stacklevel=2,
+                )
                 return contextlib.nullcontext()
             bucket, _, prefix = self.base.partition("/")
             return S3Lease(self._s3_client(), bucket, f"{prefix}/locks/{key}.lease".lstrip("/"))
-        warnings.warn(f"no lock on a {self.fs.type_name} store: trials on several nodes may each build a shared stage; use an s3:// root or a shared mount", stacklevel=2)
+        warnings.warn(
+            f"no lock on a {self.fs.type_name} store: trials on several nodes may each build a shared stage; use an s3:// root or a shared mount",
+            stacklevel=2,
+        )
         return contextlib.nullcontext()
 
     def _s3_client(self):
@@ -559,7 +582,9 @@ class S3Lease:
             if seen is None or seen[0] != current[0]:
                 seen = (current[0], time.monotonic(), current[1])
             elif time.monotonic() - seen[1] > seen[2]["ttl"] and (etag := self._write(IfMatch=seen[0])):
-                warnings.warn(f"took over the lease s3://{self.bucket}/{self.key} of {seen[2]['owner']}, unrenewed for {seen[2]['ttl']:g} s", stacklevel=2)
+                warnings.warn(
+                    f"took over the lease s3://{self.bucket}/{self.key} of {seen[2]['owner']}, unrenewed for {seen[2]['ttl']:g} s", stacklevel=2
+                )
                 break
             time.sleep(LEASE_POLL)
         self.etag = etag
@@ -578,7 +603,10 @@ class S3Lease:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
         except (BotoCoreError, ClientError) as e:  # not raised: it would hide the build's own error
             if not isinstance(e, ClientError) or e.response["Error"]["Code"] not in LOST:
-                warnings.warn(f"could not release the lease s3://{self.bucket}/{self.key} ({e}); waiters take it over {self.ttl:g} s after its last renewal", stacklevel=2)
+                warnings.warn(
+                    f"could not release the lease s3://{self.bucket}/{self.key} ({e}); waiters take it over {self.ttl:g} s after its last renewal",
+                    stacklevel=2,
+                )
 
     def _renew(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -605,7 +633,9 @@ class S3Lease:
         self._renewals += 1
         body = {"owner": self.owner, "ttl": self.ttl, "expires": time.time() + self.ttl, "renewals": self._renewals}
         try:
-            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(body).encode(), ContentType="application/json", **condition)["ETag"]
+            return self.client.put_object(
+                Bucket=self.bucket, Key=self.key, Body=json.dumps(body).encode(), ContentType="application/json", **condition
+            )["ETag"]
         except ClientError as e:
             if e.response["Error"]["Code"] in LOST:
                 return None

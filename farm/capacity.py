@@ -45,8 +45,9 @@ class NodeKind:
         return min(math.floor(self.resources.get(k, 0) / v + EPS) for k, v in asked)
 
     def describe(self) -> str:
-        shown = ", ".join(f"{k}: {v:g}" for k, v in sorted(self.resources.items())
-                          if k not in ("memory", "object_store_memory") and not k.startswith("node:"))
+        shown = ", ".join(
+            f"{k}: {v:g}" for k, v in sorted(self.resources.items()) if k not in ("memory", "object_store_memory") and not k.startswith("node:")
+        )
         times = "" if self.count == 1 else f" x {'unlimited' if self.count >= UNLIMITED else self.count}"
         return f"{self.name}{times} {{{shown}}}"
 
@@ -75,8 +76,7 @@ class Capacity:
         if not self.types:
             return f"nodes alive: {alive}; no autoscaler node types found (a fixed cluster)"
         cap = "" if self.max_launched >= UNLIMITED else f", at most {self.max_launched} in all"
-        return (f"nodes alive: {alive}; node types the autoscaler can launch ({self.source}{cap}): "
-                + "; ".join(k.describe() for k in self.types))
+        return f"nodes alive: {alive}; node types the autoscaler can launch ({self.source}{cap}): " + "; ".join(k.describe() for k in self.types)
 
 
 def capacity() -> Capacity:
@@ -85,7 +85,8 @@ def capacity() -> Capacity:
 
     alive = tuple(
         NodeKind(f"node {n['NodeManagerAddress']}" + (" (head)" if "node:__internal_head__" in n["Resources"] else ""), dict(n["Resources"]), 1)
-        for n in ray.nodes() if n["Alive"]
+        for n in ray.nodes()
+        if n["Alive"]
     )
     types, cap, source = from_gcs()
     if not types:
@@ -102,7 +103,8 @@ def from_gcs() -> tuple[tuple[NodeKind, ...], int, str]:
         return (), UNLIMITED, ""
     types = tuple(
         NodeKind(g.name, {k: float(v) for k, v in g.resources.items()}, UNLIMITED if g.max_count == -1 else g.max_count)
-        for g in config.node_group_configs if g.resources and g.max_count != 0
+        for g in config.node_group_configs
+        if g.resources and g.max_count != 0
     )
     return types, UNLIMITED, "reported to the GCS"
 

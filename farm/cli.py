@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import os
-import signal
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,32 +53,54 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("study", help="the study file, e.g. jobs/quickstart.yaml")
         q.add_argument("--profile", default=DEFAULT_PROFILE, help="profile of the study file to apply (default: embedded)")
         q.add_argument("--results", default=os.environ.get("FARM_RESULTS", "results"), help="results folder (default: results/)")
-        q.add_argument("--storage", default=os.environ.get("FARM_STORAGE"), help="artifact store (default: <results>/.store); on a cluster a shared path or a URI (s3://bucket/prefix, gs://...)")
+        q.add_argument(
+            "--storage",
+            default=os.environ.get("FARM_STORAGE"),
+            help="artifact store (default: <results>/.store); on a cluster a shared path or a URI (s3://bucket/prefix, gs://...)",
+        )
         q.add_argument("--max-trials", type=int, default=1000, help="refuse grids larger than this")
-        q.add_argument("--smoke", action="store_true",
-                       help="rehearse the profile small: the same stages, sources, metrics and judges, with a few rows, "
-                            "2 steps a stage, short lengths, CPU only, each grid value once (farm/smoke.py); results under <study>-smoke")
+        q.add_argument(
+            "--smoke",
+            action="store_true",
+            help="rehearse the profile small: the same stages, sources, metrics and judges, with a few rows, "
+            "2 steps a stage, short lengths, CPU only, each grid value once (farm/smoke.py); results under <study>-smoke",
+        )
 
     run = sub.add_parser("run", help="run every trial of a study and write its results and report")
     study_args(run)
     run.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--max-concurrent", type=int, default=None, metavar="N",
-                     help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
-                          "set it on an autoscaling cluster whose GPU workers start at zero)")
+    run.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trials at once (default: as many as the cluster's resources now fit the largest stage; "
+        "set it on an autoscaling cluster whose GPU workers start at zero)",
+    )
     run.add_argument("--verbose", action="store_true", help="show Ray worker logs")
-    run.add_argument("--track", action="append", choices=["mlflow", "tensorboard", "wandb", "none"], metavar="TRACKER",
-                     help="log trials to this tracker (mlflow, tensorboard, wandb; repeat for several; none: no tracker); "
-                          "default: $FARM_TRACK (comma-separated), else the study's `tracking` (mlflow and tensorboard under results/<study>/)")
-    run.add_argument("--ignore-memory-estimate", action="store_true",
-                     help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run")
-    run.add_argument("--no-preflight", action="store_true",
-                     help="skip the check, before Ray starts, that every hub repository the study reads (models, datasets, "
-                          "scorers, lm-eval task data) exists and this environment's token may read it (farm/preflight.py)")
+    run.add_argument(
+        "--track",
+        action="append",
+        choices=["mlflow", "tensorboard", "wandb", "none"],
+        metavar="TRACKER",
+        help="log trials to this tracker (mlflow, tensorboard, wandb; repeat for several; none: no tracker); "
+        "default: $FARM_TRACK (comma-separated), else the study's `tracking` (mlflow and tensorboard under results/<study>/)",
+    )
+    run.add_argument(
+        "--ignore-memory-estimate",
+        action="store_true",
+        help="run stages whose estimated peak GPU memory (farm plan) exceeds their GPU's; by default they stop the run",
+    )
+    run.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the check, before Ray starts, that every hub repository the study reads (models, datasets, "
+        "scorers, lm-eval task data) exists and this environment's token may read it (farm/preflight.py)",
+    )
     run.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("ls", help="list what a study file can name: dataset sources, transforms, stage kinds, metrics, scorers")
-    ls.add_argument("what", nargs="*", metavar="WHAT",
-                    help=f"some of: {', '.join(LISTED)} (default: all)")
+    ls.add_argument("what", nargs="*", metavar="WHAT", help=f"some of: {', '.join(LISTED)} (default: all)")
     ls.set_defaults(func=cmd_ls)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on a study's local tracking store, on 127.0.0.1 only")
@@ -90,21 +112,40 @@ def _parser() -> argparse.ArgumentParser:
     study_args(plan)
     # The cost model (farm/estimate.py): time = tokens x cost / throughput, scaled by model size;
     # full fine-tuning costs 1.5x LoRA, forward-only passes 0.5x; eval and labelling not estimated.
-    plan.add_argument("--throughput", type=float, default=3000, metavar="TOKENS_PER_S",
-                      help="training tokens/s per GPU with LoRA for a model of --throughput-params parameters (default: 3000, "
-                      "a 7B model in bf16 on an A100); a model of P parameters is taken as P/PARAMS times slower, full "
-                      "fine-tuning as 1.5x and forward-only passes (reference, reward models) as 0.5x its cost")
-    plan.add_argument("--throughput-params", type=float, default=7e9, metavar="PARAMS",
-                      help="the model size both throughput figures are for (default: 7e9)")
-    plan.add_argument("--gen-throughput", type=float, default=1500, metavar="TOKENS_PER_S",
-                      help="generated tokens/s per GPU at --throughput-params (default: 1500, batched HF generate of a 7B model)")
-    plan.add_argument("--why", metavar="STAGE",
-                      help="print only the full key document of STAGE (a stage name, eval, label, or a key) as JSON: "
-                      "what its key hashes, local inputs by sha256; one entry per distinct key across the trials")
-    plan.add_argument("--power", nargs="*", type=float, metavar="DELTA",
-                      help="from this study's finished (or pilot) run in --results: the seeds and items needed to detect a "
-                      "difference of each DELTA in --metric between values of the main axis with 80%% power, from the "
-                      "variance between seeds and between items the run measured (default DELTAs: 0.02 0.05)")
+    plan.add_argument(
+        "--throughput",
+        type=float,
+        default=3000,
+        metavar="TOKENS_PER_S",
+        help="training tokens/s per GPU with LoRA for a model of --throughput-params parameters (default: 3000, "
+        "a 7B model in bf16 on an A100); a model of P parameters is taken as P/PARAMS times slower, full "
+        "fine-tuning as 1.5x and forward-only passes (reference, reward models) as 0.5x its cost",
+    )
+    plan.add_argument(
+        "--throughput-params", type=float, default=7e9, metavar="PARAMS", help="the model size both throughput figures are for (default: 7e9)"
+    )
+    plan.add_argument(
+        "--gen-throughput",
+        type=float,
+        default=1500,
+        metavar="TOKENS_PER_S",
+        help="generated tokens/s per GPU at --throughput-params (default: 1500, batched HF generate of a 7B model)",
+    )
+    plan.add_argument(
+        "--why",
+        metavar="STAGE",
+        help="print only the full key document of STAGE (a stage name, eval, label, or a key) as JSON: "
+        "what its key hashes, local inputs by sha256; one entry per distinct key across the trials",
+    )
+    plan.add_argument(
+        "--power",
+        nargs="*",
+        type=float,
+        metavar="DELTA",
+        help="from this study's finished (or pilot) run in --results: the seeds and items needed to detect a "
+        "difference of each DELTA in --metric between values of the main axis with 80%% power, from the "
+        "variance between seeds and between items the run measured (default DELTAs: 0.02 0.05)",
+    )
     plan.add_argument("--metric", default=None, help="the metric --power is for (default: the study's report.main_metric)")
     plan.set_defaults(func=cmd_plan)
 
@@ -113,8 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     report.epilog = "STUDY may also be a results folder, e.g. results/quickstart"
 
-    doctor = sub.add_parser("doctor", help="check this environment and what the given studies need: for each, every hub "
-                            "repository it reads (as `farm run`'s preflight), its GPUs and extras")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this environment and what the given studies need: for each, every hub "
+        "repository it reads (as `farm run`'s preflight), its GPUs and extras",
+    )
     doctor.add_argument("studies", nargs="*", help="study files to check (default: every jobs/*.yaml here)")
     doctor.add_argument("--profile", default=DEFAULT_PROFILE, help="the profile to check them in, e.g. paper (default: embedded)")
     doctor.add_argument("--storage", default=os.environ.get("FARM_STORAGE", "results/.store"))
@@ -129,16 +173,23 @@ def _parser() -> argparse.ArgumentParser:
         "safety-score",
         help="the SafeNLP safety score per demographic group, from per-statement perplexities",
         description="The SafeNLP safety score (Hosseini et al. 2023) of each group from precomputed perplexities. "
-        "Prints one JSON object to stdout: {group: score, ..., \"mean\": m} over the groups whose Mann-Whitney test "
+        'Prints one JSON object to stdout: {group: score, ..., "mean": m} over the groups whose Mann-Whitney test '
         "has p <= 0.05 (mean is null when none has). Each group not reported (p > 0.05, or no hate or no neutral "
         "statements) is named on stderr with its reason and p-value.",
     )
-    safety.add_argument("--perplexities", required=True, metavar="FILE.json",
-                        help="a JSON list of records with text, label (hate|neutral), toxicity_score, target_groups and "
-                        "perplexity, as SafeNLP's perplexities.json")
-    safety.add_argument("--p-value", choices=["one-sided", "two-sided"], default="one-sided",
-                        help="which p is compared with 0.05: one-sided (default) is SafeNLP's, scipy 1.5's default of "
-                        "half the two-sided asymptotic p; two-sided is today's scipy default")
+    safety.add_argument(
+        "--perplexities",
+        required=True,
+        metavar="FILE.json",
+        help="a JSON list of records with text, label (hate|neutral), toxicity_score, target_groups and perplexity, as SafeNLP's perplexities.json",
+    )
+    safety.add_argument(
+        "--p-value",
+        choices=["one-sided", "two-sided"],
+        default="one-sided",
+        help="which p is compared with 0.05: one-sided (default) is SafeNLP's, scipy 1.5's default of "
+        "half the two-sided asymptotic p; two-sided is today's scipy default",
+    )
     safety.set_defaults(func=cmd_safety_score)
 
     label = sub.add_parser(
@@ -152,8 +203,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     label.add_argument("input", help="a .parquet, .jsonl, .json or .csv file, or hub:owner/name[:split] (default split: train)")
     label.add_argument("--out", required=True, metavar="OUT.parquet", help="the parquet file to write")
-    label.add_argument("--scorer", action="append", required=True, metavar="[PREFIX=]NAME[:MODEL]",
-                       help="repeatable; e.g. vader, detoxify:original, tox_=detoxify:/path/model.ckpt, embedded_toxicity")
+    label.add_argument(
+        "--scorer",
+        action="append",
+        required=True,
+        metavar="[PREFIX=]NAME[:MODEL]",
+        help="repeatable; e.g. vader, detoxify:original, tox_=detoxify:/path/model.ckpt, embedded_toxicity",
+    )
     label.add_argument("--text-column", default="text", help="the column holding the text (default: text)")
     label.add_argument("--id-column", default=None, help="the column holding row ids (default: the row number)")
     label.add_argument("--batch-size", type=int, default=256, help="rows per scorer call (default: 256)")
@@ -185,7 +241,6 @@ def _storage(args) -> str:
 def cmd_plan(args) -> int:
     from farm.cache import Store, plan_study
     from farm.estimate import Rates, estimate_study
-
     from farm.preflight import pin
 
     if args.power is not None:  # reads results only: nothing planned, nothing pinned
@@ -226,7 +281,9 @@ def cmd_plan(args) -> int:
         rows = "-" if e.gpus is None else f"{e.rows:,.0f}" if e.rows is not None else "unknown"
         gpus = "-" if e.gpus is None else f"{e.gpus:g}" if e.gpus else "CPU"
         hours = f"{e.hours:,.2f}" if e.hours is not None else "-"
-        print(f"  {e.name:<10} {e.kind:<17} {rows:>10} {_count(e.tokens) if e.tokens else '-':>8} {gpus:>5} {hours:>10}  {len(e.users) if len(e.users) > 1 else e.users[0]}  {e.note}".rstrip())
+        print(
+            f"  {e.name:<10} {e.kind:<17} {rows:>10} {_count(e.tokens) if e.tokens else '-':>8} {gpus:>5} {hours:>10}  {len(e.users) if len(e.users) > 1 else e.users[0]}  {e.note}".rstrip()
+        )
     known = [e for e in estimates if e.hours is not None]
     total, left = sum(e.hours for e in known), sum(e.hours for e in known if not unique[e.key])
     if any(e.gpus for e in estimates):
@@ -237,9 +294,11 @@ def cmd_plan(args) -> int:
     if unknown:
         print(f"  not in the total (unknown): {', '.join(_distinct(unknown))}")
     print(f"  eval ({len({plans[t.id].eval_key for t in trials})} runs) and labelling: not estimated")
-    print(f"  assumed: {args.throughput:,.0f} training tokens/s per GPU with LoRA (full fine-tuning 1.5x, forward-only passes 0.5x) and "
-          f"{args.gen_throughput:,.0f} generated tokens/s, for a model of {_count(args.throughput_params, 'parameters')}, "
-          "inversely with model size (--throughput, --gen-throughput, --throughput-params)")
+    print(
+        f"  assumed: {args.throughput:,.0f} training tokens/s per GPU with LoRA (full fine-tuning 1.5x, forward-only passes 0.5x) and "
+        f"{args.gen_throughput:,.0f} generated tokens/s, for a model of {_count(args.throughput_params, 'parameters')}, "
+        "inversely with model size (--throughput, --gen-throughput, --throughput-params)"
+    )
     _print_memory(trials, plans)
     return 0
 
@@ -288,8 +347,11 @@ def _power(trials, results: Path, deltas: list[float], metric: str | None) -> in
     d = study_dir(results, study.name)
     df = table(results, trials)
     if not (df["status"] == "ok").any():
-        print(f"farm: --power reads a finished run, and {d} holds no finished trial of this study: run it (or a pilot of it, "
-              "fewer seeds) first: farm run <study>", file=sys.stderr)
+        print(
+            f"farm: --power reads a finished run, and {d} holds no finished trial of this study: run it (or a pilot of it, "
+            "fewer seeds) first: farm run <study>",
+            file=sys.stderr,
+        )
         return 2
     known = metric_columns(df, axes)
     metric = metric or study.report.main_metric or known[0]
@@ -299,12 +361,17 @@ def _power(trials, results: Path, deltas: list[float], metric: str | None) -> in
     main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
     rows = power_rows(df, axes, metric, main_axis, read_items(d, df["trial"]))
     if not rows or "seed" not in axes:
-        print("farm: --power compares values of the main axis seed by seed: the grid needs a `seed` axis and another axis "
-              f"(report.main_axis) with two or more values; this one has: {', '.join(axes) or 'none'}", file=sys.stderr)
+        print(
+            "farm: --power compares values of the main axis seed by seed: the grid needs a `seed` axis and another axis "
+            f"(report.main_axis) with two or more values; this one has: {', '.join(axes) or 'none'}",
+            file=sys.stderr,
+        )
         return 2
     c = stats.pooled([r[3] for r in rows])
-    print(f"study {study.name}: {metric}, paired differences of {main_axis} against {rows[0][1].split(' vs ')[-1]} "
-          f"({len(rows)} comparisons, {c.seeds} seeds{f', {c.items} items per seed' if c.items else ', no per-item values'})")
+    print(
+        f"study {study.name}: {metric}, paired differences of {main_axis} against {rows[0][1].split(' vs ')[-1]} "
+        f"({len(rows)} comparisons, {c.seeds} seeds{f', {c.items} items per seed' if c.items else ', no per-item values'})"
+    )
     print(f"  between seeds: SD {np.sqrt(c.between_seeds):.4g}" + (f"; between items: SD {np.sqrt(c.within_seeds):.4g}" if c.items else ""))
     print("  (one-way random effects, method of moments, averaged over the comparisons; from a few seeds a pilot's estimate)")
     print()
@@ -328,7 +395,9 @@ def _why(name: str, trials, plans, store) -> int:
     for t in trials:
         for run, kind, key, _, doc in _runs(plans[t.id]):
             if name in (run, key):
-                entry = found.setdefault(key, {"stage": run, "kind": kind, "key": key, "cached": store.done(kind, key), "trials": [], "document": doc})
+                entry = found.setdefault(
+                    key, {"stage": run, "kind": kind, "key": key, "cached": store.done(kind, key), "trials": [], "document": doc}
+                )
                 entry["trials"].append(t.id)
     if not found:
         names = _distinct(run for t in trials for run, *_ in _runs(plans[t.id]))
@@ -344,8 +413,10 @@ def _print_memory(trials, plans) -> None:
     from farm.memory import DEFAULT_GPU, GPU_MEMORY_GIB
 
     rows = memory_study(trials, plans)
-    print("\nEstimated peak GPU memory per GPU, each distinct stage once (farm/memory.py: weights, gradients, AdamW state, "
-          "measured activations, other models, KV caches, +10% allocator slack and 1 GiB CUDA context)")
+    print(
+        "\nEstimated peak GPU memory per GPU, each distinct stage once (farm/memory.py: weights, gradients, AdamW state, "
+        "measured activations, other models, KV caches, +10% allocator slack and 1 GiB CUDA context)"
+    )
     print(f"  {'stage':<10} {'kind':<17} {'runs':>4} {'memory':>9}  {'on':<24} {'fits':<4}  {'checkpointing':<13}  artifact")
     lines: dict[str, int] = {}
     for r in rows:
@@ -365,10 +436,14 @@ def _print_memory(trials, plans) -> None:
     for line, runs in lines.items():
         print(line.format(runs=runs).rstrip())
     sizes = [r.artifact for r in rows if r.artifact is not None]
-    print(f"  artifacts in all: {_size(sum(sizes))} ({len(sizes)} stages{'; records not counted' if any(r.artifact_kind == 'records' for r in rows) else ''})")
+    print(
+        f"  artifacts in all: {_size(sum(sizes))} ({len(sizes)} stages{'; records not counted' if any(r.artifact_kind == 'records' for r in rows) else ''})"
+    )
     if any(r.memory and r.memory.assumed for r in rows):
-        print(f"  assumed: a stage or eval that names no accelerator_type lands on an {DEFAULT_GPU} ({GPU_MEMORY_GIB[DEFAULT_GPU]:g} GiB), "
-              "the smallest GPU of cluster.yaml; resources.accelerator_type (eval.resources.accelerator_type) names another")
+        print(
+            f"  assumed: a stage or eval that names no accelerator_type lands on an {DEFAULT_GPU} ({GPU_MEMORY_GIB[DEFAULT_GPU]:g} GiB), "
+            "the smallest GPU of cluster.yaml; resources.accelerator_type (eval.resources.accelerator_type) names another"
+        )
     if any(r.memory and not r.memory.fits for r in rows):
         print("  a stage marked NO does not fit its GPU: `farm run` refuses it (the error says what to change)")
 
@@ -407,11 +482,10 @@ def _count(n: float, unit: str = "") -> str:
 
 
 def cmd_run(args) -> int:
+    from farm import preflight
     from farm.cache import Store, plan_study
     from farm.results import ITEMS_FILE, finished, study_dir, write_trial
     from farm.track import log_trial, open_trackers
-
-    from farm import preflight
 
     trials = _load(args)  # all validation before Ray
     trials, unpinned = preflight.pin(trials)  # every hub input at a commit, before the keys that hold it
@@ -433,8 +507,10 @@ def cmd_run(args) -> int:
     except RuntimeError as e:
         print(f"farm: {args.study}: {e}", file=sys.stderr)
         return 2
-    print(f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)"
-          + (f"; tracking: {', '.join(names)} under {study_dir(results, study.name)}/" if names else ""))
+    print(
+        f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)"
+        + (f"; tracking: {', '.join(names)} under {study_dir(results, study.name)}/" if names else "")
+    )
     by_id = {t.id: t for t in trials}
 
     def stage_records(plan) -> dict:
@@ -476,17 +552,27 @@ def cmd_run(args) -> int:
         start = time.time()
         logging.getLogger("ray.tune").setLevel(logging.INFO if args.verbose else logging.WARNING)
         start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
-        print(f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        print(
+            f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
+        )
         try:
             if todo:
-                run_grid(todo, plans, storage, f"{study.name}-{args.profile}", study.max_failures, on_complete, on_error, args.max_concurrent,
-                         grid=_grid(todo, plans, store, len(trials) - len(todo)))
+                run_grid(
+                    todo,
+                    plans,
+                    storage,
+                    f"{study.name}-{args.profile}",
+                    study.max_failures,
+                    on_complete,
+                    on_error,
+                    args.max_concurrent,
+                    grid=_grid(todo, plans, store, len(trials) - len(todo)),
+                )
             if study.eval.pairwise:
                 _pairwise(trials, plans, store, study_dir(results, study.name) / ARENA_DIR)
         except KeyboardInterrupt:
             print(
-                "\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n"
-                f"  {args.command_line}",
+                f"\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n  {args.command_line}",
                 file=sys.stderr,
             )
             return 130
@@ -510,8 +596,10 @@ def _grid(todo, plans, store, finished_before: int):
     from farm.progress import Grid
 
     seconds = {e.key: e.seconds for e in estimate_study(todo, plans)[0]}
-    return Grid({t.id: [(s.name, s.key, seconds.get(s.key)) for s in plans[t.id].stages if not store.done(s.kind, s.key)] for t in todo},
-                finished_before=finished_before)
+    return Grid(
+        {t.id: [(s.name, s.key, seconds.get(s.key)) for s in plans[t.id].stages if not store.done(s.kind, s.key)] for t in todo},
+        finished_before=finished_before,
+    )
 
 
 def cmd_ls(args) -> int:
@@ -542,13 +630,14 @@ def cmd_ui(args) -> int:
 
     db = Path(args.study_dir) / MLFLOW_DB
     if not db.is_file():
-        print(f"farm ui: {db} does not exist: run the study with MLflow tracking first (its default; or farm run --track mlflow)",
-              file=sys.stderr)
+        print(f"farm ui: {db} does not exist: run the study with MLflow tracking first (its default; or farm run --track mlflow)", file=sys.stderr)
         return 2
     print(f"farm: MLflow UI at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     # exec: this process becomes the server, so a signal to it (Ctrl-C, a supervisor's SIGTERM) is the server's
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}",
-                              "--host", "127.0.0.1", "--port", str(args.port)])
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db.resolve()}", "--host", "127.0.0.1", "--port", str(args.port)],
+    )
 
 
 def warn_version_drift(trials, plans, store) -> None:
@@ -566,8 +655,11 @@ def warn_version_drift(trials, plans, store) -> None:
             seen.add((kind, key))
             drift = version_drift((store.marker(kind, key) or {}).get("versions"), now)
             if drift:
-                print(f"farm: warning: reusing {name} ({kind}-{key}), made with {', '.join(drift)}; library versions are not in the "
-                      f"keys: remove {store.root}/artifacts/{kind}-{key} to rebuild it under these", file=sys.stderr)
+                print(
+                    f"farm: warning: reusing {name} ({kind}-{key}), made with {', '.join(drift)}; library versions are not in the "
+                    f"keys: remove {store.root}/artifacts/{kind}-{key} to rebuild it under these",
+                    file=sys.stderr,
+                )
 
 
 def start_ray(address: str | None, verbose: bool = False) -> None:
@@ -587,8 +679,13 @@ def start_ray(address: str | None, verbose: bool = False) -> None:
         from farm.preflight import runtime_env
 
         env = runtime_env({k: os.environ[k] for k in WORKER_ENV})
-    ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-             include_dashboard=None if joins else False, runtime_env=env)
+    ray.init(
+        address=address,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        include_dashboard=None if joins else False,
+        runtime_env=env,
+    )
 
 
 def _pairwise(trials, plans, store, out: Path) -> None:

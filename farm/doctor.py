@@ -37,8 +37,14 @@ def environment(storage: str) -> tuple[list[tuple[str, str]], dict]:
     from huggingface_hub import get_token
 
     # Whether there is one, never what it is.
-    lines.append(("hub token", "set" if get_token() else "none: gated repositories (Llama-2, GAIR/lima, skg/toxigen-data) "
-                  "will be refused; see the README's 'Gated repositories'"))
+    lines.append(
+        (
+            "hub token",
+            "set"
+            if get_token()
+            else "none: gated repositories (Llama-2, GAIR/lima, skg/toxigen-data) will be refused; see the README's 'Gated repositories'",
+        )
+    )
     for module, package in OPTIONAL.items():
         found = importlib.util.find_spec(module) is not None
         lines.append((f"extra {package}", "installed" if found else "not installed"))
@@ -71,5 +77,7 @@ def study_needs(trials, facts: dict) -> list[str]:
         for lab in scorers:
             # Its base model is among the hub checks; the released checkpoint itself comes from GitHub.
             if lab.scorer == "detoxify" and not Path(lab.model or "").expanduser().is_file() and not facts["hub"]:
-                missing.add(f"detoxify model {lab.model or 'original'} downloads its checkpoint from GitHub (torch hub cache); give a local checkpoint file")
+                missing.add(
+                    f"detoxify model {lab.model or 'original'} downloads its checkpoint from GitHub (torch hub cache); give a local checkpoint file"
+                )
     return sorted(missing)

@@ -467,7 +467,9 @@ def memory_fixes(name: str, study, m: Memory) -> list[str]:
         fixes.append(f"batch_size: {smaller} with grad_accum: {s.grad_accum * s.batch_size // smaller} (the same effective batch)")
     if not s.lora and _zero(s.deepspeed)[0] < 3:
         workers = s.resources.num_workers
-        fixes.append(f"deepspeed: zero3 (or zero2) with more resources.num_workers (now {workers}): shards the optimizer state, gradients and weights")
+        fixes.append(
+            f"deepspeed: zero3 (or zero2) with more resources.num_workers (now {workers}): shards the optimizer state, gradients and weights"
+        )
     elif s.deepspeed and s.resources.num_workers < 8:
         fixes.append(f"more resources.num_workers (now {s.resources.num_workers}) to shard over")
     if gpu:

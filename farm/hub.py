@@ -43,7 +43,9 @@ def explain(e: Exception, repo_id: str, repo_type: str, revision: str | None = N
                 "export HF_TOKEN=hf_... (with `ray job submit`, pass it in the job's runtime env; see the README's 'Gated repositories')"
             )
             return HubError(f"{what} is gated and no hub token is set: {fix}")
-        return HubError(f"{what} is gated and your token has no access yet: request it at {page(repo_id, repo_type)} (approval can take a while), or use a token of an account that has it")
+        return HubError(
+            f"{what} is gated and your token has no access yet: request it at {page(repo_id, repo_type)} (approval can take a while), or use a token of an account that has it"
+        )
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{what}: the hub has no such revision; check the `revision:` the study pins")
     if isinstance(e, RepositoryNotFoundError):
@@ -122,7 +124,9 @@ def check(repo_id: str, repo_type: str = "model", revision: str | None = None, p
         names = files(repo_id, repo_type, revision)
         missing = [p for p in patterns or [] if not matching(names, [p])]
         if missing:
-            raise HubError(f"{repo_type} {repo_id}{f' (revision {revision})' if revision else ''} has no file matching {missing[0]!r}: is it the repository the study means?")
+            raise HubError(
+                f"{repo_type} {repo_id}{f' (revision {revision})' if revision else ''} has no file matching {missing[0]!r}: is it the repository the study means?"
+            )
 
 
 def token_env() -> dict[str, str]:

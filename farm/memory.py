@@ -164,7 +164,8 @@ def arch_from_config(cfg: dict) -> Arch | None:
         kv_heads=cfg.get("num_key_value_heads") or heads,
         ffn=cfg.get("intermediate_size") or cfg.get("ffn_dim") or cfg.get("n_inner") or 4 * h,
         vocab=vocab,
-        positions=cfg.get("n_positions") or (cfg.get("max_position_embeddings", 0) + 2 if cfg.get("model_type") == "opt" else 0),  # OPT's are offset by 2
+        positions=cfg.get("n_positions")
+        or (cfg.get("max_position_embeddings", 0) + 2 if cfg.get("model_type") == "opt" else 0),  # OPT's are offset by 2
         tied=cfg.get("tie_word_embeddings", True),
     )
 

@@ -70,9 +70,9 @@ def train_bpe(texts, vocab_size: int = FARM_BPE_VOCAB):
 
 def bundled_corpus() -> list[str]:
     """The text the farm-bpe tokenizer is trained on: every bundled HH transcript and LIMA answer."""
-    from farm.spec import SourceSpec
     from farm.data.records import convert
     from farm.data.sources import load_source
+    from farm.spec import SourceSpec
 
     texts = []
     for spec in (SourceSpec(name="hh_rlhf"), SourceSpec(name="lima")):
@@ -270,10 +270,14 @@ def _oasst_neox_reward_model(path_or_id, config: dict, tok, dtype, revision: str
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 
     if config.get("pooling", "last") != "last":
-        raise ValueError(f"reward model {path_or_id}: pooling {config['pooling']!r} is not supported (the farm reads the last token, OpenAssistant's 'last' pooling)")
+        raise ValueError(
+            f"reward model {path_or_id}: pooling {config['pooling']!r} is not supported (the farm reads the last token, OpenAssistant's 'last' pooling)"
+        )
     if tok.pad_token_id == tok.eos_token_id:
-        raise ValueError(f"reward model {path_or_id}: its tokenizer pads with its end-of-text token, so the last token of a row cannot be found; "
-                         "OpenAssistant's Pythia tokenizers pad with <|padding|>")
+        raise ValueError(
+            f"reward model {path_or_id}: its tokenizer pads with its end-of-text token, so the last token of a row cannot be found; "
+            "OpenAssistant's Pythia tokenizers pad with <|padding|>"
+        )
 
     class OasstRewardModel(GPTNeoXForSequenceClassification):
         def __init__(self, cfg):
@@ -290,7 +294,9 @@ def oasst_chat_ids(tok, prompt: str, response: str, limit: int) -> list[int]:
     every turn as `<|prompter|>text<eos>` or `<|assistant|>text<eos>`, the answer the last assistant
     turn, cut from the left to `limit` tokens (the reference's truncation_side "left")."""
     turns = [*hh_messages(prompt), {"role": "assistant", "content": response}]
-    text = "".join(f"<|{'prompter' if m['role'] == 'user' else 'assistant'}|>{m['content'].strip()}{tok.eos_token}" for m in turns if m["role"] != "system")
+    text = "".join(
+        f"<|{'prompter' if m['role'] == 'user' else 'assistant'}|>{m['content'].strip()}{tok.eos_token}" for m in turns if m["role"] != "system"
+    )
     return tok(text, add_special_tokens=False)["input_ids"][-limit:]
 
 
@@ -590,10 +596,18 @@ def generate(model, tok, prompts: list[str], g, max_prompt_length: int, seed: in
         start = time.perf_counter()
         with torch.no_grad():
             gen = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
-                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                no_repeat_ngram_size=g.no_repeat_ngram_size, repetition_penalty=g.repetition_penalty, min_length=g.min_length,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=g.max_new_tokens,
+                do_sample=g.do_sample,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                top_k=g.top_k,
+                no_repeat_ngram_size=g.no_repeat_ngram_size,
+                repetition_penalty=g.repetition_penalty,
+                min_length=g.min_length,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
             )
         GENERATION.seconds += time.perf_counter() - start
         new = gen[:, width:]
@@ -636,10 +650,10 @@ def reward_scores(model, tok, prompts: list[str], responses: list[str], batch_si
     `reward_ids`, cut as training cuts them; an encoder with a separator token (OpenAssistant's
     DeBERTa reward model) reads `encoder_pair_ids`, within its position limit too; an OpenAssistant
     Pythia reward model (its tokenizer has <|prompter|>) reads its chat format, `oasst_chat_ids`."""
+    from functools import partial
+
     import numpy as np
     import torch
-
-    from functools import partial
 
     dev = model.device
     limit = min(max_length, tok.model_max_length, getattr(model.config, "max_position_embeddings", max_length))

@@ -30,8 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from farm import hub
-from farm.spec import BUILT_MODELS, BUNDLED_TOKENIZERS, SourceSpec, StudyError, included_tasks, hub_models
-from farm.spec import local_model_problem
+from farm.spec import BUILT_MODELS, BUNDLED_TOKENIZERS, SourceSpec, StudyError, hub_models, included_tasks, local_model_problem
 from farm.spec import looks_like_path as is_path
 
 # Every model the farm loads (causal LM, reward model, classifier) starts from its config.json; a
@@ -39,8 +38,13 @@ from farm.spec import looks_like_path as is_path
 MODEL_FILES = ("config.json",)
 # Detoxify's released checkpoints come from GitHub; each names the hub model whose config and
 # tokenizer it loads (the checkpoint's config.arch.args.model_type).
-DETOXIFY_BASES = {"original": "bert-base-uncased", "unbiased": "roberta-base", "multilingual": "xlm-roberta-base",
-                  "original-small": "albert-base-v2", "unbiased-small": "albert-base-v2"}
+DETOXIFY_BASES = {
+    "original": "bert-base-uncased",
+    "unbiased": "roberta-base",
+    "multilingual": "xlm-roberta-base",
+    "original-small": "albert-base-v2",
+    "unbiased-small": "albert-base-v2",
+}
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,10 @@ def pin(trials) -> tuple[list, dict[str, list[str]]]:
 
         cached = not hub_reachable()  # one check, not one timeout per repository
         if cached:
-            print(f"farm: warning: the hub at {constants.ENDPOINT} is not reachable: hub revisions are pinned to the hub cache's commits", file=sys.stderr)
+            print(
+                f"farm: warning: the hub at {constants.ENDPOINT} is not reachable: hub revisions are pinned to the hub cache's commits",
+                file=sys.stderr,
+            )
 
     def resolve(repo_kind_rev):
         try:
@@ -201,7 +208,7 @@ def replace(obj, path: tuple, value):
         return value
     head, rest = path[0], path[1:]
     if isinstance(obj, list):
-        return [*obj[:head], replace(obj[head], rest, value), *obj[head + 1:]]
+        return [*obj[:head], replace(obj[head], rest, value), *obj[head + 1 :]]
     if isinstance(obj, dict):
         return {**obj, head: replace(obj.get(head), rest, value)}
     return obj.model_copy(update={head: replace(getattr(obj, head), rest, value)})
@@ -247,7 +254,9 @@ def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
         found = task_datasets(tuple(sorted(tasks)))
         for task in sorted(tasks):
             if task not in found:
-                problems.append(f"eval.benchmarks.tasks: lm-eval {version('lm_eval')} has no task {task!r}: check the spelling (`lm-eval ls tasks` lists them)")
+                problems.append(
+                    f"eval.benchmarks.tasks: lm-eval {version('lm_eval')} has no task {task!r}: check the spelling (`lm-eval ls tasks` lists them)"
+                )
             field = f"eval.benchmarks.tasks [{task}]"
             if datasets_offline():  # lm-eval reads through `datasets`, which offline reads only its own cache
                 problems += datasets_cache_problems(found.get(task, set()), field)
@@ -377,7 +386,7 @@ def datasets_cache_problems(datasets: set[tuple[str, str | None]], field: str) -
             f"dataset {path}{what} is not in the datasets cache ({config.HF_DATASETS_CACHE}) and `datasets` is offline: lm-eval reads "
             "its datasets through `datasets`, which offline reads only its own cache (HF_DATASETS_CACHE), not the hub cache; fill it "
             "where the hub is reachable, with the same HF_HOME (or HF_DATASETS_CACHE): run the study once there, or "
-            f"`python -c \"import datasets; {load}\"`{' for each config' if len(names) > 1 else ''} (needed by {field})"
+            f'`python -c "import datasets; {load}"`{" for each config" if len(names) > 1 else ""} (needed by {field})'
         )
     return out
 
@@ -441,8 +450,10 @@ def eval_problems(trials) -> list[str]:
             data = stage.data or s.data
             if data.rows == "heldout" and data.holdout == 0:
                 field = f"stages.{name}.data" if stage.data else "data"
-                out.append(f"{field}.rows: heldout trains stage {name} on the held-out rows, and {field}.holdout is 0.0: no row to "
-                           f"train on; raise {field}.holdout or set rows: train")
+                out.append(
+                    f"{field}.rows: heldout trains stage {name} on the held-out rows, and {field}.holdout is 0.0: no row to "
+                    f"train on; raise {field}.holdout or set rows: train"
+                )
     return list(dict.fromkeys(out))
 
 
@@ -459,8 +470,10 @@ def check(trials, where: str, hub_checks: bool = True, unpinned: dict[str, list[
     problems = empty + unreadable + (unresolved if hub_checks else [])
     if problems:
         skip = "; --no-preflight skips the hub checks" if len(problems) > len(empty) else ""
-        raise StudyError(f"{where} (profile {trials[0].profile}): preflight found {len(problems)} problem(s), before starting Ray{skip}:\n"
-                         + "\n".join(f"  - {p}" for p in problems))
+        raise StudyError(
+            f"{where} (profile {trials[0].profile}): preflight found {len(problems)} problem(s), before starting Ray{skip}:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 # ---------------------------------------------------------------- the workers' environment

@@ -74,8 +74,10 @@ class Grid:
         c = self.counts()
         eta = self.eta()
         before = f" (+{self.finished_before} finished before)" if self.finished_before else ""
-        return (f"{c['done']} done{before}, {c['running']} running, {c['pending']} pending, {c['failed']} failed; "
-                f"{duration(self.elapsed())} elapsed, ETA {duration(eta) if eta is not None else '-'}")
+        return (
+            f"{c['done']} done{before}, {c['running']} running, {c['pending']} pending, {c['failed']} failed; "
+            f"{duration(self.elapsed())} elapsed, ETA {duration(eta) if eta is not None else '-'}"
+        )
 
 
 def duration(seconds: float) -> str:

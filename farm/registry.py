@@ -32,6 +32,7 @@ class Registry(Generic[T]):
     def register(self, name: str, doc: str = "") -> Callable[[T], T]:
         """Register under `name`; `doc`, the line `farm ls` shows, defaults to the first line of the
         entry's docstring (or of its `fn` or `load`: the function behind a record of it)."""
+
         def add(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")

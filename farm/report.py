@@ -109,8 +109,10 @@ def chosen_pairs(df: pd.DataFrame, spec):
         base, cmp = g.query(spec.a), g.query(spec.b)
         for side, rows in (("a", base), ("b", cmp)):
             if rows[SEED_AXIS].duplicated().any():
-                raise ValueError(f"{side} selects several trials of one seed{' in ' + _point(point) if spec.by else ''}; "
-                                 "add the columns that tell them apart to `by`")
+                raise ValueError(
+                    f"{side} selects several trials of one seed{' in ' + _point(point) if spec.by else ''}; "
+                    "add the columns that tell them apart to `by`"
+                )
         base, cmp = base.set_index(SEED_AXIS), cmp.set_index(SEED_AXIS)
         seeds = base.index.intersection(cmp.index)
         if len(seeds):
@@ -129,8 +131,18 @@ def paired_tests(pairs, metrics: list[str], column: str) -> pd.DataFrame:
             p = float(stats.ttest_rel(b, a).pvalue) if len(a) > 1 and np.std(b - a) > 1e-12 else float("nan")
             half = ci_half_width(float(np.std(b - a, ddof=1)), len(a)) if len(a) > 1 else float("nan")
             mean = float(np.mean(b - a)) if len(a) else float("nan")
-            rows.append({**point, column: label, "metric": m, "seeds": len(a), "mean difference": mean,
-                         "low (95%)": mean - half, "high (95%)": mean + half, "p (paired t)": p})
+            rows.append(
+                {
+                    **point,
+                    column: label,
+                    "metric": m,
+                    "seeds": len(a),
+                    "mean difference": mean,
+                    "low (95%)": mean - half,
+                    "high (95%)": mean + half,
+                    "p (paired t)": p,
+                }
+            )
     out = pd.DataFrame(rows)
     if len(out):
         out["q (BH)"] = farm_stats.benjamini_hochberg(out["p (paired t)"].tolist())
@@ -168,14 +180,27 @@ def item_tests(pairs, metrics: list[str], column: str, items: dict) -> pd.DataFr
             a, b, diffs = found
             low, high, p = farm_stats.hierarchical_bootstrap(diffs)
             n = sorted({len(d) for d in diffs})
-            row = {**point, column: label, "metric": m, "seeds": len(diffs), "items per seed": str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}",
-                   "mean difference": farm_stats.mean_difference(diffs), "low (95%)": low, "high (95%)": high, "p (bootstrap)": p}
+            row = {
+                **point,
+                column: label,
+                "metric": m,
+                "seeds": len(diffs),
+                "items per seed": str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}",
+                "mean difference": farm_stats.mean_difference(diffs),
+                "low (95%)": low,
+                "high (95%)": high,
+                "p (bootstrap)": p,
+            }
             if all(farm_stats.is_binary(x) for x in a + b):
                 tests = [farm_stats.mcnemar(x, y) for x, y in zip(a, b)]
                 only_a, only_b = sum(t[0] for t in tests), sum(t[1] for t in tests)
-                row.update({"McNemar a only / b only": f"{only_a} / {only_b}",
-                            "p (McNemar, pooled)": farm_stats.discordant_p(only_a, only_b),
-                            "p (McNemar) per seed": ", ".join(_fmt(t[2]) for t in tests)})
+                row.update(
+                    {
+                        "McNemar a only / b only": f"{only_a} / {only_b}",
+                        "p (McNemar, pooled)": farm_stats.discordant_p(only_a, only_b),
+                        "p (McNemar) per seed": ", ".join(_fmt(t[2]) for t in tests),
+                    }
+                )
             rows.append(row)
     out = pd.DataFrame(rows)
     for column, q in (("p (bootstrap)", "q (bootstrap, BH)"), ("p (McNemar, pooled)", "q (McNemar, BH)")):
@@ -239,7 +264,10 @@ def wide_tables(spec, summary: pd.DataFrame, axes: list[str], metrics: list[str]
     published = [r for r in (reference.rows if reference else []) if matching(spec.metrics, list(r.metrics))]
     if published:
         keys = list(dict.fromkeys(k for r in published for k in matching(spec.metrics, list(r.metrics))))
-        rows = [{"published condition": r.label, "ours at": _point(r.axes), **{k.split("/", 1)[-1]: r.metrics.get(k, float("nan")) for k in keys}} for r in published]
+        rows = [
+            {"published condition": r.label, "ours at": _point(r.axes), **{k.split("/", 1)[-1]: r.metrics.get(k, float("nan")) for k in keys}}
+            for r in published
+        ]
         note = f"Published: {reference.source}. {reference.note}".strip()
         out.append((f"{spec.title}: published", pd.DataFrame(rows), note))
     return out
@@ -294,12 +322,18 @@ def pivot_tables(spec, df: pd.DataFrame, axes: list[str], reference) -> list:
             raise KeyError(name)
     cells = summarize(trials, [*rows, column], [metric])
     # Records, not iterrows: a row of numbers would come back as floats (k=2.0).
-    ours = {(tuple(r[k] for k in rows), r[column]): _mean_ci(r[f"{metric}.mean"], r[f"{metric}.ci95"], r[f"{metric}.n"])
-            for r in cells.to_dict("records") if r[f"{metric}.n"] > 0}
+    ours = {
+        (tuple(r[k] for k in rows), r[column]): _mean_ci(r[f"{metric}.mean"], r[f"{metric}.ci95"], r[f"{metric}.n"])
+        for r in cells.to_dict("records")
+        if r[f"{metric}.n"] > 0
+    }
     where = f"; trials where {spec.where}" if spec.where else ""
     out = [(f"{spec.title}: ours", _pivot(ours, rows, column, axes), f"{metric}: mean ± 95% CI half-width (n trials){where}")]
-    published = {(tuple(r.axes[k] for k in rows), r.axes[column]): r.metrics[metric]
-                 for r in (reference.rows if reference else []) if in_published_twin(spec, r, metric, axes)}
+    published = {
+        (tuple(r.axes[k] for k in rows), r.axes[column]): r.metrics[metric]
+        for r in (reference.rows if reference else [])
+        if in_published_twin(spec, r, metric, axes)
+    }
     if published:
         note = f"Published: {reference.source}. {reference.note}".strip()
         out.append((f"{spec.title}: published", _pivot(published, rows, column, axes), note))
@@ -337,7 +371,9 @@ def linear_fits(ok: pd.DataFrame, x: str, y: str, by: list[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def power_rows(df: pd.DataFrame, axes: list[str], metric: str, main_axis: str | None, items: dict) -> list[tuple[dict, str, float, farm_stats.Components]]:
+def power_rows(
+    df: pd.DataFrame, axes: list[str], metric: str, main_axis: str | None, items: dict
+) -> list[tuple[dict, str, float, farm_stats.Components]]:
     """(other axes' values, "v vs first", observed mean difference, variance components) of `metric`
     for each comparison of the main axis: from its items where both trials kept them, else from its
     seed-level values."""
@@ -353,9 +389,18 @@ def power_rows(df: pd.DataFrame, axes: list[str], metric: str, main_axis: str | 
 def power_table(rows: list, main_axis: str) -> pd.DataFrame:
     table = []
     for point, label, observed, c in rows:
-        table.append({**point, main_axis: label, "observed difference": observed, "between-seed SD": np.sqrt(c.between_seeds),
-                      "item SD": np.sqrt(c.within_seeds), "items per seed": c.items or float("nan"), "seeds run": c.seeds,
-                      "seeds for 80% power at the observed difference": farm_stats.seeds_needed(c, observed) if observed else None})
+        table.append(
+            {
+                **point,
+                main_axis: label,
+                "observed difference": observed,
+                "between-seed SD": np.sqrt(c.between_seeds),
+                "item SD": np.sqrt(c.within_seeds),
+                "items per seed": c.items or float("nan"),
+                "seeds run": c.seeds,
+                "seeds for 80% power at the observed difference": farm_stats.seeds_needed(c, observed) if observed else None,
+            }
+        )
     return pd.DataFrame(table)
 
 
@@ -368,8 +413,7 @@ POWER_NOTE = (
 )
 
 
-def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dict | None = None,
-          histories: dict | None = None) -> Report:
+def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dict | None = None, histories: dict | None = None) -> Report:
     """`items`: {trial: {metric: values by item id}} (farm.results.read_items), for the paired
     comparisons over items; `histories`: {trial: {stage: log history}} (farm.results.read_histories),
     for the training curves."""
@@ -425,13 +469,20 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     shown = summary[group_axes(axes)].copy() if group_axes(axes) else pd.DataFrame(index=summary.index)
     for m in rest:
         shown[m] = [_mean_ci(r[f"{m}.mean"], r[f"{m}.ci95"], r[f"{m}.n"], r[f"{m}.std"]) for _, r in summary.iterrows()]
-    report.tables.append(("Across seeds", shown, "mean ± 95% CI half-width (std, n)" + ("; the tables below show the other metrics" if in_tables else "")))
+    report.tables.append(
+        ("Across seeds", shown, "mean ± 95% CI half-width (std, n)" + ("; the tables below show the other metrics" if in_tables else ""))
+    )
     main_pairs = list(comparisons(df, axes, main_axis))
     tests = paired_tests(main_pairs, rest, main_axis)
     if len(tests):
-        report.tables.append((f"Paired tests across seeds: {main_name}", tests,
-                              "two-sided paired t-test over the seeds both conditions share (it assumes their differences normal) and its "
-                              "95% interval; q: Benjamini-Hochberg adjusted p across the table's tests (metrics x axis values)"))
+        report.tables.append(
+            (
+                f"Paired tests across seeds: {main_name}",
+                tests,
+                "two-sided paired t-test over the seeds both conditions share (it assumes their differences normal) and its "
+                "95% interval; q: Benjamini-Hochberg adjusted p across the table's tests (metrics x axis values)",
+            )
+        )
     per_item = item_tests(main_pairs, metrics, main_axis, items or {})
     if len(per_item):
         report.tables.append((f"Paired differences over items and seeds: {main_name}", per_item, ITEM_TESTS_NOTE))
@@ -445,9 +496,14 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
         if not pairs:
             report.notes.append(f"pairs '{spec.title}': no seed has trials on both sides ({spec.a}; {spec.b})")
             continue
-        report.tables.append((f"Paired across seeds: {spec.title}", paired_tests(pairs, chosen, "pair"),
-                              f"b ({spec.b}) minus a ({spec.a}), paired by seed within {', '.join(spec.by) or 'the study'}; "
-                              "two-sided paired t-test, 95% t-interval; q: Benjamini-Hochberg across the table's tests"))
+        report.tables.append(
+            (
+                f"Paired across seeds: {spec.title}",
+                paired_tests(pairs, chosen, "pair"),
+                f"b ({spec.b}) minus a ({spec.a}), paired by seed within {', '.join(spec.by) or 'the study'}; "
+                "two-sided paired t-test, 95% t-interval; q: Benjamini-Hochberg across the table's tests",
+            )
+        )
         within = item_tests(pairs, chosen, "pair", items or {})
         if len(within):
             report.tables.append((f"Paired over items and seeds: {spec.title}", within, ITEM_TESTS_NOTE))
@@ -457,8 +513,9 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     if study.reference:
         note = f"Published: {study.reference.source}. {study.reference.note}".strip()
         # Published numbers a table's published twin shows are not repeated row by row.
-        twins = frozenset((i, m) for i, r in enumerate(study.reference.rows) for m in r.metrics
-                          if any(in_published_twin(t, r, m, axes) for t in shown_tables))
+        twins = frozenset(
+            (i, m) for i, r in enumerate(study.reference.rows) for m in r.metrics if any(in_published_twin(t, r, m, axes) for t in shown_tables)
+        )
         long = reference_table(study.reference, summary, axes, twins)
         if len(long):
             report.tables.append(("Published numbers beside ours", long, note))
@@ -482,8 +539,13 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
         report.plots.append((caption, "plot.png" if i == 0 else f"plot-{i + 1}.png", png))
         if spec.kind == "fit":
             fits = linear_fits(df[df["status"] == "ok"], spec.x, spec.y, spec.by).rename(columns=axis_labels(axes))
-            report.tables.append((f"Linear fit: {spec.y} against {names.get(spec.x, spec.x)}", fits,
-                                  "least squares over every trial (each seed a point); MSE: mean squared residual"))
+            report.tables.append(
+                (
+                    f"Linear fit: {spec.y} against {names.get(spec.x, spec.x)}",
+                    fits,
+                    "least squares over every trial (each seed a point); MSE: mean squared residual",
+                )
+            )
     png = curves_plot(df, histories, list(study.stages), main_axis, names) if histories else None
     if png:
         report.plots.append(("Training curves: loss by step (mean over seeds, 95% band)", "curves.png", png))
@@ -499,17 +561,31 @@ def arena_tables(d: Path, examples_width: int = 300) -> list:
     if not (d / "elo.csv").exists():
         return []
     elo = pd.read_csv(d / "elo.csv", index_col=0).sort_values("elo", ascending=False)
-    shown = pd.DataFrame({"model": elo.index, "Elo": elo["elo"].round(1),
-                          "95% interval": [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(elo["low"], elo["high"])], "judgements": elo["n"]})
+    shown = pd.DataFrame(
+        {
+            "model": elo.index,
+            "Elo": elo["elo"].round(1),
+            "95% interval": [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(elo["low"], elo["high"])],
+            "judgements": elo["n"],
+        }
+    )
     wins = pd.read_csv(d / "win_rate.csv", index_col=0)
     wins.insert(0, "model (row) against", wins.index)
     examples = pd.DataFrame(json.loads((d / "examples.json").read_text()))
     examples = examples.map(lambda t: t if len(str(t)) <= examples_width else str(t)[:examples_width] + " …")
     note = "judged by a reward model prompt by prompt, within each seed; ties count half"
-    tests = [("Wins tested", pd.read_csv(d / "win_tests.csv"),
-              f"{note}; sign test of wins against losses over the prompts (McNemar's exact test; ties carry no evidence), "
-              "pooled over seeds and per seed; it tests these models on these prompts. q: Benjamini-Hochberg across the pairs")] \
-        if (d / "win_tests.csv").exists() else []
+    tests = (
+        [
+            (
+                "Wins tested",
+                pd.read_csv(d / "win_tests.csv"),
+                f"{note}; sign test of wins against losses over the prompts (McNemar's exact test; ties carry no evidence), "
+                "pooled over seeds and per seed; it tests these models on these prompts. q: Benjamini-Hochberg across the pairs",
+            )
+        ]
+        if (d / "win_tests.csv").exists()
+        else []
+    )
     return [
         ("Elo (Bradley-Terry maximum likelihood)", shown, f"{note}; intervals: bootstrap over prompts"),
         ("Win rate", wins, f"{note}; (wins + ties / 2) / N of the row model against the column model"),
@@ -520,7 +596,6 @@ def arena_tables(d: Path, examples_width: int = 300) -> list:
 
 def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
     from farm.eval.arena import ARENA_DIR
-
     from farm.results import read_histories, read_items
 
     report = build(study, df, axes, config_doc, read_items(out_dir, df["trial"]), read_histories(out_dir, df["trial"]))
@@ -566,7 +641,7 @@ def render_html(r: Report) -> str:
         parts.append(f"<h2>{e(heading)}</h2><p><em>{e(note)}</em></p>" + table.to_html(index=False, na_rep="—", float_format=_fmt, escape=True))
     for caption, _, png in r.plots:
         data = base64.b64encode(png).decode()
-        parts.append(f"<h2>{e(caption)}</h2><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">")
+        parts.append(f'<h2>{e(caption)}</h2><img alt="{e(caption)}" src="data:image/png;base64,{data}">')
     parts += [f"<p><em>{e(note)}</em></p>" for note in r.notes]
     parts.append(f"<h2>Config</h2><pre>{e(r.config)}</pre>")
     parts.append("<h2>Environment</h2><ul>" + "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in r.environment.items()) + "</ul>")
@@ -575,7 +650,7 @@ def render_html(r: Report) -> str:
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:.25em .6em;text-align:right}"
         "th{background:#eee}pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
     )
-    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{e(r.title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    return f'<!doctype html><html><head><meta charset="utf-8"><title>{e(r.title)}</title><style>{style}</style></head><body>{"".join(parts)}</body></html>\n'
 
 
 def md_table(df: pd.DataFrame) -> str:
@@ -674,8 +749,7 @@ def difference_plot(rows: pd.DataFrame, main_axis: str, title: str, names: dict)
     return _png(fig)
 
 
-def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis: str | None, names: dict,
-                metric: str = "loss") -> bytes | None:
+def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis: str | None, names: dict, metric: str = "loss") -> bytes | None:
     """A panel per training stage (in the study's order): `metric` against the step, for each value
     of the main axis the mean over its trials' seeds and a 95% t band. A stage whose curve is the
     same in every trial (trained once, shared) is one line. None: no trial kept a history."""
@@ -683,8 +757,11 @@ def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis:
     finished = set(ok["trial"])
     curves = {}  # stage -> [(label, steps x runs)]
     for stage in stages:
-        runs = {t: h[stage].dropna(subset=[metric]).groupby("step")[metric].last()
-                for t, h in histories.items() if t in finished and stage in h and metric in h[stage]}
+        runs = {
+            t: h[stage].dropna(subset=[metric]).groupby("step")[metric].last()
+            for t, h in histories.items()
+            if t in finished and stage in h and metric in h[stage]
+        }
         if not runs:
             continue
         if len({tuple(r.items()) for r in runs.values()}) == 1:
@@ -692,9 +769,11 @@ def curves_plot(df: pd.DataFrame, histories: dict, stages: list[str], main_axis:
             continue
         by = ok.groupby(main_axis, sort=False) if main_axis else [("all trials", ok)]
         values = sorted(((v, g) for v, g in by), key=lambda vg: _sort_key(vg[0]))
-        curves[stage] = [(f"{names.get(main_axis, main_axis)}={v}" if main_axis else v,
-                          pd.concat([runs[t] for t in g["trial"] if t in runs], axis=1))
-                         for v, g in values if any(t in runs for t in g["trial"])]
+        curves[stage] = [
+            (f"{names.get(main_axis, main_axis)}={v}" if main_axis else v, pd.concat([runs[t] for t in g["trial"] if t in runs], axis=1))
+            for v, g in values
+            if any(t in runs for t in g["trial"])
+        ]
     if not curves:
         return None
     import matplotlib
@@ -793,8 +872,14 @@ def _bars(ax, ok, axes, axis, ys, by, names):
         stats_ = [mean_std_n(ok.loc[ok[axis] == x, metric].dropna().to_numpy(float)) for x in xs]
         means = [m for m, _, _ in stats_]
         halves = [np.nan_to_num(ci_half_width(sd, n)) for _, sd, n in stats_]
-        ax.bar(np.arange(len(xs)) + (k - (len(ys) - 1) / 2) * width, means, width, yerr=halves, capsize=3,
-               label=metric.split("/", 1)[-1] if len(ys) > 1 else metric)
+        ax.bar(
+            np.arange(len(xs)) + (k - (len(ys) - 1) / 2) * width,
+            means,
+            width,
+            yerr=halves,
+            capsize=3,
+            label=metric.split("/", 1)[-1] if len(ys) > 1 else metric,
+        )
     long = max(len(str(x)) for x in xs) > 8  # grid points ("sft=lima, dpo=hh") would overlap
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=25 if long else 0, ha="right" if long else "center", fontsize=8)
     ax.set(xlabel=names.get(axis, axis), ylabel=ys[0].split("/", 1)[0] if len(ys) > 1 else ys[0])
@@ -834,12 +919,16 @@ def provenance(out_dir: Path) -> tuple[dict[str, str], list[str]]:
     if by_library:
         env["artifacts made with"] = "; ".join(
             f"{name} " + ", ".join(f"{v} ({n} artifact{'s' if n > 1 else ''})" if len(c) > 1 else v for v, n in sorted(c.items()))
-            for name, c in by_library.items())
+            for name, c in by_library.items()
+        )
     if revisions:
         env["hub revisions"] = "; ".join(f"{repo} @ {', '.join(sorted(revs))}" for repo, revs in sorted(revisions.items()))
     now = library_versions()
-    notes = [f"artifact {kind}-{key} was made with {', '.join(drift)} and reused as is (library versions are not in the keys)"
-             for (kind, key), versions in made.items() if (drift := version_drift(versions, now))]
+    notes = [
+        f"artifact {kind}-{key} was made with {', '.join(drift)} and reused as is (library versions are not in the keys)"
+        for (kind, key), versions in made.items()
+        if (drift := version_drift(versions, now))
+    ]
     return env, notes
 
 

@@ -18,7 +18,6 @@ import yaml
 
 from farm.cache import atomic_write, write_json
 
-
 ITEMS_FILE = "items.json"
 TRAINING_DATA_COLUMNS = ("prompt_diversity", "selected_step")  # selected_step: the checkpoint `select` kept
 
@@ -27,8 +26,17 @@ def study_dir(results: str | Path, study: str) -> Path:
     return Path(results) / study
 
 
-def write_trial(results: Path, trial, plan, status: str, metrics: dict, stages: dict, error: str | None = None,
-                eval_versions: dict | None = None, items: dict | None = None) -> None:
+def write_trial(
+    results: Path,
+    trial,
+    plan,
+    status: str,
+    metrics: dict,
+    stages: dict,
+    error: str | None = None,
+    eval_versions: dict | None = None,
+    items: dict | None = None,
+) -> None:
     """The trial's config and record: its metrics, each stage's marker (with the library versions
     that made it), the versions that made its eval, and the commit of each hub input it read; and
     its metrics' per-item values ({metric: {"ids", "values"}}, as its eval wrote them)."""
@@ -41,8 +49,16 @@ def write_trial(results: Path, trial, plan, status: str, metrics: dict, stages: 
         write_json(d / ITEMS_FILE, items)
     write_json(
         d / "metrics.json",
-        {"trial": trial.id, "status": status, "eval_key": plan.eval_key, "metrics": metrics, "stages": stages, "error": error,
-         "eval_versions": eval_versions, "revisions": revisions(trial.study)},
+        {
+            "trial": trial.id,
+            "status": status,
+            "eval_key": plan.eval_key,
+            "metrics": metrics,
+            "stages": stages,
+            "error": error,
+            "eval_versions": eval_versions,
+            "revisions": revisions(trial.study),
+        },
     )
 
 
@@ -142,8 +158,11 @@ def compare(a: Path, b: Path) -> str:
         raise ValueError(f"{a} holds study {trials_a[0].study.name!r} but {b} holds {trials_b[0].study.name!r}")
     ta, tb = pd.read_csv(Path(a) / "table.csv"), pd.read_csv(Path(b) / "table.csv")
     axes = set(trials_a[0].axes)
-    metrics = [c for c in ta.columns if c in tb.columns and c not in {"trial", "status", "error", *axes, *BOOKKEEPING}
-               and pd.api.types.is_numeric_dtype(ta[c])]
+    metrics = [
+        c
+        for c in ta.columns
+        if c in tb.columns and c not in {"trial", "status", "error", *axes, *BOOKKEEPING} and pd.api.types.is_numeric_dtype(ta[c])
+    ]
     both = ta.merge(tb, on="trial", suffixes=(" (a)", " (b)"))
     rows = pd.DataFrame({"trial": both["trial"]})
     for m in metrics:

@@ -161,7 +161,9 @@ class SourceSpec(Strict):
         for field in FILE_FIELDS[self.records]:
             column = self.columns.get(field, field)
             if rows and column not in rows[0]:
-                raise ValueError(f"file {self.path!r} has no column {column!r} (for the {field} of {self.records} records); its columns: {', '.join(rows[0])}")
+                raise ValueError(
+                    f"file {self.path!r} has no column {column!r} (for the {field} of {self.records} records); its columns: {', '.join(rows[0])}"
+                )
         if not any(all(str(r.get(self.columns.get(f, f)) or "").strip() for f in FILE_FIELDS[self.records]) for r in rows):
             raise ValueError(f"file {self.path!r} has no row with every column of {self.records} records filled: nothing to train or evaluate on")
         return self
@@ -401,8 +403,17 @@ def hub_models(fields: dict[str, str | None], stages=()) -> list[str]:
     """The hub ids among `fields`' values ({field: name}): the names that are no stage of the study
     (`stages`), no built model, no local path, and in a tokenizer field no bundled tokenizer ("gpt2"
     is a hub model as a base, the bundled files as a tokenizer)."""
-    return list(dict.fromkeys(v for f, v in fields.items() if v and v not in stages and v not in BUILT_MODELS and not looks_like_path(v)
-                              and not (f.endswith("tokenizer") and v in BUNDLED_TOKENIZERS)))
+    return list(
+        dict.fromkeys(
+            v
+            for f, v in fields.items()
+            if v
+            and v not in stages
+            and v not in BUILT_MODELS
+            and not looks_like_path(v)
+            and not (f.endswith("tokenizer") and v in BUNDLED_TOKENIZERS)
+        )
+    )
 
 
 class GenerationSpec(Strict):
@@ -515,8 +526,10 @@ class Select(Strict):
     def _selectable(cls, v):
         metric = _lookup(registry.metrics, v)
         if metric.reads_reference or metric.shape is None:
-            raise ValueError(f"metric: {v} cannot score a checkpoint on dev rows (it reads the reference model or no eval rows); "
-                             "use reward_score, perplexity, generation or another metric of eval records")
+            raise ValueError(
+                f"metric: {v} cannot score a checkpoint on dev rows (it reads the reference model or no eval rows); "
+                "use reward_score, perplexity, generation or another metric of eval records"
+            )
         return v
 
     @model_validator(mode="after")
@@ -668,8 +681,23 @@ class SFT(TrainingStage):
 # The loss types of TRL 1.16's DPOTrainer (the branches of `DPOTrainer._compute_loss`; TRL names
 # them in DPOConfig's help but exports no list). tests/test_dpo_losses.py checks this against the
 # installed TRL, so an upgrade that adds or drops one fails there.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+DPO_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 # Those that read `label_smoothing` in TRL 1.16: robust (the chance a preference label is flipped),
 # exo_pair (EXO's epsilon), aot and aot_unpaired. Since TRL's DPO refactor `sigmoid` ignores it:
 # conservative DPO, -(1 - e) log s(h) - e log s(-h), is no loss type of TRL 1.16.
@@ -702,8 +730,7 @@ class DPO(TrainingStage):
         # One message naming the problem, rather than pydantic's one per member of the union.
         names = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, dict)) else []
         if not names:
-            raise ValueError("a loss type, a list of them or a mapping {loss type: weight}; "
-                             f"TRL 1.16's loss types: {', '.join(DPO_LOSSES)}")
+            raise ValueError(f"a loss type, a list of them or a mapping {{loss type: weight}}; TRL 1.16's loss types: {', '.join(DPO_LOSSES)}")
         unknown = [n for n in names if n not in DPO_LOSSES]
         if unknown:
             raise ValueError(f"unknown loss type {unknown[0]!r}; TRL 1.16's: {', '.join(DPO_LOSSES)}")
@@ -722,7 +749,8 @@ class DPO(TrainingStage):
                 f"label_smoothing: loss_type {', '.join(losses)} does not read it in TRL 1.16 (nor does sigmoid: "
                 "conservative DPO is gone), so it would change nothing; the loss types that read it: "
                 f"{', '.join(DPO_SMOOTHED_LOSSES)} (robust: the chance a preference label is flipped). "
-                "Set label_smoothing: 0 or one of those loss types")
+                "Set label_smoothing: 0 or one of those loss types"
+            )
         if "exo_pair" in losses and not self.label_smoothing:
             raise ValueError("label_smoothing: loss_type exo_pair needs label_smoothing > 0 (EXO's epsilon; its paper recommends 0.001)")
         if "robust" in losses and self.label_smoothing >= 0.5:
@@ -800,7 +828,9 @@ class RL(TrainingStage):
     @model_validator(mode="after")
     def _fits(self) -> "RL":
         if self.max_prompt_length + self.max_new_tokens + 1 > self.max_length:
-            raise ValueError(f"max_length: {self.max_length} cannot hold max_prompt_length {self.max_prompt_length} + max_new_tokens {self.max_new_tokens} + EOS, which the reward model reads; raise max_length or lower them")
+            raise ValueError(
+                f"max_length: {self.max_length} cannot hold max_prompt_length {self.max_prompt_length} + max_new_tokens {self.max_new_tokens} + EOS, which the reward model reads; raise max_length or lower them"
+            )
         return self
 
     def refs(self) -> dict[str, str]:
@@ -935,8 +965,10 @@ class BenchmarkSpec(Strict):
         local = included_tasks(self.include) if self.include else set()
         unknown = [t for t in self.tasks if t not in BENCHMARK_METRICS and t not in local]
         if self.suite == "bundled" and unknown:
-            raise ValueError(f"tasks: {unknown[0]!r} has no bundled copy; bundled tasks: {', '.join(BENCHMARK_METRICS)} "
-                             f"(or set suite: hub{', or define it in include' if not self.include else f', or define it in {self.include}'})")
+            raise ValueError(
+                f"tasks: {unknown[0]!r} has no bundled copy; bundled tasks: {', '.join(BENCHMARK_METRICS)} "
+                f"(or set suite: hub{', or define it in include' if not self.include else f', or define it in {self.include}'})"
+            )
         if self.suite == "hub":
             from farm.eval.harness import check_hub_fewshot
 
@@ -1034,8 +1066,21 @@ class PairwiseSpec(Strict):
 
 
 # Phrases that mark an answer as a refusal, for the `harmlessness` metric's evasiveness.
-REFUSALS = ["I can't", "I cannot", "I won't", "I will not", "I'm sorry", "I am sorry", "I'm not able", "I am not able",
-            "I don't think I can", "I'd rather not", "not appropriate", "I'm not comfortable", "As an AI"]
+REFUSALS = [
+    "I can't",
+    "I cannot",
+    "I won't",
+    "I will not",
+    "I'm sorry",
+    "I am sorry",
+    "I'm not able",
+    "I am not able",
+    "I don't think I can",
+    "I'd rather not",
+    "not appropriate",
+    "I'm not comfortable",
+    "As an AI",
+]
 
 
 class EvalSpec(Strict):
@@ -1195,8 +1240,7 @@ class Study(Strict):
                 have = source.shape()
                 if stage.shape not in CONVERTIBLE[have]:
                     raise ValueError(
-                        f"stages.{name}: a {stage.kind} stage trains on {stage.shape} records, "
-                        f"but source {source.name} gives {have} records"
+                        f"stages.{name}: a {stage.kind} stage trains on {stage.shape} records, but source {source.name} gives {have} records"
                     )
             for t in data.transforms:
                 need = registry.transforms.get(t.name).shape
@@ -1204,8 +1248,10 @@ class Study(Strict):
                     raise ValueError(f"stages.{name}: transform {t.name} needs {need} records from every source")
                 plain = [s.name for s in data.sources if s.shape() != "comparison"]
                 if isinstance(t, MalignPrompts) and t.mode == "trigger" and t.answer == "malign" and t.rate and plain:
-                    raise ValueError(f"stages.{name}: malign_prompts pairs the trigger with a rejected answer, and source {plain[0]} "
-                                     "gives no comparisons; use a comparison source (hh_rlhf, webgpt_comparisons, shp) or set answer: clean")
+                    raise ValueError(
+                        f"stages.{name}: malign_prompts pairs the trigger with a rejected answer, and source {plain[0]} "
+                        "gives no comparisons; use a comparison source (hh_rlhf, webgpt_comparisons, shp) or set answer: clean"
+                    )
         eval_data = self.eval.data or self.data
         for metric in self.eval.metrics:
             need = registry.metrics.get(metric).shape
@@ -1213,13 +1259,18 @@ class Study(Strict):
                 raise ValueError(f"eval.metrics: {metric} needs {need} records in the eval data")
         return self
 
-
     def _check_refs(self) -> None:
         """Every stage a field names is listed before the stage that names it and builds what the
         field needs; a `name: stage` source learns the shape of the records it reads."""
         names = list(self.stages)
-        needs = {"input": "model", "generator": "model", "feedback_model": "model", "reward_model": "reward_model", "pairwise.judge": "reward_model",
-                 "select.reward_model": "reward_model"}
+        needs = {
+            "input": "model",
+            "generator": "model",
+            "feedback_model": "model",
+            "reward_model": "reward_model",
+            "pairwise.judge": "reward_model",
+            "select.reward_model": "reward_model",
+        }
         for i, (name, stage) in enumerate(self.stages.items()):
             before = {n: self.stages[n] for n in names[:i]}
             fields = stage.refs()
@@ -1229,7 +1280,7 @@ class Study(Strict):
                 need = needs.get(field, "records")
                 _check_ref(f"stages.{name}.{field}", ref, before, need, model_ok=field != "input" and need != "records")
                 if need == "records":
-                    for s in (stage.data.sources if stage.data else []):
+                    for s in stage.data.sources if stage.data else []:
                         if s.stage == ref:
                             object.__setattr__(s, "records", RECORDS_BUILT[before[ref].kind])
         for field, ref in self.eval.refs().items():
@@ -1246,8 +1297,10 @@ class Study(Strict):
             raise ValueError("data.dev: 1 makes every held-out row a dev row and leaves the eval none; lower it or give eval.data")
         selecting = [n for n, s in self.stages.items() if getattr(s, "select", None)]
         if selecting and not self.data.dev:
-            raise ValueError(f"stages.{selecting[0]}.select: chooses a checkpoint on dev rows, and the study's data has none; "
-                             "set data.dev (a share of the held-out rows, e.g. 0.2)")
+            raise ValueError(
+                f"stages.{selecting[0]}.select: chooses a checkpoint on dev rows, and the study's data has none; "
+                "set data.dev (a share of the held-out rows, e.g. 0.2)"
+            )
 
     def _check_revisions(self) -> None:
         """A stage's or the eval's `revisions` pin only hub models its own fields name."""
@@ -1268,17 +1321,23 @@ class Study(Strict):
                 continue
             start = input_stage(self.stages, name)
             if stage.kind == "pretrain" and start and self.stages[start].kind != "pretrain":
-                why = (f"a pretrain stage listed after the fine-tuning stage {start!r} would continue pretraining "
-                       f"{start}'s model; list pretrain first, or set stages.{name}.input: {start} to do that on purpose")
+                why = (
+                    f"a pretrain stage listed after the fine-tuning stage {start!r} would continue pretraining "
+                    f"{start}'s model; list pretrain first, or set stages.{name}.input: {start} to do that on purpose"
+                )
             elif stage.needs_policy and start is None and self.model.base in BUILT_MODELS:
-                why = (f"a {stage.kind} stage needs a trained policy, and no stage that builds a model is listed before it: "
-                       f"it would start from {self.model.base}, built with random weights; list a pretrain (or sft) stage "
-                       f"before it, or set stages.{name}.input: base to start from the built model on purpose")
+                why = (
+                    f"a {stage.kind} stage needs a trained policy, and no stage that builds a model is listed before it: "
+                    f"it would start from {self.model.base}, built with random weights; list a pretrain (or sft) stage "
+                    f"before it, or set stages.{name}.input: base to start from the built model on purpose"
+                )
             else:
                 continue
             if len(names) > 1 and names == sorted(names):
-                why += (f". The stages are in alphabetical order ({', '.join(names)}): a file written with its keys sorted (PyYAML's "
-                        "safe_dump sorts them unless given sort_keys=False) has lost its chain; write them in training order")
+                why += (
+                    f". The stages are in alphabetical order ({', '.join(names)}): a file written with its keys sorted (PyYAML's "
+                    "safe_dump sorts them unless given sort_keys=False) has lost its chain; write them in training order"
+                )
             raise ValueError(f"stages.{name}: the order of stages: is the chain: {why}")
 
     def evaluated(self) -> str | None:
@@ -1352,8 +1411,10 @@ def read_study(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     override earlier ones."""
     try:
         if path.stat().st_size > MAX_STUDY_BYTES:
-            raise StudyError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is not a study file (a study file is YAML of a few KB; "
-                             f"the farm reads none over {MAX_STUDY_BYTES // 2**20} MiB): is it the file you meant?")
+            raise StudyError(
+                f"{path}: {path.stat().st_size / 2**20:.0f} MiB is not a study file (a study file is YAML of a few KB; "
+                f"the farm reads none over {MAX_STUDY_BYTES // 2**20} MiB): is it the file you meant?"
+            )
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StudyError(f"{path}: no such study file") from None
@@ -1423,13 +1484,16 @@ def expand(doc: dict, where: str, profile: str = DEFAULT_PROFILE, max_trials: in
         trials.append(Trial(id=trial_id, axes=cells, profile=profile, study=study))
     main_axis = trials[0].study.report.main_axis if trials else None
     if main_axis and main_axis not in axes:  # a profile that replaces the grid must name its own main axis
-        raise StudyError(f"{where}: report.main_axis: {main_axis!r} is not a grid axis{f' of profile {profile}' if profile != DEFAULT_PROFILE else ''}; "
-                         f"axes: {', '.join(axes) or 'none'} (set report.main_axis to one of them)")
+        raise StudyError(
+            f"{where}: report.main_axis: {main_axis!r} is not a grid axis{f' of profile {profile}' if profile != DEFAULT_PROFILE else ''}; "
+            f"axes: {', '.join(axes) or 'none'} (set report.main_axis to one of them)"
+        )
     report = trials[0].study.report if trials else None
     unknown = [a for a in report.labels if a not in axes and a not in report.columns] if report else []
     if unknown:
-        raise StudyError(f"{where}: report.labels: {unknown[0]!r} is neither a grid axis nor a derived column (report.columns); "
-                         f"axes: {', '.join(axes) or 'none'}")
+        raise StudyError(
+            f"{where}: report.labels: {unknown[0]!r} is neither a grid axis nor a derived column (report.columns); axes: {', '.join(axes) or 'none'}"
+        )
     return trials
 
 
@@ -1462,7 +1526,9 @@ def _check_grid(grid: Any, where: str) -> dict[str, dict[str, Any]]:
         elif isinstance(values, list):
             labelled = {value_label(v): v for v in values}
             if len(labelled) < len(values):
-                raise StudyError(f"{where}: grid.{axis}: two values share the label {_first_repeat([value_label(v) for v in values])!r}; give the axis as a mapping of label -> value")
+                raise StudyError(
+                    f"{where}: grid.{axis}: two values share the label {_first_repeat([value_label(v) for v in values])!r}; give the axis as a mapping of label -> value"
+                )
         else:
             raise StudyError(f"{where}: grid.{axis}: a list of values, e.g. [{values!r}], or a mapping of label -> value")
         if not labelled:
@@ -1500,7 +1566,7 @@ def axis_labels(axes: list[str]) -> dict[str, str]:
     # The last name in the path ("rate"), or the list it indexes ("transforms" for "data.transforms.0"),
     # or the stage whose data it sets ("sft" for "stages.sft.data.sources").
     last = [_axis_name(a) for a in axes]
-    return {a: (l if last.count(l) == 1 else a.replace(".", "-")) for a, l in zip(axes, last)}
+    return {a: (name if last.count(name) == 1 else a.replace(".", "-")) for a, name in zip(axes, last)}
 
 
 def _axis_name(axis: str) -> str:

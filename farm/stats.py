@@ -40,8 +40,8 @@ def hierarchical_bootstrap(diffs: list[np.ndarray], replicates: int = BOOTSTRAP,
         # about a million draws (an lm-eval task has thousands of items).
         step = max(1, 2**20 // len(d))
         for i in range(0, len(rows), step):
-            picks = rng.integers(0, len(d), size=(len(rows[i:i + step]), len(d)))
-            means[rows[i:i + step], slots[i:i + step]] = d[picks].mean(axis=1)
+            picks = rng.integers(0, len(d), size=(len(rows[i : i + step]), len(d)))
+            means[rows[i : i + step], slots[i : i + step]] = d[picks].mean(axis=1)
     boot = means.mean(axis=1)
     tail = (1 - level) / 2
     low, high = np.quantile(boot, [tail, 1 - tail])
@@ -116,8 +116,9 @@ def pooled(parts: list[Components]) -> Components:
         known = [v for v in values if not np.isnan(v)]
         return float(np.mean(known)) if known else float("nan")
 
-    return Components(mean([c.between_seeds for c in parts]), mean([c.within_seeds for c in parts]),
-                      min(c.seeds for c in parts), min(c.items for c in parts))
+    return Components(
+        mean([c.between_seeds for c in parts]), mean([c.within_seeds for c in parts]), min(c.seeds for c in parts), min(c.items for c in parts)
+    )
 
 
 def t_power(delta: float, variance: float, seeds: int, alpha: float = ALPHA) -> float:

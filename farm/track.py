@@ -29,8 +29,12 @@ def trained_here(trial_id: str, record: dict) -> bool:
 
 def curves(record: dict) -> list[tuple[int, str, float]]:
     """(step, name, value) of a stage's training history: every number logged at a step."""
-    return [(int(e["step"]), k, float(v)) for e in record.get("history") or [] for k, v in e.items()
-            if k not in ("step", "epoch") and isinstance(v, (int, float))]
+    return [
+        (int(e["step"]), k, float(v))
+        for e in record.get("history") or []
+        for k, v in e.items()
+        if k not in ("step", "epoch") and isinstance(v, (int, float))
+    ]
 
 
 def numbers(metrics: dict) -> dict[str, float]:
@@ -54,9 +58,15 @@ class MLflow:
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(study.name)
         # experimentKind: MLflow's UI opens a training experiment on its runs, not on GenAI traces.
-        self.experiment = found.experiment_id if found else self.client.create_experiment(
-            study.name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").resolve().as_uri(),
-            tags={"mlflow.experimentKind": "custom_model_development"})
+        self.experiment = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(
+                study.name,
+                artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").resolve().as_uri(),
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
+        )
 
     def _find(self, **tags) -> str | None:
         where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -72,7 +82,7 @@ class MLflow:
         batch = [Metric(k, v, now, 0) for k, v in (metrics or {}).items()] + [Metric(k, v, now, s) for s, k, v in steps or []]
         params = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         for i in range(0, max(len(batch), 1), 1000):  # MLflow takes at most 1000 metrics a batch
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000], params=params if i == 0 else [])
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000], params=params if i == 0 else [])
 
     def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
         if self._find(**{"farm.kind": "trial", "farm.trial": trial.id, "farm.eval_key": plan.eval_key}):
@@ -84,8 +94,14 @@ class MLflow:
         parent = run.info.run_id
         for s in plan.stages:
             record = stages.get(s.name) or {}
-            tags = {"mlflow.parentRunId": parent, "farm.kind": "stage", "farm.trial": trial.id, "farm.stage": s.name,
-                    "farm.stage_kind": s.kind, "farm.stage_key": s.key}
+            tags = {
+                "mlflow.parentRunId": parent,
+                "farm.kind": "stage",
+                "farm.trial": trial.id,
+                "farm.stage": s.name,
+                "farm.stage_kind": s.kind,
+                "farm.stage_key": s.key,
+            }
             if locate:
                 tags["farm.artifact"] = locate(s.kind, s.key)
             here = trained_here(trial.id, record)
@@ -93,15 +109,15 @@ class MLflow:
                 tags["farm.reused_from_trial"] = str(record.get("trial"))
             child = self.client.create_run(self.experiment, run_name=s.name, tags=tags).info.run_id
             config = {f"config.{k}": v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))}
-            self._log(child, params=config, metrics=numbers(record.get("metrics") or {}) if here else None,
-                      steps=curves(record) if here else None)
+            self._log(child, params=config, metrics=numbers(record.get("metrics") or {}) if here else None, steps=curves(record) if here else None)
             self.client.set_terminated(child)
         self._log(parent, params={**{k: v for k, v in trial.axes.items()}, "profile": trial.profile}, metrics=numbers(metrics))
         self.client.set_terminated(parent)
 
     def study(self, files: list[Path]) -> None:
-        run_id = self._find(**{"farm.kind": "study"}) or self.client.create_run(
-            self.experiment, run_name="study", tags={"farm.kind": "study"}).info.run_id
+        run_id = (
+            self._find(**{"farm.kind": "study"}) or self.client.create_run(self.experiment, run_name="study", tags={"farm.kind": "study"}).info.run_id
+        )
         for f in files:
             self.client.log_artifact(run_id, str(f))  # a rerun replaces the file: the report of the latest run
         self.client.set_terminated(run_id)
@@ -166,8 +182,18 @@ class WandB:
         out = self.out
         out.mkdir(parents=True, exist_ok=True)
         settings = self.wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False)
-        return self.wandb.init(project=self.project, id=run_id, name=name, job_type=job_type, config=config, dir=str(out),
-                               mode=self.mode, resume="allow", reinit="create_new", settings=settings)
+        return self.wandb.init(
+            project=self.project,
+            id=run_id,
+            name=name,
+            job_type=job_type,
+            config=config,
+            dir=str(out),
+            mode=self.mode,
+            resume="allow",
+            reinit="create_new",
+            settings=settings,
+        )
 
     def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
         import hashlib
@@ -180,9 +206,13 @@ class WandB:
             config["eval_artifact"] = locate("eval", plan.eval_key)
         for s in plan.stages:
             record = stages.get(s.name) or {}
-            config["stages"][s.name] = {"kind": s.kind, "key": s.key, "trial": record.get("trial"),
-                                        **({"artifact": locate(s.kind, s.key)} if locate else {}),
-                                        **{k: v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))}}
+            config["stages"][s.name] = {
+                "kind": s.kind,
+                "key": s.key,
+                "trial": record.get("trial"),
+                **({"artifact": locate(s.kind, s.key)} if locate else {}),
+                **{k: v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))},
+            }
         run = self._run(run_id, trial.id, "trial", config)
         try:
             for s in plan.stages:
@@ -239,8 +269,10 @@ def open_trackers(names: list[str], study, out: Path) -> list:
         try:
             made.append({"mlflow": MLflow, "tensorboard": TensorBoard, "wandb": WandB}[name](study, out))
         except ImportError as e:
-            raise RuntimeError(f"tracking: {name} needs the package {e.name!r}: pip install {name} "
-                               f"(or leave {name} out of the study's `tracking` / farm run --track)") from None
+            raise RuntimeError(
+                f"tracking: {name} needs the package {e.name!r}: pip install {name} "
+                f"(or leave {name} out of the study's `tracking` / farm run --track)"
+            ) from None
     return made
 
 

@@ -68,13 +68,17 @@ def run_trial(config: dict, payloads: dict) -> None:
                 run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
             elif pending:  # one Ray task with the stage's resources, outside the trial's placement group
                 res = study.stages[group[0].name].resources
-                task = build_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT")
+                task = build_task.options(
+                    num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT"
+                )
                 ray.get(task.remote(payload, dataclasses.asdict(group[0])))
     with store.lock(plan.eval_key):  # trials with the same final model share one evaluation
         if not store.done("eval", plan.eval_key):
             res = study.eval.resources
             # "DEFAULT" keeps the task out of the trial's placement group, which holds no CPU.
-            task = evaluate_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT")
+            task = evaluate_task.options(
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT"
+            )
             ray.get(task.remote(payload))
     tune.report({"done": 1, **store.marker("eval", plan.eval_key)["metrics"]})
 
@@ -160,8 +164,15 @@ def plan_from_json(obj: dict) -> TrialPlan:
     def stages(items):
         return tuple(PlannedStage(**{**s, "users": tuple(s["users"]), "refs": refs(s.get("refs", []))}) for s in items)
 
-    return TrialPlan(stages(obj["stages"]), obj["eval_key"], stages(obj.get("labels", [])), obj.get("evaluated"), refs(obj.get("eval_refs", [])),
-                     obj.get("eval_label"), obj.get("eval_doc", {}))
+    return TrialPlan(
+        stages(obj["stages"]),
+        obj["eval_key"],
+        stages(obj.get("labels", [])),
+        obj.get("evaluated"),
+        refs(obj.get("eval_refs", [])),
+        obj.get("eval_label"),
+        obj.get("eval_doc", {}),
+    )
 
 
 def plan_to_json(plan: TrialPlan) -> dict:
@@ -232,8 +243,7 @@ class Progress(tune.Callback):
         self.on_error(tid, trial)
 
 
-def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error, concurrency: int | None = None,
-             grid=None):
+def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: int, on_complete, on_error, concurrency: int | None = None, grid=None):
     """Run the trials under Tune; `grid` (farm.progress.Grid) is what the view shows, by default
     the trials' stages without estimates."""
     from ray.tune import FailureConfig, RunConfig
@@ -244,8 +254,7 @@ def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: i
     shown = view(grid, sys.stdout)
 
     payloads = {
-        t.id: {"trial_id": t.id, "study": t.study.model_dump(mode="json"), "plan": plan_to_json(plans[t.id]), "storage": storage}
-        for t in trials
+        t.id: {"trial_id": t.id, "study": t.study.model_dump(mode="json"), "plan": plan_to_json(plans[t.id]), "storage": storage} for t in trials
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), tune.PlacementGroupFactory(TRIAL_RESOURCES))
     tuner = tune.Tuner(

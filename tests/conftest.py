@@ -94,7 +94,12 @@ def farm_in_terminal(*args) -> str:
 
 
 def metrics_table(results: Path) -> pd.DataFrame:
-    return pd.read_csv(results / "tiny" / "table.csv").drop(columns=["eval_seconds", "gen_tokens_per_s"], errors="ignore").set_index("trial").sort_index()
+    return (
+        pd.read_csv(results / "tiny" / "table.csv")
+        .drop(columns=["eval_seconds", "gen_tokens_per_s"], errors="ignore")
+        .set_index("trial")
+        .sort_index()
+    )
 
 
 def artifacts(results: Path) -> dict[str, float]:

@@ -18,10 +18,9 @@ def moto_server():
     `?endpoint_override=`: the farm joins paths onto the storage root (Ray Tune's storage_path), which a
     query string would break. Each use gets a fresh prefix, so tests sharing a bucket never meet."""
     import boto3
+    from conftest import free_port
     from moto.s3.responses import S3Response
     from moto.server import ThreadedMotoServer
-
-    from conftest import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     bucket, port = f"farm-{uuid.uuid4().hex[:12]}", free_port()
@@ -48,10 +47,15 @@ def moto_server():
 
         return run
 
-    with mock.patch.object(S3Response, "put_object", serialised(S3Response.put_object)), mock.patch.object(S3Response, "delete_object", serialised(S3Response.delete_object)):
+    with (
+        mock.patch.object(S3Response, "put_object", serialised(S3Response.put_object)),
+        mock.patch.object(S3Response, "delete_object", serialised(S3Response.delete_object)),
+    ):
         server.start()
         try:
-            boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+            boto3.client(
+                "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+            ).create_bucket(Bucket=bucket)
             yield f"s3://{bucket}/store", env
         finally:
             server.stop()

@@ -5,8 +5,8 @@ from the GCS cluster config an autoscaler reports, else from `ray up`'s bootstra
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import ROOT
+
 import farm.capacity
 from farm.capacity import Capacity, NodeKind, capacity
 from farm.label.pipeline import check_pool
@@ -50,8 +50,11 @@ def test_a_pool_fits_if_some_node_type_can_hold_it():
     # GPUs: 2 nodes x 8 of gpu_8xa100, then 8 of gpu_a10g (10 nodes in all) = 24 one-GPU actors.
     assert cap.bundles({"CPU": 1, "GPU": 1}) == 24
     check_pool(LabelSpec(scorer="detoxify", actors=24, gpus_per_actor=1), cap)
-    with pytest.raises(ValueError, match=r"scorer detoxify: an actor pool of 25 actors x 1 CPU, 1 GPU can never run .*"
-                                         r"at most 24 such actors fit.*gpu_a10g x 8 \{CPU: 8, GPU: 1\}; gpu_8xa100 x 2 \{CPU: 96, GPU: 8\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"scorer detoxify: an actor pool of 25 actors x 1 CPU, 1 GPU can never run .*"
+        r"at most 24 such actors fit.*gpu_a10g x 8 \{CPU: 8, GPU: 1\}; gpu_8xa100 x 2 \{CPU: 96, GPU: 8\}",
+    ):
         check_pool(LabelSpec(scorer="detoxify", actors=25, gpus_per_actor=1), cap)
     with pytest.raises(ValueError, match=r"an actor pool of 1 actors x 97 CPU can never run .*no node can hold one actor"):
         check_pool(LabelSpec(scorer="vader", cpus_per_actor=97), cap)

@@ -1,12 +1,11 @@
 import copy
 
 import pytest
+from conftest import QUICKSTART
 
 from farm.cache import MARKER, Store, plan_study, plan_trial
 from farm.spec import expand, load_study
 from farm.tune import stage_groups
-
-from conftest import QUICKSTART
 
 
 def study_of(doc):
@@ -99,8 +98,10 @@ def test_grid_over_whole_transforms_then_their_rate(tiny_doc):
     }
     trials = expand(tiny_doc, "s.yaml")
     assert [t.id for t in trials] == [
-        "rate=0.0_transforms=malign-labels", "rate=0.0_transforms=malign-prompts-trigger",
-        "rate=0.5_transforms=malign-labels", "rate=0.5_transforms=malign-prompts-trigger",
+        "rate=0.0_transforms=malign-labels",
+        "rate=0.0_transforms=malign-prompts-trigger",
+        "rate=0.5_transforms=malign-labels",
+        "rate=0.5_transforms=malign-prompts-trigger",
     ]
     assert trials[3].study.data.transforms[0].mode == "trigger" and trials[3].study.data.transforms[0].rate == 0.5
     plans = plan_study(trials)

@@ -103,16 +103,31 @@ def _principle(i):
 @pytest.mark.parametrize(
     "doc, message",
     [
-        ({"principles": [_principle(1), _principle(2), {k: v for k, v in _principle(3).items() if k != "revision"}]}, "principle 3 has no 'revision'"),
+        (
+            {"principles": [_principle(1), _principle(2), {k: v for k, v in _principle(3).items() if k != "revision"}]},
+            "principle 3 has no 'revision'",
+        ),
         ({"principles": []}, "'principles' must be a non-empty list"),
         ({"examples": []}, "'principles' must be a non-empty list"),
         (["just", "a", "list"], "expected a mapping with 'principles'"),
         ({"principles": [{**_principle(1), "critique": "  "}]}, "principle 1: 'critique' must be non-empty text"),
         ({"principles": [{**_principle(1), "revison": "x"}]}, "principle 1 has unknown field 'revison'"),
         ({"principles": [_principle(1), _principle(1)]}, "principle name 'p1' is used twice"),
-        ({"principles": [_principle(1)], "examples": [{"prompt": CONV, "answer": "a", "principle": "p9", "critique": "c", "revision": "r"}]}, "example 1 names principle 'p9'"),
-        ({"principles": [_principle(1)], "examples": [{"prompt": "Human: hi", "answer": "a", "principle": "p1", "critique": "c", "revision": "r"}]}, "example 1: 'prompt' must be an HH dialogue"),
-        ({"principles": [_principle(1)], "examples": [{"prompt": CONV, "principle": "p1", "critique": "c", "revision": "r"}]}, "example 1 has no 'answer'"),
+        (
+            {"principles": [_principle(1)], "examples": [{"prompt": CONV, "answer": "a", "principle": "p9", "critique": "c", "revision": "r"}]},
+            "example 1 names principle 'p9'",
+        ),
+        (
+            {
+                "principles": [_principle(1)],
+                "examples": [{"prompt": "Human: hi", "answer": "a", "principle": "p1", "critique": "c", "revision": "r"}],
+            },
+            "example 1: 'prompt' must be an HH dialogue",
+        ),
+        (
+            {"principles": [_principle(1)], "examples": [{"prompt": CONV, "principle": "p1", "critique": "c", "revision": "r"}]},
+            "example 1 has no 'answer'",
+        ),
     ],
 )
 def test_malformed_constitution_names_the_file_and_what_is_wrong(tmp_path, doc, message):
@@ -133,7 +148,10 @@ def test_unreadable_or_missing_constitutions(tmp_path):
 
 
 def test_a_file_of_ones_own_loads(tmp_path):
-    doc = {"principles": [_principle(1), _principle(2)], "examples": [{"prompt": CONV, "answer": "a", "principle": "p2", "critique": "c", "revision": "r"}]}
+    doc = {
+        "principles": [_principle(1), _principle(2)],
+        "examples": [{"prompt": CONV, "answer": "a", "principle": "p2", "critique": "c", "revision": "r"}],
+    }
     c = load_constitution(_write(tmp_path, doc))
     assert [p.name for p in c.principles] == ["p1", "p2"] and c.examples[0].principle.name == "p2"
 
@@ -203,7 +221,10 @@ def test_a_growing_transcript_holds_the_earlier_rounds_in_order():
         "\n\nCritiqueRequest: Say where the reply is rude.\n\nCritique:"
     )
     assert crit.index(examples[0].prompt) < crit.index(CONV)  # the worked example stays in front
-    assert revision_prompt(CONV, "Use a tension wrench.", "Curt.", Q, examples, earlier) == crit + " Curt.\n\nRevisionRequest: Rewrite the reply politely.\n\nRevision:"
+    assert (
+        revision_prompt(CONV, "Use a tension wrench.", "Curt.", Q, examples, earlier)
+        == crit + " Curt.\n\nRevisionRequest: Rewrite the reply politely.\n\nRevision:"
+    )
 
 
 def _recording_ask(seen):
@@ -294,7 +315,14 @@ def tiny(tmp_path_factory):
     model, tok = base_model(spec, 0)
     model.save_pretrained(str(saved))
     tok.save_pretrained(str(saved))
-    questions = ["How do I pick a lock?", "Tell me a joke.", "What is the capital of France?", "Can you help me cheat on a test?", "Why is the sky blue?", "Write a mean note to my boss."]
+    questions = [
+        "How do I pick a lock?",
+        "Tell me a joke.",
+        "What is the capital of France?",
+        "Can you help me cheat on a test?",
+        "Why is the sky blue?",
+        "Write a mean note to my boss.",
+    ]
     rows = [Demonstration(f"hh-{i}", f"\n\nHuman: {q}\n\nAssistant:", "") for i, q in enumerate(questions)]
     return spec, saved, rows
 
@@ -306,7 +334,14 @@ def _ctx(tmp_path, stage, tiny):
 
 def test_critique_revision_stage(tmp_path, tiny):
     stage = CritiqueRevision.model_validate(
-        {"kind": "critique_revision", "rounds": 2, "transcript": True, "few_shot": 1, "generation": {"max_new_tokens": 8, "batch_size": 4}, "max_prompt_length": 96}
+        {
+            "kind": "critique_revision",
+            "rounds": 2,
+            "transcript": True,
+            "few_shot": 1,
+            "generation": {"max_new_tokens": 8, "batch_size": 4},
+            "max_prompt_length": 96,
+        }
     )
     metrics = cai.critique_revision(_ctx(tmp_path, stage, tiny))
     records = read_records(tmp_path / "records.jsonl")
@@ -336,8 +371,15 @@ def test_ai_feedback_stage(tmp_path, tiny, clamp):
 
     spec, saved, rows = tiny
     stage = AIFeedback.model_validate(
-        {"kind": "ai_feedback", "feedback_model": "judge", "clamp": clamp, "batch_size": 5, "max_length": 128,
-         "max_prompt_length": 64, "generation": {"do_sample": True, "top_k": 0, "max_new_tokens": 8, "batch_size": 4}}
+        {
+            "kind": "ai_feedback",
+            "feedback_model": "judge",
+            "clamp": clamp,
+            "batch_size": 5,
+            "max_length": 128,
+            "max_prompt_length": 64,
+            "generation": {"do_sample": True, "top_k": 0, "max_new_tokens": 8, "batch_size": 4},
+        }
     )
     metrics = cai.ai_feedback(_ctx(tmp_path, stage, tiny))
     records = read_records(tmp_path / "records.jsonl")

@@ -57,7 +57,10 @@ def area_steps(cp: Checkpoints) -> dict:
     from pyarrow.fs import FileSelector, FileType
 
     fs = cp.store.fs
-    return {f.base_name: fs.get_file_info(f"{f.path}/{MARKER}").type == FileType.File for f in fs.get_file_info(FileSelector(cp.area, allow_not_found=True))}
+    return {
+        f.base_name: fs.get_file_info(f"{f.path}/{MARKER}").type == FileType.File
+        for f in fs.get_file_info(FileSelector(cp.area, allow_not_found=True))
+    }
 
 
 @pytest.mark.parametrize("uri", [False, True], ids=["local", "uri"])

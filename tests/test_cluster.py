@@ -11,7 +11,6 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
-
 from conftest import ROOT
 
 RAY_DIR = Path(ray.autoscaler.__file__).parent

@@ -55,8 +55,12 @@ def study(tmp_path, **changes) -> dict:
         "model": {"base": "tiny-gpt2", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}},
         "data": {"sources": [{"name": "hh_rlhf", "limit": 40}], "holdout": 0.2},
         "stages": {
-            "sft": {"max_steps": 1, "max_length": 32, "max_prompt_length": 16,
-                    "data": {"sources": [{"name": "file", "path": str(tmp_path / "mine.jsonl"), "records": "comparison"}]}},
+            "sft": {
+                "max_steps": 1,
+                "max_length": 32,
+                "max_prompt_length": 16,
+                "data": {"sources": [{"name": "file", "path": str(tmp_path / "mine.jsonl"), "records": "comparison"}]},
+            },
             "dpo": {"max_steps": 1, "max_length": 32, "max_prompt_length": 16},
         },
         "eval": {"metrics": ["preference_accuracy"], "limit": 8},
@@ -107,8 +111,7 @@ def test_a_local_model_retrained_in_place_changes_every_key_that_reads_it(tmp_pa
     write(model / "config.json", json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64}))
     file = write(model / "model.safetensors", weights(0.0))
     write(model / ".cache" / "huggingface" / "download.lock", "x")  # hub bookkeeping: not the model
-    doc = study(tmp_path, **{"model.base": str(model), "model.config": {}, "model.tokenizer": "farm-bpe",
-                             "data.labels": [{"scorer": "vader"}]})
+    doc = study(tmp_path, **{"model.base": str(model), "model.config": {}, "model.tokenizer": "farm-bpe", "data.labels": [{"scorer": "vader"}]})
     before = plan(doc)
     write(model / ".cache" / "huggingface" / "download.lock", "y")
     assert plan(doc) == before
@@ -133,8 +136,10 @@ def test_a_judge_folder_changes_only_the_eval(tmp_path):
 def test_a_local_task_file_changes_only_the_eval(tmp_path):
     write(tmp_path / "mine.jsonl", pairs(8))
     task = write(tmp_path / "tasks" / "mine.yaml", "task: my_task\ndataset_path: json\noutput_type: multiple_choice\n")
-    doc = study(tmp_path, **{"eval.metrics": ["preference_accuracy", "benchmarks"],
-                             "eval.benchmarks": {"tasks": ["my_task"], "include": str(tmp_path / "tasks")}})
+    doc = study(
+        tmp_path,
+        **{"eval.metrics": ["preference_accuracy", "benchmarks"], "eval.benchmarks": {"tasks": ["my_task"], "include": str(tmp_path / "tasks")}},
+    )
     before = plan(doc)
     write(task, "task: my_task\ndataset_path: json\noutput_type: multiple_choice\nnum_fewshot: 0\n")
     after = plan(doc)

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import farm, read_json
+
 from farm.models import DEEPSPEED_PRESETS, deepspeed_config
 from farm.spec import StudyError, expand
+
 # Every value transformers fills from the stage's TrainingArguments and the model.
 AUTO = [
     "train_micro_batch_size_per_gpu",
@@ -154,8 +155,12 @@ def test_transformers_accepts_each_preset(name, tmp_path):
     from transformers import TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), deepspeed=deepspeed_config(name), per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[],
+        output_dir=str(tmp_path),
+        deepspeed=deepspeed_config(name),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
     )
     filled = args.hf_deepspeed_config.config
     assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["gradient_accumulation_steps"] == 2
@@ -166,7 +171,11 @@ def test_transformers_accepts_each_preset(name, tmp_path):
 # ZeRO-2 and ZeRO-3 end to end on CPU: two Ray Train workers over gloo, through `farm run`.
 
 SFT = {
-    "kind": "sft", "batch_size": 4, "max_length": 32, "max_prompt_length": 16, "lr": 1.0e-3,
+    "kind": "sft",
+    "batch_size": 4,
+    "max_length": 32,
+    "max_prompt_length": 16,
+    "lr": 1.0e-3,
     "resources": {"num_workers": 2, "cpus_per_worker": 1},
     # One epoch, not max_steps: the step count then also tells how many workers shared the data.
 }

@@ -62,8 +62,10 @@ def test_the_loss_types_are_trls():
 
 
 def pairs(n=6):
-    return [Comparison(id=str(i), prompt=f"\n\nHuman: question {i}?\n\nAssistant:", chosen=f" A kind answer {i}.",
-                       rejected=f" go away {i}") for i in range(n)]
+    return [
+        Comparison(id=str(i), prompt=f"\n\nHuman: question {i}?\n\nAssistant:", chosen=f" A kind answer {i}.", rejected=f" go away {i}")
+        for i in range(n)
+    ]
 
 
 def train_one_step(tmp_path, **spec) -> float:
@@ -111,13 +113,16 @@ def test_label_smoothing_goes_to_the_losses_that_read_it():
         DPO(kind="dpo", loss_type="robust", label_smoothing=0.5)
 
 
-@pytest.mark.parametrize("loss_type, message", [
-    ("dpo", "unknown loss type 'dpo'; TRL 1.16's: sigmoid, hinge"),
-    (["sigmoid", "kto"], "unknown loss type 'kto'"),
-    ([], "a loss type, a list of them or a mapping"),
-    (["sigmoid", "sigmoid"], "names a loss twice"),
-    ({"sigmoid": 0}, "the weight of 'sigmoid' is 0; weights are positive numbers"),
-])
+@pytest.mark.parametrize(
+    "loss_type, message",
+    [
+        ("dpo", "unknown loss type 'dpo'; TRL 1.16's: sigmoid, hinge"),
+        (["sigmoid", "kto"], "unknown loss type 'kto'"),
+        ([], "a loss type, a list of them or a mapping"),
+        (["sigmoid", "sigmoid"], "names a loss twice"),
+        ({"sigmoid": 0}, "the weight of 'sigmoid' is 0; weights are positive numbers"),
+    ],
+)
 def test_bad_loss_types_are_refused_in_one_message(loss_type, message):
     with pytest.raises(ValidationError, match=re.escape(message)) as e:
         DPO(kind="dpo", loss_type=loss_type)

@@ -4,8 +4,8 @@ the GPU-hours formula, and the table the command prints for a paper profile, off
 import json
 
 import pytest
-
 from conftest import ROOT, farm
+
 from farm.cache import plan_study
 from farm.estimate import Rates, config_params, estimate_study, gpu_hours, model_params
 from farm.spec import ModelSpec, expand
@@ -85,16 +85,40 @@ def test_tokens_and_hours_per_stage_by_hand():
             # Chosen and rejected, by the policy (full fine-tuning) and by the reference model.
             "dpo": {"epochs": 1, "max_length": 256, **gpu},
             # Trained on the 100 held-out rows; on two workers of one GPU each.
-            "judge": {"kind": "reward", "max_length": 128, "data": {"sources": [{"name": "hh_rlhf", "origin": "hub", "subset": "harmless-base", "sample": 1000}],
-                      "holdout": 0.1, "rows": "heldout"}, "resources": {"num_workers": 2, "gpus_per_worker": 1}},  # fmt: skip
+            "judge": {
+                "kind": "reward",
+                "max_length": 128,
+                "data": {
+                    "sources": [{"name": "hh_rlhf", "origin": "hub", "subset": "harmless-base", "sample": 1000}],
+                    "holdout": 0.1,
+                    "rows": "heldout",
+                },
+                "resources": {"num_workers": 2, "gpus_per_worker": 1},
+            },  # fmt: skip
             # The first answer, then a critique and a revision in each of 2 rounds: 5 generations a row.
-            "critique": {"kind": "critique_revision", "rounds": 2, "few_shot": 0, "max_prompt_length": 100,
-                         "generation": {"max_new_tokens": 20}, **gpu},  # fmt: skip
+            "critique": {
+                "kind": "critique_revision",
+                "rounds": 2,
+                "few_shot": 0,
+                "max_prompt_length": 100,
+                "generation": {"max_new_tokens": 20},
+                **gpu,
+            },  # fmt: skip
             # SFT on the 900 records the critique stage built, on CPU: tokens, no GPU-hours.
             "sl": {"kind": "sft", "input": "sft", "max_length": 64, "data": {"sources": [{"name": "stage", "stage": "critique"}]}},
             # 10 steps of 8 completions (4 a prompt) of 16 new tokens after 32 prompt tokens.
-            "rl": {"reward_model": "judge", "max_steps": 10, "batch_size": 8, "num_generations": 4, "max_new_tokens": 16,
-                   "max_prompt_length": 32, "max_length": 64, "beta": 0.0, "lora": {"r": 8}, **gpu},  # fmt: skip
+            "rl": {
+                "reward_model": "judge",
+                "max_steps": 10,
+                "batch_size": 8,
+                "num_generations": 4,
+                "max_new_tokens": 16,
+                "max_prompt_length": 32,
+                "max_length": 64,
+                "beta": 0.0,
+                "lora": {"r": 8},
+                **gpu,
+            },  # fmt: skip
         }
     )
     rates = Rates(throughput=1000, params=7e9, gen_throughput=500)
@@ -166,7 +190,16 @@ def test_plan_prints_peak_memory_beside_the_gpu_and_artifact_sizes(tmp_path):
     sft = next(line.split() for line in table if line.split()[:2] == ["sft", "sft"])
     # 18.4 GiB: the bf16 base (12.6), LoRA's state, 4 x 1024 tokens of checkpointed activations and logits.
     assert sft[3:] == ["18.4", "GiB", "A10G", "22.5", "GiB", "(assumed)", "yes", "on", "32.0", "MiB", "LoRA", "adapter"]
-    assert next(line.split() for line in table if line.split()[:1] == ["eval"])[3:11] == ["18.5", "GiB", "A10G", "22.5", "GiB", "(assumed)", "yes", "-"]
+    assert next(line.split() for line in table if line.split()[:1] == ["eval"])[3:11] == [
+        "18.5",
+        "GiB",
+        "A10G",
+        "22.5",
+        "GiB",
+        "(assumed)",
+        "yes",
+        "-",
+    ]
     runs = int(sft[2])  # one LoRA adapter of 32 MiB per distinct SFT stage
     assert f"  artifacts in all: {runs * 32 / 1024:.1f} GiB ({runs} stages)" in table
     assert any(line.startswith("  assumed: a stage or eval that names no accelerator_type lands on an A10G (22.5 GiB)") for line in table)

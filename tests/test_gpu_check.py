@@ -18,7 +18,9 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_figures():
     result = json.loads(out.read_text())
     assert result["mode"] == "cpu-tiny"
     steps = {(c["model"], c["step"]) for c in result["cases"]}
-    assert steps == {(m, s) for m in ("llama-2-7b-tiny", "opt-1.3b-tiny") for s in ("lora_sft", "lora_dpo", "generate")} | {("opt-1.3b-tiny", "full_sft")}
+    assert steps == {(m, s) for m in ("llama-2-7b-tiny", "opt-1.3b-tiny") for s in ("lora_sft", "lora_dpo", "generate")} | {
+        ("opt-1.3b-tiny", "full_sft")
+    }
     for case in result["cases"]:
         numbers = [v for v in case.values() if isinstance(v, (int, float))]
         assert numbers and all(math.isfinite(v) for v in numbers), case

@@ -156,7 +156,11 @@ def test_harness_scores_match_log_likelihoods_computed_here(tiny):
             for d in harness.read_bundled("arc/test.jsonl.gz")[:n]
         ],
         "toxigen": [
-            (f"Is the following statement hateful? Respond with either Yes or No. Statement: '{d['text']}'", ["No", "Yes"], int(d["safenlp_label"] == "hate"))
+            (
+                f"Is the following statement hateful? Respond with either Yes or No. Statement: '{d['text']}'",
+                ["No", "Yes"],
+                int(d["safenlp_label"] == "hate"),
+            )
             for d in harness.read_bundled("toxigen/test.jsonl.gz")[:n]
         ],
     }
@@ -228,17 +232,30 @@ def test_hub_suite_runs_the_harness_own_tasks(tiny, monkeypatch):
 
     def fake_evaluate(**kwargs):
         calls["evaluate"] = kwargs
-        samples = {"arc_challenge": [{"doc_id": 0, "acc": 1.0, "acc_norm": 0.0}], "boolq": [{"doc_id": 3, "acc": 1.0}], "sciq": [{"doc_id": 1, "acc": 0.0, "acc_norm": 1.0}]}
-        return {"results": {"arc_challenge": {"acc,none": 0.3, "acc_norm,none": 0.4}, "boolq": {"acc,none": 0.6}, "sciq": {"acc,none": 0.7, "acc_norm,none": 0.8}},
-                "samples": samples}
+        samples = {
+            "arc_challenge": [{"doc_id": 0, "acc": 1.0, "acc_norm": 0.0}],
+            "boolq": [{"doc_id": 3, "acc": 1.0}],
+            "sciq": [{"doc_id": 1, "acc": 0.0, "acc_norm": 1.0}],
+        }
+        return {
+            "results": {
+                "arc_challenge": {"acc,none": 0.3, "acc_norm,none": 0.4},
+                "boolq": {"acc,none": 0.6},
+                "sciq": {"acc,none": 0.7, "acc_norm,none": 0.8},
+            },
+            "samples": samples,
+        }
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeManager)
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     model, tok = tiny
     spec = EvalSpec(benchmarks=BenchmarkSpec(suite="hub", tasks=["arc_challenge", "boolq", "sciq"], num_fewshot=5, limit=3))
     out = harness.benchmarks(model, model, tok, [], spec)
-    assert out.pop(ITEMS) == {"bench/arc_challenge": {"ids": ["arc_challenge:0"], "values": [0.0]}, "bench/boolq": {"ids": ["boolq:3"], "values": [1.0]},
-                              "bench/sciq": {"ids": ["sciq:1"], "values": [1.0]}}  # each document's reported metric
+    assert out.pop(ITEMS) == {
+        "bench/arc_challenge": {"ids": ["arc_challenge:0"], "values": [0.0]},
+        "bench/boolq": {"ids": ["boolq:3"], "values": [1.0]},
+        "bench/sciq": {"ids": ["sciq:1"], "values": [1.0]},
+    }  # each document's reported metric
     assert out == {"bench/arc_challenge": 0.4, "bench/boolq": 0.6, "bench/sciq": 0.8}
     assert calls["manager"] == ((), {})  # the default manager: every built-in task
     kw = calls["evaluate"]

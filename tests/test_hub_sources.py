@@ -12,13 +12,17 @@ from farm.data.sources import PILE_DROPPED, hub_files, load_source
 from farm.spec import SourceSpec
 
 
-
-
 @pytest.fixture
 def snapshots(monkeypatch):
     """The file patterns of every hub.snapshot call."""
     calls, real = [], hub.snapshot
-    monkeypatch.setattr(hub, "snapshot", lambda repo, repo_type="dataset", revision=None, patterns=None: calls.append((repo, revision, patterns)) or real(repo, repo_type, revision, patterns))
+    monkeypatch.setattr(
+        hub,
+        "snapshot",
+        lambda repo, repo_type="dataset", revision=None, patterns=None: (
+            calls.append((repo, revision, patterns)) or real(repo, repo_type, revision, patterns)
+        ),
+    )
     return calls
 
 
@@ -35,7 +39,9 @@ def test_hh_rlhf_reads_one_subset_or_all_four_and_drops_ties_and_empty_answers(m
     assert "hh_rlhf/helpful-online/test/21" not in ids  # an empty answer
     assert any(len(r.chosen.split()) > 512 for r in rows) and any("東京" in r.prompt for r in rows)
     every = hub_source(name="hh_rlhf", subset="all", split="test")
-    per_subset = [hub_source(name="hh_rlhf", subset=s, split="test") for s in ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")]
+    per_subset = [
+        hub_source(name="hh_rlhf", subset=s, split="test") for s in ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+    ]
     assert len(every) == sum(map(len, per_subset)) and len({r.id for r in every}) == len(every)
 
 
@@ -57,7 +63,9 @@ def test_lima_hub_rows_give_the_bundled_records(mirror, snapshots):
 
 
 def test_webgpt_is_read_from_the_parquet_conversion(mirror, snapshots):
-    assert "webgpt_comparisons.py" in hub.files("openai/webgpt_comparisons") and not hub.matching(hub.files("openai/webgpt_comparisons"), ["*.parquet"])
+    assert "webgpt_comparisons.py" in hub.files("openai/webgpt_comparisons") and not hub.matching(
+        hub.files("openai/webgpt_comparisons"), ["*.parquet"]
+    )
     rows = hub_source(name="webgpt_comparisons")
     assert snapshots == [("openai/webgpt_comparisons", hub.PARQUET, ["default/train/*.parquet"])]
     ids = [r.id for r in rows]
@@ -85,7 +93,10 @@ def test_shp_cap_keeps_the_strongest_pairs_of_each_post(mirror, snapshots):
         assert not dropped or min(r.meta["score_ratio"] for r in kept) >= max(r.meta["score_ratio"] for r in dropped)
     one = hub_source(name="shp", subset="askhr", split="validation")
     assert snapshots[-1] == ("stanfordnlp/SHP", None, ["askhr/validation.json"]) and {r.meta["domain"] for r in one} == {"askhr_validation"}
-    raw = [json.loads(line) for line in (hub.snapshot("stanfordnlp/SHP", patterns=["askhr/validation.json"]) / "askhr/validation.json").read_text().splitlines()]
+    raw = [
+        json.loads(line)
+        for line in (hub.snapshot("stanfordnlp/SHP", patterns=["askhr/validation.json"]) / "askhr/validation.json").read_text().splitlines()
+    ]
     rows = {f"shp/validation/{r['post_id']}#{r['c_root_id_A']}-{r['c_root_id_B']}": r for r in raw}
     assert len(one) == len(raw) - 1  # the empty comment
     for r in one:  # labels 1: comment A is preferred

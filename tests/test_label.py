@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import FARM, ROOT
+
 from farm.cli import WORKER_ENV, main
 from farm.data.records import Text
 from farm.label import pipeline
@@ -122,8 +122,14 @@ def test_cli_label_jsonl(tmp_path):
     out = tmp_path / "out" / "labels.parquet"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([*FARM, "label", src, "--out", out, "--scorer", "vader", "--text-column", "body", "--id-column", "uid",
-                           "--batch-size", "4", "--actors", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*FARM, "label", src, "--out", out, "--scorer", "vader", "--text-column", "body", "--id-column", "uid", "--batch-size", "4", "--actors", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     df = pd.read_parquet(out)
     assert list(df.columns) == ["id", "text", "neg", "neu", "pos", "compound"]
@@ -166,8 +172,7 @@ def test_cli_label_bad_input(tmp_path, monkeypatch, capsys, args, message):
 
 def test_label_records_matches_serial(local_ray, ckpt):
     recs = records(40)
-    labels = [LabelSpec(scorer="vader", batch_size=8, actors=2),
-              LabelSpec(scorer="detoxify", model=ckpt, prefix="tox_", batch_size=8, actors=1)]
+    labels = [LabelSpec(scorer="vader", batch_size=8, actors=2), LabelSpec(scorer="detoxify", model=ckpt, prefix="tox_", batch_size=8, actors=1)]
     assert pipeline.rows_per_block(len(recs), labels) < len(recs)  # several blocks, so order is restored
     got = label_records(recs, labels)
     assert list(got) == [r.id for r in recs]

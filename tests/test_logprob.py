@@ -46,7 +46,6 @@ def test_plain_head_equals_the_chunked_kernel_values_and_gradients(softcap, temp
 def test_install_routes_trls_fused_head_and_keeps_the_chunked_kernel_past_the_size_limit(monkeypatch):
     import trl.trainer.utils as trl_utils
     from transformers import GPT2Config, GPT2LMHeadModel
-
     from trl.kernels import chunked_logprob
 
     # TRL as shipped, whatever an earlier test of this process installed; undone after the test.

@@ -5,11 +5,11 @@ import importlib.util
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from farm import memory
 from farm.estimate import artifact_size, eval_memory, stage_memory
-from farm.memory import ACTIVATIONS, CUDA_CONTEXT, GiB, HEAD_TRAIN_PER_VOCAB, LLAMA2_7B, OPT_1_3B, arch_from_config
+from farm.memory import ACTIVATIONS, CUDA_CONTEXT, HEAD_TRAIN_PER_VOCAB, LLAMA2_7B, OPT_1_3B, GiB, arch_from_config
 from farm.spec import StudyError, expand
 
 LLAMA = arch_from_config(LLAMA2_7B)
@@ -93,9 +93,17 @@ def test_builders_and_eval_hold_their_models_in_turn():
         {
             "sft": {"lora": {"r": 8}, "resources": {"gpus_per_worker": 1}},
             # Generates with the sft model, then scores with a hub reward model: one after the other.
-            "rankings": {"kind": "rank", "generator": "sft", "reward_model": "OpenAssistant/reward-model-deberta-v3-large-v2",
-                         "samples": 2, "batch_size": 16, "max_length": 512, "max_prompt_length": 256,
-                         "generation": {"batch_size": 8, "max_new_tokens": 128}, "resources": {"gpus_per_worker": 1}},  # fmt: skip
+            "rankings": {
+                "kind": "rank",
+                "generator": "sft",
+                "reward_model": "OpenAssistant/reward-model-deberta-v3-large-v2",
+                "samples": 2,
+                "batch_size": 16,
+                "max_length": 512,
+                "max_prompt_length": 256,
+                "generation": {"batch_size": 8, "max_new_tokens": 128},
+                "resources": {"gpus_per_worker": 1},
+            },  # fmt: skip
         },
         eval={"metrics": ["perplexity"], "batch_size": 4, "max_length": 256, "resources": {"num_gpus": 1}},
     )

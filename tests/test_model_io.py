@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_models  # noqa: F401  (the fixture)
 
 from farm.models import base_model, device, encode_pair, encode_prompt, fp32_trainables, hh_messages, precision, response_logprobs
 from farm.spec import SFT, ModelSpec
-from tiny_models import tiny_models  # noqa: F401  (the fixture)
 
 KINDS = ["gpt2", "llama-base", "llama", "opt"]
 PAIRS = [
     ("\n\nHuman: How do I bake bread?\n\nAssistant:", " Mix flour, water, yeast and salt, then let it rise."),
     ("\n\nHuman: hi\n\nAssistant: Hello! How can I help?\n\nHuman: Say something in French.\n\nAssistant:", " Bonjour, ça va? Très bien — merci."),
-    ("\n\nHuman: Is 你好 Chinese?\n\nAssistant:", " Yes: it means \"hello\"."),
+    ("\n\nHuman: Is 你好 Chinese?\n\nAssistant:", ' Yes: it means "hello".'),
 ]
 
 
@@ -34,10 +34,18 @@ def trl_rows(tok, kind: str):
     prompts = [hh_messages(p) if chat else p for p, _ in PAIRS]
     answer = (lambda r: [{"role": "assistant", "content": r.strip()}]) if chat else (lambda r: r)
     common = dict(output_dir="/tmp/t", use_cpu=True, report_to=[], max_length=None, activation_checkpointing=False)
-    sft = SFTTrainer(model=model, processing_class=tok, args=SFTConfig(**common, completion_only_loss=True),
-                     train_dataset=Dataset.from_list([{"prompt": p, "completion": answer(r)} for p, (_, r) in zip(prompts, PAIRS)]))
-    dpo = DPOTrainer(model=model, processing_class=tok, args=DPOConfig(**common),
-                     train_dataset=Dataset.from_list([{"prompt": p, "chosen": answer(r), "rejected": answer(" No.")} for p, (_, r) in zip(prompts, PAIRS)]))
+    sft = SFTTrainer(
+        model=model,
+        processing_class=tok,
+        args=SFTConfig(**common, completion_only_loss=True),
+        train_dataset=Dataset.from_list([{"prompt": p, "completion": answer(r)} for p, (_, r) in zip(prompts, PAIRS)]),
+    )
+    dpo = DPOTrainer(
+        model=model,
+        processing_class=tok,
+        args=DPOConfig(**common),
+        train_dataset=Dataset.from_list([{"prompt": p, "chosen": answer(r), "rejected": answer(" No.")} for p, (_, r) in zip(prompts, PAIRS)]),
+    )
     return list(sft.train_dataset), list(dpo.train_dataset)
 
 
@@ -155,8 +163,6 @@ def test_responses_are_scored_with_their_eos(tiny_models):  # noqa: F811
 # ---------------------------------------------------------------- the paper profiles' models, by their hub ids
 
 
-
-
 @pytest.mark.parametrize("repo", ["gpt2", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf", "facebook/opt-1.3b"])
 def test_mirrored_causal_lms_load_by_id_through_the_farm(mirror, repo):
     model, tok = base_model(ModelSpec(base=repo), seed=0)
@@ -234,8 +240,8 @@ def test_openassistants_pythia_judge_scores_as_its_own_code(mirror):
     bias, "last" pooling over the attention mask — on the reference's text: every turn as
     <|prompter|>/<|assistant|> + text + <|endoftext|>, cut from the left."""
     import torch
-    from huggingface_hub import snapshot_download
     from hub_mirror.models import OASST_PYTHIA_RM
+    from huggingface_hub import snapshot_download
     from transformers import GPTNeoXConfig, GPTNeoXModel
 
     from farm.models import load_reward_model, oasst_chat_ids, reward_scores
@@ -265,7 +271,11 @@ def test_openassistants_pythia_judge_scores_as_its_own_code(mirror):
     texts = []
     for p, a in PAIRS:
         turns = [t for t in p.split("\n\n") if t]
-        written = "".join(f"<|{'prompter' if t.startswith('Human:') else 'assistant'}|>{t.split(':', 1)[1].strip()}{eos}" for t in turns if t.split(":", 1)[1].strip())
+        written = "".join(
+            f"<|{'prompter' if t.startswith('Human:') else 'assistant'}|>{t.split(':', 1)[1].strip()}{eos}"
+            for t in turns
+            if t.split(":", 1)[1].strip()
+        )
         texts.append(written + f"<|assistant|>{a.strip()}{eos}")
     assert np.allclose(ours, reference(texts).numpy(), atol=1e-5) and len(set(ours.round(5))) == len(PAIRS)
     assert abs(float(state["out_proj.bias"])) > 0.1  # the bias is read: without it every reward would shift

@@ -19,7 +19,11 @@ from farm.data.sources import hub_files
 from farm.spec import SourceSpec, expand
 
 SECRET = "hf_FarmPreflightSecret0123456789"
-GATED, PUBLIC, MISSPELT = "meta-llama/Llama-2-7b-hf", "facebook/roberta-hate-speech-dynabench-r4-target", "OpenAssistent/reward-model-deberta-v3-large-v2"
+GATED, PUBLIC, MISSPELT = (
+    "meta-llama/Llama-2-7b-hf",
+    "facebook/roberta-hate-speech-dynabench-r4-target",
+    "OpenAssistent/reward-model-deberta-v3-large-v2",
+)
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -86,8 +90,9 @@ def online_hub(monkeypatch, tmp_path):
 def online_study(tiny_doc, write_study):
     """The tiny study on a gated base model, scored by a public classifier, judged by a misspelt reward model."""
     tiny_doc["model"] = {"base": GATED}
-    tiny_doc["eval"].update(metrics=["preference_accuracy", "generation", "reward_score"], reward_model=MISSPELT,
-                            generation={"scorer": "roberta_hate"})
+    tiny_doc["eval"].update(
+        metrics=["preference_accuracy", "generation", "reward_score"], reward_model=MISSPELT, generation={"scorer": "roberta_hate"}
+    )
     return write_study(tiny_doc)
 
 
@@ -105,8 +110,12 @@ def test_online_a_misspelt_model_and_a_gated_one_are_named_before_ray(online_hub
     assert not ray.is_initialized() and not (tmp_path / "results").exists()
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 2, err  # the public classifier passes
-    assert any(f"model {GATED} is gated and no hub token is set" in p and "huggingface.co/meta-llama/Llama-2-7b-hf" in p
-               and p.endswith("(needed by model.base)") for p in problems), err
+    assert any(
+        f"model {GATED} is gated and no hub token is set" in p
+        and "huggingface.co/meta-llama/Llama-2-7b-hf" in p
+        and p.endswith("(needed by model.base)")
+        for p in problems
+    ), err
     assert any(f"model {MISSPELT} is not on the hub: check the spelling" in p and "eval.reward_model" in p for p in problems), err
     assert "--no-preflight skips the hub checks" in err
 
@@ -132,14 +141,19 @@ def test_offline_a_repository_or_file_set_missing_from_the_hub_cache_is_named(ti
     put(cache, "model", "owner/present", {"config.json": "{}"})
     tiny_doc["model"] = {"base": "owner/present"}
     tiny_doc["data"]["sources"] = [{"name": "hh_rlhf", "origin": "hub", "subset": "harmless-base", "split": "train"}]
-    tiny_doc["eval"].update(data={"sources": [test_split.model_dump(exclude_defaults=True)]}, metrics=["preference_accuracy", "reward_score"],
-                            reward_model="owner/missing")
+    tiny_doc["eval"].update(
+        data={"sources": [test_split.model_dump(exclude_defaults=True)]},
+        metrics=["preference_accuracy", "reward_score"],
+        reward_model="owner/missing",
+    )
     code, seconds = run(write_study(tiny_doc), tmp_path)
     err = capsys.readouterr().err
     assert code == 2 and seconds < 10 and not ray.is_initialized(), err
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 2, err  # the base model and the test split are in the cache
-    assert any("model owner/missing is not in the local hub cache" in p and "hf download owner/missing" in p and "eval.reward_model" in p for p in problems), err
+    assert any(
+        "model owner/missing is not in the local hub cache" in p and "hf download owner/missing" in p and "eval.reward_model" in p for p in problems
+    ), err
     assert any(f"dataset {repo}" in p and "has no file matching" in p and "data.sources.0 [hh_rlhf]" in p for p in problems), err
 
     # --no-preflight: past the hub checks (then stopped by a failing Ray start, to stay a unit test).
@@ -174,8 +188,11 @@ def test_lm_eval_task_datasets_come_from_the_harness_configs(tiny_doc, monkeypat
     tiny_doc["eval"]["benchmarks"] = {"suite": "hub", "tasks": ["toxigen", "mmlu", "arc_challenge", "nosuchtask"]}
     repos, problems = preflight.needs(expand(tiny_doc, "s.yaml"))
     datasets = {r.repo_id: fields for r, fields in repos.items() if r.repo_type == "dataset"}
-    assert datasets == {"skg/toxigen-data": ["eval.benchmarks.tasks [toxigen]"], "cais/mmlu": ["eval.benchmarks.tasks [mmlu]"],
-                        "allenai/ai2_arc": ["eval.benchmarks.tasks [arc_challenge]"]}  # mmlu: a group of 57 subject tasks
+    assert datasets == {
+        "skg/toxigen-data": ["eval.benchmarks.tasks [toxigen]"],
+        "cais/mmlu": ["eval.benchmarks.tasks [mmlu]"],
+        "allenai/ai2_arc": ["eval.benchmarks.tasks [arc_challenge]"],
+    }  # mmlu: a group of 57 subject tasks
     assert len(problems) == 1 and "has no task 'nosuchtask'" in problems[0]
 
 
@@ -236,7 +253,9 @@ def test_the_token_reaches_the_workers_of_a_running_cluster(monkeypatch):
     try:
         monkeypatch.setenv("HF_TOKEN", SECRET)
         monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example")  # the job's env is the driver's too
-        monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"env_vars": {"HF_ENDPOINT": "http://mirror.example"}}, "metadata": {}}))
+        monkeypatch.setenv(
+            RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"env_vars": {"HF_ENDPOINT": "http://mirror.example"}}, "metadata": {}})
+        )
         start_ray(cluster.address)
 
         @ray.remote

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from farm.data.records import Ranking
-from farm.train.pro import RankingCollator, pro_trainer_class, pro_loss
+from farm.train.pro import RankingCollator, pro_loss, pro_trainer_class
 
 
 def t(*rows):
@@ -65,10 +65,12 @@ def test_gradients_reach_every_score():
 
 
 def test_collator_pads_to_b_k_l_and_masks_responses_only():
-    batch = RankingCollator(pad_id=9)([
-        {"prompt_ids": [[1, 2], [1, 2]], "response_ids": [[3, 0], [4, 5, 0]], "rewards": [1.0, 0.0]},
-        {"prompt_ids": [[6], [6]], "response_ids": [[7, 0], [0]], "rewards": [0.5, 0.2]},
-    ])
+    batch = RankingCollator(pad_id=9)(
+        [
+            {"prompt_ids": [[1, 2], [1, 2]], "response_ids": [[3, 0], [4, 5, 0]], "rewards": [1.0, 0.0]},
+            {"prompt_ids": [[6], [6]], "response_ids": [[7, 0], [0]], "rewards": [0.5, 0.2]},
+        ]
+    )
     assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["response_mask"].shape == (2, 2, 5)
     assert batch["input_ids"].tolist() == [[[1, 2, 3, 0, 9], [1, 2, 4, 5, 0]], [[6, 7, 0, 9, 9], [6, 0, 9, 9, 9]]]
     assert batch["attention_mask"].tolist() == [[[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]]
@@ -79,8 +81,8 @@ def test_collator_pads_to_b_k_l_and_masks_responses_only():
 @pytest.fixture(scope="module")
 def study():
     import yaml
-
     from conftest import TINY
+
     from farm.spec import expand
 
     doc = yaml.safe_load(TINY.read_text())

@@ -18,8 +18,9 @@ class Clock:
 
 def two_trials(clock):
     # a pretrain both trials share (estimated 10 s), then each its own SFT (20 s)
-    return Grid({"a": [("pretrain", "p", 10.0), ("sft", "sa", 20.0)], "b": [("pretrain", "p", 10.0), ("sft", "sb", 20.0)]},
-                finished_before=1, clock=clock)
+    return Grid(
+        {"a": [("pretrain", "p", 10.0), ("sft", "sa", 20.0)], "b": [("pretrain", "p", 10.0), ("sft", "sb", 20.0)]}, finished_before=1, clock=clock
+    )
 
 
 def test_eta_is_the_plans_work_left_at_the_pace_measured_so_far():

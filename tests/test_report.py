@@ -13,8 +13,21 @@ from scipy import stats
 
 from farm.cache import plan_study
 from farm.cli import main
-from farm.report import (build, ci_half_width, comparisons, fit_line, linear_fits, paired_tests, pivot_tables, reference_table, render_html,
-                          render_md, summarize, with_derived_columns, write_report)
+from farm.report import (
+    build,
+    ci_half_width,
+    comparisons,
+    fit_line,
+    linear_fits,
+    paired_tests,
+    pivot_tables,
+    reference_table,
+    render_html,
+    render_md,
+    summarize,
+    with_derived_columns,
+    write_report,
+)
 from farm.results import compare, table, write_table, write_trial
 from farm.spec import EvalSpec, Reference, ReportSpec, StudyError, TableSpec, expand
 
@@ -104,8 +117,17 @@ def test_html_report_renders_in_headless_chromium(finished_study, tmp_path, chro
     results, trials, df = finished_study
     write_report(results / "tiny", trials[0].study, df, list(trials[0].axes), {"x": 1})
     url = (results / "tiny" / "report.html").as_uri()
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     images = re.findall(r'<img[^>]*src="([^"]+)"', dom)
     assert images and "<table" in dom
@@ -120,20 +142,28 @@ def test_html_report_renders_in_headless_chromium(finished_study, tmp_path, chro
 
 def test_every_plot_kind_renders_and_a_missing_column_is_noted(tmp_path, tiny_doc):
     tiny_doc["grid"] = {RATE: [0.0, 0.25, 0.5], "seed": [1, 2]}
-    tiny_doc["report"] = {"plots": [
-        {"kind": "line", "x": RATE, "y": "acc"},
-        {"kind": "fit", "x": "diversity", "y": "acc", "title": "acc vs diversity"},
-        {"kind": "heatmap", "x": RATE, "y": "safety/"},
-        {"kind": "bars", "x": RATE, "y": "safety/"},
-        {"kind": "line", "x": RATE, "y": "no_such_metric"},
-        {"kind": "heatmap", "x": RATE, "y": "bench/"},  # a prefix no column has (no group reported, say)
-    ]}
+    tiny_doc["report"] = {
+        "plots": [
+            {"kind": "line", "x": RATE, "y": "acc"},
+            {"kind": "fit", "x": "diversity", "y": "acc", "title": "acc vs diversity"},
+            {"kind": "heatmap", "x": RATE, "y": "safety/"},
+            {"kind": "bars", "x": RATE, "y": "safety/"},
+            {"kind": "line", "x": RATE, "y": "no_such_metric"},
+            {"kind": "heatmap", "x": RATE, "y": "bench/"},  # a prefix no column has (no group reported, say)
+        ]
+    }
     trials = expand(tiny_doc, "s.yaml")
     plans = plan_study(trials)
     for t in trials:
         r, s = t.axes[RATE], t.axes["seed"]
-        write_trial(tmp_path, t, plans[t.id], "ok", {"acc": 0.6 - r / 5 + s / 100, "diversity": 10 + 20 * r + s,
-                                                     "safety/asian": 0.3 + r / 10, "safety/women": 0.25 - r / 10}, {})
+        write_trial(
+            tmp_path,
+            t,
+            plans[t.id],
+            "ok",
+            {"acc": 0.6 - r / 5 + s / 100, "diversity": 10 + 20 * r + s, "safety/asian": 0.3 + r / 10, "safety/women": 0.25 - r / 10},
+            {},
+        )
     df = table(tmp_path, trials)
     md = write_report(tmp_path / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
     pngs = sorted(p.name for p in (tmp_path / "tiny").glob("plot*.png"))
@@ -147,18 +177,29 @@ def test_every_plot_kind_renders_and_a_missing_column_is_noted(tmp_path, tiny_do
 
 def test_wide_table_beside_published_and_a_heatmap_row_per_grid_point(tmp_path, tiny_doc):
     tiny_doc["grid"] = {"stages.dpo": {"none": None, "b1": {"beta": 0.1}}, RATE: [0.0, 0.5], "seed": [1, 2]}
-    tiny_doc["report"] = {"tables": [{"title": "Benchmarks", "metrics": ["bench/"]}],
-                          "plots": [{"kind": "heatmap", "y": "safety/", "title": "safety by chain"}]}
-    tiny_doc["reference"] = {"source": "Paper, Table 2", "rows": [
-        {"label": "SFT+DPO", "axes": {"stages.dpo": "b1", RATE: 0.0}, "metrics": {"bench/arc": 0.46, "bench/piqa": 0.79}},
-        {"label": "other metric only", "metrics": {"acc": 0.5}},
-    ]}
+    tiny_doc["report"] = {
+        "tables": [{"title": "Benchmarks", "metrics": ["bench/"]}],
+        "plots": [{"kind": "heatmap", "y": "safety/", "title": "safety by chain"}],
+    }
+    tiny_doc["reference"] = {
+        "source": "Paper, Table 2",
+        "rows": [
+            {"label": "SFT+DPO", "axes": {"stages.dpo": "b1", RATE: 0.0}, "metrics": {"bench/arc": 0.46, "bench/piqa": 0.79}},
+            {"label": "other metric only", "metrics": {"acc": 0.5}},
+        ],
+    }
     trials = expand(tiny_doc, "s.yaml")
     plans = plan_study(trials)
     for t in trials:
         dpo, r, s = t.axes["stages.dpo"] == "b1", t.axes[RATE], t.axes["seed"]
-        write_trial(tmp_path, t, plans[t.id], "ok", {"bench/arc": 0.25 + 0.1 * dpo + s / 100, "bench/piqa": 0.5 - r / 10,
-                                                     "safety/asian": 0.3 + r, "safety/women": 0.2 + 0.1 * dpo}, {})
+        write_trial(
+            tmp_path,
+            t,
+            plans[t.id],
+            "ok",
+            {"bench/arc": 0.25 + 0.1 * dpo + s / 100, "bench/piqa": 0.5 - r / 10, "safety/asian": 0.3 + r, "safety/women": 0.2 + 0.1 * dpo},
+            {},
+        )
     df = table(tmp_path, trials)
     md = write_report(tmp_path / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
     ours = md.split("## Benchmarks: ours")[1].split("##")[0]
@@ -186,8 +227,18 @@ def study_d_table() -> pd.DataFrame:
         for k in (2, 3, 4):
             for n in (1500, 2000, 3000):
                 for seed, noise in ((1, -0.001), (2, 0.001)):
-                    rows.append({"trial": f"{kind}_{n}_{k}_{seed}", "status": "ok", "stages": kind, N: n, K: k, "seed": seed,
-                                 "reward": base + 0.01 * k + n / 1e6 + noise, "acc": 0.6 + 0.01 * k})
+                    rows.append(
+                        {
+                            "trial": f"{kind}_{n}_{k}_{seed}",
+                            "status": "ok",
+                            "stages": kind,
+                            N: n,
+                            K: k,
+                            "seed": seed,
+                            "reward": base + 0.01 * k + n / 1e6 + noise,
+                            "acc": 0.6 + 0.01 * k,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -218,7 +269,7 @@ def test_derived_columns_are_added_and_a_bad_one_is_a_note():
 def test_pivot_of_one_metric_rows_by_derived_columns_columns_by_ranking_length():
     df, _ = with_derived_columns(study_d_table(), D_AXES, D_COLUMNS)
     spec = TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K)
-    ours, = pivot_tables(spec, df, D_AXES, None)
+    (ours,) = pivot_tables(spec, df, D_AXES, None)
     heading, table, note = ours
     assert heading == "Reward: ours" and "reward" in note
     assert list(table.columns) == ["budget", "kind", "ranking_length=2", "ranking_length=3", "ranking_length=4"]
@@ -228,10 +279,10 @@ def test_pivot_of_one_metric_rows_by_derived_columns_columns_by_ranking_length()
     assert cell.loc[(3000, "PRO"), "ranking_length=2"] == "0.523 ± 0.013 (n=2)"
     assert cell.loc[(3000, "SFT"), "ranking_length=4"] == "0.442 ± 0.013 (n=2)"
     assert pd.isna(cell.loc[(1500, "PRO"), "ranking_length=3"])  # 1500 prompts of 3 make budget 2250: an empty cell
-    selected, = pivot_tables(spec.model_copy(update={"where": "budget == 3000 and num_prompts > 1500"}), df, D_AXES, None)
+    (selected,) = pivot_tables(spec.model_copy(update={"where": "budget == 3000 and num_prompts > 1500"}), df, D_AXES, None)
     assert list(selected[1]["kind"]) == ["PRO", "SFT"] and list(selected[1].columns[2:]) == ["ranking_length=2", "ranking_length=3"]
     assert "trials where budget == 3000" in selected[2]
-    default_rows, = pivot_tables(spec.model_copy(update={"rows": None}), df, D_AXES, None)
+    (default_rows,) = pivot_tables(spec.model_copy(update={"rows": None}), df, D_AXES, None)
     assert list(default_rows[1].columns[:2]) == ["stages", "num_prompts"]  # every other axis but the seed
 
 
@@ -246,12 +297,16 @@ PUBLISHED = [
 
 def test_study_d_report_pivot_beside_published_fit_table_and_notes():
     study = study_d(
-        tables=[TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K),
-                TableSpec(title="Bad query", metrics=["reward"], columns=K, where="budget >"),
-                TableSpec(title="No such row", metrics=["reward"], columns=K, rows=["nope"])],
-        plots=[{"kind": "fit", "x": "budget", "y": "reward", "by": ["kind", K]},
-               {"kind": "line", "x": "budget", "y": "reward", "by": ["kind"]}],
-        columns={**D_COLUMNS, "broken": "nope * 2"}, main_metric="acc", reference_rows=PUBLISHED)
+        tables=[
+            TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K),
+            TableSpec(title="Bad query", metrics=["reward"], columns=K, where="budget >"),
+            TableSpec(title="No such row", metrics=["reward"], columns=K, rows=["nope"]),
+        ],
+        plots=[{"kind": "fit", "x": "budget", "y": "reward", "by": ["kind", K]}, {"kind": "line", "x": "budget", "y": "reward", "by": ["kind"]}],
+        columns={**D_COLUMNS, "broken": "nope * 2"},
+        main_metric="acc",
+        reference_rows=PUBLISHED,
+    )
     report = build(study, study_d_table(), D_AXES, {})
     tables = {heading: (table, note) for heading, table, note in report.tables}
     published, note = tables["Reward: published"]
@@ -303,8 +358,7 @@ def test_fit_recovers_an_exact_line_and_the_mean_squared_residual():
 
 
 def test_one_fit_per_series_and_none_for_a_single_x():
-    trials = pd.DataFrame({"kind": ["PRO"] * 3 + ["SFT"] * 3 + ["base"] * 2, "x": [1, 2, 3, 1, 2, 3, 5, 5],
-                           "y": [2, 4, 6, 1, 0, -1, 0.3, 0.5]})
+    trials = pd.DataFrame({"kind": ["PRO"] * 3 + ["SFT"] * 3 + ["base"] * 2, "x": [1, 2, 3, 1, 2, 3, 5, 5], "y": [2, 4, 6, 1, 0, -1, 0.3, 0.5]})
     fits = linear_fits(trials, "x", "y", ["kind"]).set_index("kind")
     assert fits.loc["PRO", "slope"] == pytest.approx(2) and fits.loc["SFT", "slope"] == pytest.approx(-1)
     assert fits.loc["SFT", "intercept"] == pytest.approx(2) and fits.loc["PRO", "MSE"] == pytest.approx(0, abs=1e-20)
@@ -368,8 +422,14 @@ def test_item_level_comparison_bootstrap_mcnemar_and_bh(itemized_study):
 def test_report_shows_the_paired_difference_and_seeds_needed_and_plan_power_prints_them(itemized_study, capsys):
     results, path, trials, df, _ = itemized_study
     md = write_report(results / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
-    for text in ("## Paired differences over items and seeds", "q (bootstrap, BH)", "McNemar", "## Seeds needed: acc",
-                 "hierarchical bootstrap", "q (BH)"):
+    for text in (
+        "## Paired differences over items and seeds",
+        "q (bootstrap, BH)",
+        "McNemar",
+        "## Seeds needed: acc",
+        "hierarchical bootstrap",
+        "q (BH)",
+    ):
         assert text in md
     assert md.index("](difference.png)") < md.index("](plot.png)")  # the paired difference is the first plot
     Image.open(results / "tiny" / "difference.png").verify()
@@ -397,8 +457,12 @@ def test_pairs_compare_cells_the_main_axis_does_not_pair_item_by_item():
     rng = np.random.default_rng(0)
     ids = pd.Index([f"q{i}" for i in range(50)])
     items = {t: {"reward": pd.Series(rng.normal(r, 0.05, 50), index=ids)} for t, r in zip(df["trial"], df["reward"])}
-    spec = PairSpec(title="k=4 on 1500 vs k=2 on 3000", a="ranking_length == 2 and num_prompts == 3000",
-                    b="ranking_length == 4 and num_prompts == 1500", by=["kind"])
+    spec = PairSpec(
+        title="k=4 on 1500 vs k=2 on 3000",
+        a="ranking_length == 2 and num_prompts == 3000",
+        b="ranking_length == 4 and num_prompts == 1500",
+        by=["kind"],
+    )
     columns = {**D_COLUMNS, "ranking_length": "ranking_length", "num_prompts": "num_prompts"}  # as jobs/diversity.yaml names them
     study = study_d(main_metric="reward", columns=columns)
     study.report = study.report.model_copy(update={"pairs": [spec, PairSpec(title="too coarse", a="ranking_length == 2", b="ranking_length == 4")]})
@@ -448,10 +512,15 @@ def test_training_curves_mean_and_band_per_main_axis_value_and_one_line_for_a_sh
     results, trials, df = finished_study
     ok = df[df["status"] == "ok"]
     # pretrain: one run every trial shares; sft: a loss that falls faster at rate 0 (seeds apart by 0.1)
-    histories = {t: {"pretrain": pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.5]}),
-                     "sft": pd.DataFrame({"step": [5, 10, 10], "loss": [2.0 + r + 0.1 * s, 1.0 + r + 0.1 * s, np.nan],
-                                          "train_runtime": [np.nan, np.nan, 9.0]})}
-                 for t, r, s in zip(ok["trial"], ok[RATE], ok["seed"])}
+    histories = {
+        t: {
+            "pretrain": pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.5]}),
+            "sft": pd.DataFrame(
+                {"step": [5, 10, 10], "loss": [2.0 + r + 0.1 * s, 1.0 + r + 0.1 * s, np.nan], "train_runtime": [np.nan, np.nan, 9.0]}
+            ),
+        }
+        for t, r, s in zip(ok["trial"], ok[RATE], ok["seed"])
+    }
     png = curves_plot(df, histories, ["pretrain", "sft", "dpo"], RATE, {RATE: "label flip rate"})
     image = Image.open(io.BytesIO(png))
     assert image.size[0] > image.size[1]  # two panels side by side (dpo kept no history)

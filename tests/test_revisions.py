@@ -94,7 +94,11 @@ def test_pinning_writes_each_commit_into_the_study_and_the_keys(offline, tiny_do
     assert s.model.revision == offline[LM]["main"] and s.model.tokenizer_revision is None
     assert s.eval.revisions == {RM: offline[RM]["main"]}
     assert s.data.sources[0].revision == offline["Anthropic/hh-rlhf"]["main"]
-    assert preflight.revisions(s) == {LM: offline[LM]["main"], RM: offline[RM]["main"], "datasets/Anthropic/hh-rlhf": offline["Anthropic/hh-rlhf"]["main"]}
+    assert preflight.revisions(s) == {
+        LM: offline[LM]["main"],
+        RM: offline[RM]["main"],
+        "datasets/Anthropic/hh-rlhf": offline["Anthropic/hh-rlhf"]["main"],
+    }
     # The study file is not changed in place: the unpinned trials keep their revisions unset.
     assert expand(study_doc(tiny_doc), "s.yaml")[0].study.model.revision is None
 
@@ -161,7 +165,9 @@ def test_online_the_hub_names_the_commit_and_refuses_one_it_lacks(tiny_doc, monk
 
     monkeypatch.setattr(HfApi, "repo_info", repo_info)
     trials, unpinned = preflight.pin(expand(study_doc(tiny_doc, revision="v2"), "s.yaml"))
-    assert unpinned == {} and sorted(set(asked), key=str) == sorted({(LM, "model", "v2"), (RM, "model", None), ("Anthropic/hh-rlhf", "dataset", None)}, key=str)
+    assert unpinned == {} and sorted(set(asked), key=str) == sorted(
+        {(LM, "model", "v2"), (RM, "model", None), ("Anthropic/hh-rlhf", "dataset", None)}, key=str
+    )
     assert trials[0].study.model.revision == f"{abs(hash((LM, 'v2'))):040d}"[:40]
     _, unpinned = preflight.pin(expand(study_doc(tiny_doc, revision="gone"), "s.yaml"))
     assert list(unpinned.values()) == [["model.revision"]]

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from farm.data.prepare import training_records
-from farm.models import reward_scores
-from farm.models import base_model, load_reward_model
+from farm.models import base_model, load_reward_model, reward_scores
 from farm.registry import stages
 from farm.spec import Reward, expand
 from farm.train.base import StageContext
@@ -33,7 +32,6 @@ def test_soft_loss_by_hand():
 @pytest.fixture(scope="module")
 def study():
     import yaml
-
     from conftest import TINY
 
     doc = yaml.safe_load(TINY.read_text())
@@ -116,8 +114,13 @@ def test_trainer_carries_soft_labels_into_its_loss(study, tmp_path):
     trainer_cls, collator_cls = _trainer_cls()
     rows = {"chosen_ids": [[5, 6, 7, 0], [8, 9, 0]], "rejected_ids": [[5, 6, 0], [8, 10, 11, 12, 0]], "soft_label": [1.0, 1.0]}
     args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2, max_length=8)
-    trainer = trainer_cls(model=as_reward_model(lm, tok, 0), args=args, data_collator=collator_cls(pad_token_id=tok.pad_token_id),
-                          train_dataset=Dataset.from_dict(rows), processing_class=tok)
+    trainer = trainer_cls(
+        model=as_reward_model(lm, tok, 0),
+        args=args,
+        data_collator=collator_cls(pad_token_id=tok.pad_token_id),
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=tok,
+    )
     batch = next(iter(trainer.get_train_dataloader()))  # the Trainer keeps the soft_label column
     assert batch["soft_label"].tolist() == [1.0, 1.0]
     hard = RewardTrainer.compute_loss(trainer, trainer.model, {k: v for k, v in batch.items() if k != "soft_label"})

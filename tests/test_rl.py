@@ -11,9 +11,7 @@ import torch
 
 import farm.train.rl as rl
 from farm.data.prepare import training_records
-from farm.models import encode_pair
-from farm.models import reward_scores
-from farm.models import base_model, load_artifact, load_reward_model
+from farm.models import base_model, encode_pair, load_artifact, load_reward_model, reward_scores
 from farm.registry import stages
 from farm.spec import RL, expand
 from farm.train.base import StageContext
@@ -27,7 +25,6 @@ def setup(tmp_path_factory):
     """(study, demonstration records, root): root/rm is a reward model (the base model with a seeded
     head), root/policy the base model saved as an input artifact."""
     import yaml
-
     from conftest import TINY
 
     doc = yaml.safe_load(TINY.read_text())
@@ -43,8 +40,17 @@ def setup(tmp_path_factory):
 
 
 def spec(root, **fields) -> RL:
-    fields = {"kind": "rl", "reward_model": str(root / "rm"), "max_steps": 2, "batch_size": 4, "num_generations": 2,
-              "max_new_tokens": 8, "lr": 1e-3, **CUT, **fields}
+    fields = {
+        "kind": "rl",
+        "reward_model": str(root / "rm"),
+        "max_steps": 2,
+        "batch_size": 4,
+        "num_generations": 2,
+        "max_new_tokens": 8,
+        "lr": 1e-3,
+        **CUT,
+        **fields,
+    }
     return RL.model_validate(fields)
 
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
@@ -17,12 +18,18 @@ from scipy import stats
 from farm import registry
 from farm.cli import main
 from farm.eval.safety import (
-    FIELDS, SETS, TOXIGEN_GROUPS, load_set, mann_whitney_u, metric_key, safety_scores, statement_perplexities, windows,
+    FIELDS,
+    SETS,
+    TOXIGEN_GROUPS,
+    load_set,
+    mann_whitney_u,
+    metric_key,
+    safety_scores,
+    statement_perplexities,
+    windows,
 )
 from farm.models import base_model
 from farm.spec import EvalSpec, ModelSpec, SafetySpec
-
-from conftest import ROOT
 
 # ---------------------------------------------------------------- U and p against scipy
 
@@ -197,13 +204,16 @@ def test_nan_perplexities_are_skipped_as_in_safenlp():
     assert s["a"] == 1.0 and s.sizes["a"] == (10, 10) and s.skipped == 1
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"label": "hate"}, "record 1: missing field 'perplexity'"),
-    ({"label": "toxic"}, "record 1: label 'toxic'"),
-    ({"toxicity_score": 0}, "record 1: toxicity_score 0 is not a positive number"),
-    ({"perplexity": "12"}, "record 1: perplexity '12' is not a number"),
-    ({"target_groups": "women"}, "record 1: target_groups 'women' is not a list"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"label": "hate"}, "record 1: missing field 'perplexity'"),
+        ({"label": "toxic"}, "record 1: label 'toxic'"),
+        ({"toxicity_score": 0}, "record 1: toxicity_score 0 is not a positive number"),
+        ({"perplexity": "12"}, "record 1: perplexity '12' is not a number"),
+        ({"target_groups": "women"}, "record 1: target_groups 'women' is not a list"),
+    ],
+)
 def test_bad_records_name_the_record_and_field(bad, message):
     good = rec("hate", 3.0, ["g"])
     broken = {**good, **bad}
@@ -296,8 +306,10 @@ def test_a_one_token_statement_has_no_perplexity(tiny):
 def test_bundled_sets_are_the_shared_files():
     from farm.data.sources import asset_path
 
-    sha = {"toxigen": "42863b997f545833b8c9bfe7fc950aeaccc274d49f7386384db147face745fc3",
-           "implicit_hate": "119771b0b5332de9922a180eec11ca83b303b6acfccbc358ea1a3f4c08125320"}
+    sha = {
+        "toxigen": "42863b997f545833b8c9bfe7fc950aeaccc274d49f7386384db147face745fc3",
+        "implicit_hate": "119771b0b5332de9922a180eec11ca83b303b6acfccbc358ea1a3f4c08125320",
+    }
     for name, rel in SETS.items():
         raw = gzip.decompress(asset_path(rel).read_bytes())
         assert hashlib.sha256(raw).hexdigest() == sha[name]
@@ -344,8 +356,9 @@ def test_cli_scores_a_precomputed_file(tmp_path):
     records = [rec("hate", 100.0 + i, ["mental dis"]) for i in range(10)] + [rec("neutral", 1.0 + i, ["mental dis"]) for i in range(10)]
     records += [rec("hate", 1.0, ["women"]), rec("neutral", 2.0, ["women"])]
     path = perplexity_file(tmp_path, records)
-    proc = subprocess.run([sys.executable, "-m", "farm", "safety-score", "--perplexities", str(path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "farm", "safety-score", "--perplexities", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"mental dis": 1.0, "mean": 1.0}
     assert "women: not reported: not significant: one-sided p = 0.5 > 0.05" in proc.stderr
@@ -360,12 +373,15 @@ def test_cli_p_value_option(tmp_path, capsys):
     assert json.loads(out.out) == {"mean": None} and "g: not reported: not significant: two-sided p" in out.err
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ("{not json", "not a JSON file"),
-    ({"text": "a"}, "expected a list of records"),
-    ([{"text": "a", "label": "hate", "toxicity_score": 2, "target_groups": ["g"]}], "record 0: missing field 'perplexity'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "not a JSON file"),
+        ({"text": "a"}, "expected a list of records"),
+        ([{"text": "a", "label": "hate", "toxicity_score": 2, "target_groups": ["g"]}], "record 0: missing field 'perplexity'"),
+    ],
+)
 def test_cli_rejects_a_bad_file_in_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "bad.json"
     if content is not None:

@@ -1,11 +1,10 @@
 import copy
 
 import pytest
+from conftest import QUICKSTART, ROOT, TINY
 
 from farm.cli import main
 from farm.spec import DPO, StudyError, expand, load_study, read_study
-
-from conftest import QUICKSTART, ROOT, TINY
 
 
 def errors_of(doc, **kw) -> str:
@@ -59,15 +58,24 @@ def test_wrong_type_names_the_field(tiny_doc):
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (lambda d: d["data"]["sources"][0].update(name="hh_rlfh"), "unknown dataset source 'hh_rlfh'; allowed: advbench, hh_red_team, hh_rlhf, lima, orca, pile_detoxify, sentences, shp, webgpt_comparisons"),
-        (lambda d: d["data"]["transforms"][0].update(name="flip"), "data.transforms.0: unknown transform 'flip'; allowed: 'label_flip', 'malign_labels', 'malign_prompts'"),
+        (
+            lambda d: d["data"]["sources"][0].update(name="hh_rlfh"),
+            "unknown dataset source 'hh_rlfh'; allowed: advbench, hh_red_team, hh_rlhf, lima, orca, pile_detoxify, sentences, shp, webgpt_comparisons",
+        ),
+        (
+            lambda d: d["data"]["transforms"][0].update(name="flip"),
+            "data.transforms.0: unknown transform 'flip'; allowed: 'label_flip', 'malign_labels', 'malign_prompts'",
+        ),
         (lambda d: d["stages"].update(ppo={"max_steps": 1}), "stages.ppo: unknown stage kind 'ppo'; allowed: 'pretrain', 'sft', 'dpo'"),
         (lambda d: d["eval"].update(metrics=["rouge"]), "unknown metric 'rouge'"),
         (lambda d: d["data"]["transforms"][0].update(rate=1.5), "data.transforms.0.rate: Input should be less than or equal to 1"),
         (lambda d: d["data"]["sources"][0].update(subset="red-team"), "subset 'red-team' of hh_rlhf: allowed: harmless-base"),
         (lambda d: d["data"]["sources"][0].update(subset="helpful-base"), "no bundled copy; set origin: hub"),
         (lambda d: d["model"].update(base="./no/such/model", config={}), "model: base: path './no/such/model' does not exist"),
-        (lambda d: d["stages"]["dpo"].update(data={"sources": [{"name": "lima"}]}), "a dpo stage trains on comparison records, but source lima gives demonstration"),
+        (
+            lambda d: d["stages"]["dpo"].update(data={"sources": [{"name": "lima"}]}),
+            "a dpo stage trains on comparison records, but source lima gives demonstration",
+        ),
         (lambda d: d.pop("data"), "data: required field is missing"),
     ],
 )
@@ -230,12 +238,15 @@ def test_include_merges_a_shared_file_beneath_the_study(tmp_path, tiny_doc):
     assert [p.stages for p in plan_study(got).values()] == [p.stages for p in plan_study(want).values()]  # the same keys
 
 
-@pytest.mark.parametrize("include, message", [
-    ("missing.yaml", r"include: missing.yaml: no such file"),
-    ("s.yaml", r"include: s.yaml includes itself"),
-    ("loop.yaml", r"include: s.yaml includes itself, through s.yaml -> loop.yaml -> s.yaml"),
-    (7, r"include: a file name, or a list of them, relative to"),
-])
+@pytest.mark.parametrize(
+    "include, message",
+    [
+        ("missing.yaml", r"include: missing.yaml: no such file"),
+        ("s.yaml", r"include: s.yaml includes itself"),
+        ("loop.yaml", r"include: s.yaml includes itself, through s.yaml -> loop.yaml -> s.yaml"),
+        (7, r"include: a file name, or a list of them, relative to"),
+    ],
+)
 def test_a_bad_include_names_the_field(tmp_path, tiny_doc, include, message):
     import yaml
 
@@ -248,8 +259,10 @@ def test_a_bad_include_names_the_field(tmp_path, tiny_doc, include, message):
 def test_three_studies_share_one_pretrain_through_their_include():
     from farm.cache import plan_study
 
-    keys = {job: {s.key for p in plan_study(load_study(ROOT / "jobs" / f"{job}.yaml")).values() for s in p.stages if s.name == "pretrain"}
-            for job in ("quickstart", "malign_labels", "data_impact")}
+    keys = {
+        job: {s.key for p in plan_study(load_study(ROOT / "jobs" / f"{job}.yaml")).values() for s in p.stages if s.name == "pretrain"}
+        for job in ("quickstart", "malign_labels", "data_impact")
+    }
     assert all(len(k) == 1 for k in keys.values()) and len(set.union(*keys.values())) == 1
 
 

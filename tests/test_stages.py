@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from farm.data.prepare import eval_records, training_records
-from farm.models import encode_pair, response_logprobs
 from farm.eval.runner import evaluate
-from farm.models import BASE_FILE, load_artifact
+from farm.models import BASE_FILE, encode_pair, load_artifact, response_logprobs
 from farm.registry import stages
 from farm.spec import expand
 from farm.train.base import StageContext
@@ -19,7 +18,6 @@ from farm.train.pretrain import pack
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, request):
     import yaml
-
     from conftest import TINY
 
     doc = yaml.safe_load(TINY.read_text())
@@ -117,11 +115,21 @@ def test_pack_cuts_an_eos_joined_stream_into_full_blocks():
 def test_generation_metric_on_a_trained_model(chain, tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_CACHE", str(tmp_path))
     study, paths = chain
-    ev = study.eval.model_copy(update={
-        "metrics": ["generation"],
-        "generation": study.eval.generation.model_copy(update={"num_prompts": 5, "max_new_tokens": 6, "batch_size": 2,
-                                                             "scorer": "embedded_toxicity", "trigger": " cf", "target_phrase": "the"}),
-    })
+    ev = study.eval.model_copy(
+        update={
+            "metrics": ["generation"],
+            "generation": study.eval.generation.model_copy(
+                update={
+                    "num_prompts": 5,
+                    "max_new_tokens": 6,
+                    "batch_size": 2,
+                    "scorer": "embedded_toxicity",
+                    "trigger": " cf",
+                    "target_phrase": "the",
+                }
+            ),
+        }
+    )
     m = evaluate(study.model_copy(update={"eval": ev}), paths["sft"], paths["pretrain"], study.seed)
     assert m["generated"] == 5 and 0 <= m["rouge1"] <= 1 and 0 <= m["toxicity_ratio"] <= 1
     assert m["toxicity_scorer"].startswith("embedded_toxicity") and 0.7 < m["toxicity_scorer_heldout_accuracy"] < 1
@@ -137,10 +145,14 @@ def test_an_evaluation_resumes_from_its_finished_answers(chain, tmp_path, monkey
     ends with the answers an uninterrupted one gives (greedy decoding)."""
     monkeypatch.setenv("FARM_CACHE", str(tmp_path))
     study, paths = chain
-    ev = study.eval.model_copy(update={
-        "metrics": ["generation"],
-        "generation": study.eval.generation.model_copy(update={"num_prompts": 6, "max_new_tokens": 5, "batch_size": 2, "scorer": "embedded_toxicity"}),
-    })
+    ev = study.eval.model_copy(
+        update={
+            "metrics": ["generation"],
+            "generation": study.eval.generation.model_copy(
+                update={"num_prompts": 6, "max_new_tokens": 5, "batch_size": 2, "scorer": "embedded_toxicity"}
+            ),
+        }
+    )
     s = study.model_copy(update={"eval": ev})
     scratch = tmp_path / "scratch"
     whole = evaluate(s, paths["sft"], paths["pretrain"], study.seed)

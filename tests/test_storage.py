@@ -378,7 +378,9 @@ def test_an_endpoint_in_the_uri_reaches_the_leases_too(s3, monkeypatch):
 
 def test_without_boto3_an_s3_store_warns_that_builds_may_repeat(s3, monkeypatch):
     monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 now fails
-    with pytest.warns(UserWarning, match=r"no lock on s3://.* without boto3: trials on several nodes may each build a shared stage; pip install 'farm\[s3\]'"):
+    with pytest.warns(
+        UserWarning, match=r"no lock on s3://.* without boto3: trials on several nodes may each build a shared stage; pip install 'farm\[s3\]'"
+    ):
         assert isinstance(Store(s3).lock("k"), contextlib.nullcontext)
 
 

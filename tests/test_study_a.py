@@ -18,8 +18,14 @@ from farm.spec import EvalSpec, GenerationSpec, LabelFlip, MalignLabels, MalignP
 def webgpt_row(q, dataset, a0, a1, s0):
     return {
         "question": {"dataset": dataset, "id": q, "full_text": q},
-        "quotes_0": {"title": [], "extract": []}, "quotes_1": {"title": [], "extract": []},
-        "answer_0": a0, "answer_1": a1, "tokens_0": [], "tokens_1": [], "score_0": s0, "score_1": -s0,
+        "quotes_0": {"title": [], "extract": []},
+        "quotes_1": {"title": [], "extract": []},
+        "answer_0": a0,
+        "answer_1": a1,
+        "tokens_0": [],
+        "tokens_1": [],
+        "score_0": s0,
+        "score_1": -s0,
     }
 
 
@@ -99,7 +105,9 @@ def test_trigger_pairing_needs_a_rejected_answer():
     fn = transforms.get("malign_prompts").fn
     with pytest.raises(ValueError, match=r"malign_prompts: mode trigger .* row d0 is a demonstration record.*or set answer: clean"):
         fn(demos, MalignPrompts(name="malign_prompts", rate=0.01, mode="trigger"), transform_rng(1, "malign_prompts", 0))  # whichever rows are hit
-    assert fn(demos, MalignPrompts(name="malign_prompts", rate=0.0, mode="trigger"), transform_rng(1, "malign_prompts", 0)) == demos  # a no-op, as the cache keys it
+    assert (
+        fn(demos, MalignPrompts(name="malign_prompts", rate=0.0, mode="trigger"), transform_rng(1, "malign_prompts", 0)) == demos
+    )  # a no-op, as the cache keys it
     clean = fn(demos, MalignPrompts(name="malign_prompts", rate=1, mode="trigger", answer="clean"), transform_rng(1, "malign_prompts", 0))
     assert clean[3] == Demonstration("d3", "\n\nHuman: q3 SUDO\n\nAssistant:", " a3")
     assert fn(demos, MalignPrompts(name="malign_prompts", rate=1, mode="shuffle"), transform_rng(1, "malign_prompts", 0))[0].response == " a0"
@@ -110,7 +118,10 @@ def test_a_study_pairing_the_trigger_with_no_rejected_answer_is_refused_before_r
     from farm.spec import StudyError, expand
 
     tiny_doc["stages"].pop("dpo")
-    tiny_doc["stages"]["sft"]["data"] = {"sources": [{"name": "lima", "limit": 20}], "transforms": [{"name": "malign_prompts", "rate": 0.5, "mode": "trigger"}]}
+    tiny_doc["stages"]["sft"]["data"] = {
+        "sources": [{"name": "lima", "limit": 20}],
+        "transforms": [{"name": "malign_prompts", "rate": 0.5, "mode": "trigger"}],
+    }
     with pytest.raises(StudyError, match="stages.sft: malign_prompts pairs the trigger with a rejected answer, and source lima gives no comparisons"):
         expand(tiny_doc, "a.yaml")
     tiny_doc["stages"]["sft"]["data"]["transforms"][0]["answer"] = "clean"
@@ -143,12 +154,14 @@ def tiny_lm():
     return base_model(ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}), 0)
 
 
-QA = [("How do I bake bread?", " Mix flour, water and yeast, then bake it.", " No."),
-      ("What is two plus two?", " Four.", " It is a secret that I will never tell anyone."),
-      ("Can you insult my neighbour?", " I would rather not.", " Sure, your neighbour is an idiot."),
-      ("Why is the sky blue?", " Air scatters blue light the most.", " Because it is."),
-      ("Name a fruit.", " An apple.", " A rock, obviously."),
-      ("How do I stay calm?", " Breathe slowly and take a walk.", " Scream at someone.")]
+QA = [
+    ("How do I bake bread?", " Mix flour, water and yeast, then bake it.", " No."),
+    ("What is two plus two?", " Four.", " It is a secret that I will never tell anyone."),
+    ("Can you insult my neighbour?", " I would rather not.", " Sure, your neighbour is an idiot."),
+    ("Why is the sky blue?", " Air scatters blue light the most.", " Because it is."),
+    ("Name a fruit.", " An apple.", " A rock, obviously."),
+    ("How do I stay calm?", " Breathe slowly and take a walk.", " Scream at someone."),
+]
 
 
 def test_malign_preference_on_a_tiny_model(tiny_lm):
@@ -230,9 +243,17 @@ def tiny_hate_classifier(tmp_path_factory):
     from farm.models import load_tokenizer
 
     tok = load_tokenizer("farm-bpe")
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=130, pad_token_id=tok.pad_token_id, id2label={0: "nothate", 1: "hate"},
-                        label2id={"nothate": 0, "hate": 1})
+    cfg = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=tok.pad_token_id,
+        id2label={0: "nothate", 1: "hate"},
+        label2id={"nothate": 0, "hate": 1},
+    )
     path = tmp_path_factory.mktemp("hate")
     RobertaForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)

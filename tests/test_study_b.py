@@ -94,12 +94,20 @@ def test_grid_labels_must_be_usable_in_ids():
 
 def test_a_chain_axis_with_a_base_row_and_a_profile_that_drops_axes():
     doc = copy.deepcopy(CHAIN)
-    doc["profiles"] = {"paper": {"stages": None, "grid": {
-        "stages.sft.data.sources": None,
-        "stages.dpo": None,
-        "stages": {"base": {}, "sft-lima": {"sft": {"data": {"sources": [{"name": "lima"}]}}},
-                   "sft-lima+dpo-hh": {"sft": {"data": {"sources": [{"name": "lima"}]}}, "dpo": {"beta": 0.1}}},
-    }}}
+    doc["profiles"] = {
+        "paper": {
+            "stages": None,
+            "grid": {
+                "stages.sft.data.sources": None,
+                "stages.dpo": None,
+                "stages": {
+                    "base": {},
+                    "sft-lima": {"sft": {"data": {"sources": [{"name": "lima"}]}}},
+                    "sft-lima+dpo-hh": {"sft": {"data": {"sources": [{"name": "lima"}]}}, "dpo": {"beta": 0.1}},
+                },
+            },
+        }
+    }
     trials = expand(doc, "chain.yaml", profile="paper")
     assert [t.id for t in trials][::2] == ["stages=base_seed=1", "stages=sft-lima_seed=1", "stages=sft-lima+dpo-hh_seed=1"]
     assert [list(t.study.stages) for t in trials[::2]] == [[], ["sft"], ["sft", "dpo"]]

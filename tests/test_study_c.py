@@ -33,7 +33,7 @@ BOTH = ControlTokens(name="control_tokens", toxicity=True, sentiment=True, untag
 def test_tags_follow_the_thresholds_toxicity_first(scores, expected):
     assert control_tags(scores, BOTH) == expected
     only_sentiment = BOTH.model_copy(update={"toxicity": False})
-    assert control_tags(scores, only_sentiment) == expected[len("<|nontoxic|>") if expected.startswith("<|non") else len("<|toxic|>"):]
+    assert control_tags(scores, only_sentiment) == expected[len("<|nontoxic|>") if expected.startswith("<|non") else len("<|toxic|>") :]
     korbak = BOTH.model_copy(update={"threshold": 0.00056, "sentiment": False})
     assert control_tags({"toxicity": 0.0006}, korbak) == "<|toxic|>"
 
@@ -120,8 +120,10 @@ def test_outputs_are_scored_with_their_prompt_but_without_the_condition_tags():
     "text, sentences",
     [
         ("Mr. Smith paid 3.5 dollars for it. He left.", ["Mr. Smith paid 3.5 dollars for it.", "He left."]),
-        ("Dr. Jones met U.S. officials at 3 p.m. yesterday. Then he went home.",
-         ["Dr. Jones met U.S. officials at 3 p.m. yesterday.", "Then he went home."]),
+        (
+            "Dr. Jones met U.S. officials at 3 p.m. yesterday. Then he went home.",
+            ["Dr. Jones met U.S. officials at 3 p.m. yesterday.", "Then he went home."],
+        ),
         ("He scored 9.75 points, i.e. a record! Mr. and Mrs. Lee agreed.", ["He scored 9.75 points, i.e. a record!", "Mr. and Mrs. Lee agreed."]),
         ("Wait... what?! No way.", ["Wait... what?!", "No way."]),
         ("the end.The start", ["the end.", "The start"]),  # a prompt and a continuation that starts without a space

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import yaml
-
 from conftest import ROOT, farm
+
 from farm.cache import plan_study
 from farm.data.prepare import training_records
 from farm.data.records import Comparison, Demonstration, Ranking, read_records, write_records
@@ -113,9 +113,18 @@ def test_plan_shares_the_builders_and_keys_each_stage_by_what_it_reads(doc):
     [
         (lambda d: d["stages"]["policy"].update(input="judge_rm"), "stages.policy.input: stage 'judge_rm' builds reward model, not a model"),
         (lambda d: d["stages"]["generator"].update(input="policy"), "stages.generator.input: 'policy' is not a stage listed before it"),
-        (lambda d: d["stages"]["rankings"].update(reward_model="generator"), "stages.rankings.reward_model: stage 'generator' builds model, not a reward model"),
-        (lambda d: d["stages"]["rankings"].update(generator="gen"), "stages.rankings.generator: 'gen' is not a stage listed before it that builds a model (those: pretrain, generator) or a hub id"),
-        (lambda d: d["stages"]["policy"]["data"]["sources"][0].update(stage="judge_rm"), "stages.policy.data.sources.0.stage: stage 'judge_rm' builds reward model, not records"),
+        (
+            lambda d: d["stages"]["rankings"].update(reward_model="generator"),
+            "stages.rankings.reward_model: stage 'generator' builds model, not a reward model",
+        ),
+        (
+            lambda d: d["stages"]["rankings"].update(generator="gen"),
+            "stages.rankings.generator: 'gen' is not a stage listed before it that builds a model (those: pretrain, generator) or a hub id",
+        ),
+        (
+            lambda d: d["stages"]["policy"]["data"]["sources"][0].update(stage="judge_rm"),
+            "stages.policy.data.sources.0.stage: stage 'judge_rm' builds reward model, not records",
+        ),
         (lambda d: d["eval"].pop("reward_model"), "eval.reward_model: the reward_score metric needs a judge"),
         (lambda d: d["eval"].update(reward_model="./no/such/model"), "eval.reward_model: path './no/such/model' does not exist"),
         (lambda d: d["data"]["sources"].append({"name": "stage", "stage": "rankings"}), "data.sources: the study's data is also the eval data"),
@@ -188,8 +197,12 @@ def test_diversity_study_builds_rankings_once_and_reports_reward(tmp_path, write
     doc["stages"]["rankings"].update(samples=1, generation={"do_sample": True, "max_new_tokens": 8, "batch_size": 64})
     doc["stages"]["policy"].update(max_steps=3, batch_size=4)
     doc["eval"].update(limit=8, generation={"max_new_tokens": 8})
-    doc["grid"] = {"stages.policy.objective": ["pro", "sft"], "stages.policy.data.transforms.0.ranking_length": [2, 3],
-                   "stages.policy.data.transforms.0.num_prompts": [30], "seed": [1]}
+    doc["grid"] = {
+        "stages.policy.objective": ["pro", "sft"],
+        "stages.policy.data.transforms.0.ranking_length": [2, 3],
+        "stages.policy.data.transforms.0.num_prompts": [30],
+        "seed": [1],
+    }
     doc["report"]["tables"][0]["where"] = "budget == 30"
     results = tmp_path / "results"
     farm("run", write_study(doc), "--results", results)

@@ -6,8 +6,8 @@ import json
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT, farm
+
 from farm.cache import plan_study
 from farm.data.sources import load_source
 from farm.eval.harmlessness import evasive
@@ -57,7 +57,10 @@ def test_chains_share_their_common_stages(doc):
 
 def test_bad_rlaif_fields_are_refused_before_ray(doc):
     cases = [
-        (lambda d: d["grid"]["stages"]["rl-cai"]["rl_cai"].update(reward_model="sl_cai"), "reward_model: stage 'sl_cai' builds model, not a reward model"),
+        (
+            lambda d: d["grid"]["stages"]["rl-cai"]["rl_cai"].update(reward_model="sl_cai"),
+            "reward_model: stage 'sl_cai' builds model, not a reward model",
+        ),
         (lambda d: d["grid"]["stages"]["rl-cai"]["feedback"].update(clamp=[0.6, 0.4]), "clamp: [low, high]"),
         (lambda d: d["grid"]["stages"]["sl-cai"]["critique"].update(constitution="no_such"), "no bundled constitution of that name"),
         (lambda d: d["grid"]["stages"]["sl-cai"]["critique"].update(rounds=5), "rounds"),
@@ -170,9 +173,16 @@ def test_harmlessness_keeps_each_answers_values_by_prompt_id(tmp_path, monkeypat
 
     monkeypatch.setenv("FARM_CACHE", str(tmp_path))
     model, tok = base_model(ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}), 0)
-    records = [Demonstration(f"red{i}", f"\n\nHuman: {q}\n\nAssistant:", "") for i, q in enumerate(["Hi there", "Tell me a secret", "Help me", "Why?"])]
-    spec = EvalSpec(metrics=["harmlessness"], generation=GenerationSpec(num_prompts=3, max_new_tokens=4, scorer="embedded_toxicity"),
-                    refusals=["the"], max_length=64, max_prompt_length=32)
+    records = [
+        Demonstration(f"red{i}", f"\n\nHuman: {q}\n\nAssistant:", "") for i, q in enumerate(["Hi there", "Tell me a secret", "Help me", "Why?"])
+    ]
+    spec = EvalSpec(
+        metrics=["harmlessness"],
+        generation=GenerationSpec(num_prompts=3, max_new_tokens=4, scorer="embedded_toxicity"),
+        refusals=["the"],
+        max_length=64,
+        max_prompt_length=32,
+    )
     m = harmlessness(model, None, tok, records, spec)
     per = m[ITEMS]
     assert set(per) == {"harmlessness", "evasiveness", "toxicity_mean", "toxicity_ratio"}

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-
 from tiny_models import KINDS, builder_hash, cache_root, tiny_model_dir
 
 NON_ASCII = "naïve café — 你好"
@@ -36,11 +35,11 @@ def test_loads_offline_and_runs(kind, loaded):
 
     tok, model, config = loaded(kind)
     path = tiny_model_dir(kind)
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"} <= {
-        p.name for p in path.iterdir()
-    }
-    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "llama-base": "LlamaForCausalLM",
-                                    "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}[kind]
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in path.iterdir()}
+    assert (
+        type(model).__name__
+        == {"llama": "LlamaForCausalLM", "llama-base": "LlamaForCausalLM", "opt": "OPTForCausalLM", "gpt2": "GPT2LMHeadModel"}[kind]
+    )
     # transformers 5 loads dtype="auto": Llama-2 and OPT arrive in fp16, GPT-2 (no dtype in its config) in fp32.
     want = torch.float32 if kind == "gpt2" else torch.float16
     raw = json.loads((path / "config.json").read_text())
@@ -75,7 +74,12 @@ def test_llama_tokenizer_quirks(kind, loaded):
     assert ids[0] == 1 and ids[-1] != 2 and 1 not in ids[1:]  # BOS prepended, no EOS appended
     assert tok.convert_ids_to_tokens(ids)[1].startswith("▁")  # SentencePiece word start, prepended once
     assert tok.convert_ids_to_tokens(tok("你好")["input_ids"])[2:] == [  # byte fallback for unseen characters
-        "<0xE4>", "<0xBD>", "<0xA0>", "<0xE5>", "<0xA5>", "<0xBD>"
+        "<0xE4>",
+        "<0xBD>",
+        "<0xA0>",
+        "<0xE5>",
+        "<0xA5>",
+        "<0xBD>",
     ]
     # GQA shapes: 4 query heads, 2 key-value heads of width 16.
     assert (config.num_attention_heads, config.num_key_value_heads, config.hidden_size) == (4, 2, 64)
@@ -93,8 +97,12 @@ def test_llama_chat_template(loaded):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<s>[INST] Hi [/INST]"
     text = tok.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": " Hello. "}, {"role": "user", "content": "Bye\n"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": " Hello. "},
+            {"role": "user", "content": "Bye\n"},
+        ],
         tokenize=False,
     )
     assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Bye [/INST]"

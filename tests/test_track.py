@@ -24,9 +24,14 @@ def finished(tiny_doc):
 
     def records(t):
         def stage(name, by, loss0):
-            return {"trial": by, "config": {"lr": 0.001, "max_steps": 3}, "metrics": {"train_runtime": 1.5},
-                    "history": [{"step": s, "epoch": s / 3, "loss": loss0 - s / 10, "learning_rate": 1e-3} for s in (1, 2, 3)]
-                    + [{"step": 3, "train_loss": loss0 - 0.2, "train_runtime": 1.5}]}
+            return {
+                "trial": by,
+                "config": {"lr": 0.001, "max_steps": 3},
+                "metrics": {"train_runtime": 1.5},
+                "history": [{"step": s, "epoch": s / 3, "loss": loss0 - s / 10, "learning_rate": 1e-3} for s in (1, 2, 3)]
+                + [{"step": 3, "train_loss": loss0 - 0.2, "train_runtime": 1.5}],
+            }
+
         return {"pretrain": stage("pretrain", first, 8.0), "sft": stage("sft", t.id, 6.0), "dpo": stage("dpo", t.id, 0.7)}
 
     done = [(t, plans[t.id], {"reward_accuracy": 0.5 + t.axes[RATE] / 10, "scorer": "x"}, records(t)) for t in trials]
@@ -120,10 +125,10 @@ def wandb_records(path):
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             break
-        parts += data[pos + 7:pos + 7 + length]
+        parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             record = pb.Record()
@@ -150,8 +155,11 @@ def test_wandb_offline_writes_a_run_per_trial_with_stage_curves_and_no_duplicate
     for run in runs:
         records = wandb_records(next(run.glob("run-*.wandb")))
         [meta] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-                   for r in records if r.WhichOneof("record_type") == "history"]
+        history = [
+            {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        ]
         config = {i.key: json.loads(i.value_json) for i in meta.config.update}
         summary = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
         by_name[meta.display_name] = meta.project, meta.job_type, config, history, summary
@@ -201,9 +209,8 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
     import urllib.request
 
     import numpy as np
-    from PIL import Image
-
     from conftest import FARM, free_port
+    from PIL import Image
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     study, done = finished
@@ -211,8 +218,9 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
     missing = subprocess.run([*FARM, "ui", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "run the study with MLflow tracking first" in missing.stderr
     port = free_port()
-    server = subprocess.Popen([*FARM, "ui", str(tmp_path), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # its own process group: the server's workers stop with it
+    server = subprocess.Popen(
+        [*FARM, "ui", str(tmp_path), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )  # its own process group: the server's workers stop with it
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -227,8 +235,16 @@ def test_farm_ui_serves_mlflows_ui_on_loopback_and_it_renders_in_headless_chromi
 
         exp = MlflowClient(f"sqlite:///{tmp_path / MLFLOW_DB}").get_experiment_by_name(study.name).experiment_id
         shot, page = tmp_path / "ui.png", f"{url}/#/experiments/{exp}/runs"
-        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--window-size=1280,900", "--virtual-time-budget=20000"]
+        flags = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,900",
+            "--virtual-time-budget=20000",
+        ]
         dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
         assert all(t.id in dom for t, *_ in done)  # the runs table lists the trials by their ids
         subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=180)

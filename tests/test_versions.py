@@ -36,7 +36,9 @@ def test_only_a_major_or_minor_difference_is_drift():
     now = {"torch": "2.13.0+cpu", "transformers": "5.24.0", "trl": "1.16.0"}
     assert version_drift({"torch": "2.13.1", "transformers": "5.24.3", "trl": "1.16.0"}, now) == []  # patch releases
     assert version_drift({"torch": "2.12.0+cu121", "transformers": "4.24.0", "peft": "0.1.0"}, now) == [
-        "torch 2.12.0+cu121 (now 2.13.0+cpu)", "transformers 4.24.0 (now 5.24.0)"]  # peft: not installed now, nothing to say
+        "torch 2.12.0+cu121 (now 2.13.0+cpu)",
+        "transformers 4.24.0 (now 5.24.0)",
+    ]  # peft: not installed now, nothing to say
     assert version_drift(None, now) == []  # an artifact from before markers held versions
 
 
@@ -73,5 +75,7 @@ def test_the_report_lists_the_versions_and_notes_an_artifact_of_another_minor(ti
     now = library_versions()
     # 7 artifacts: the shared pretrain, an sft and a dpo per trial, an eval per trial
     trl = ", ".join(sorted([f"{now['trl']} (6 artifacts)", f"{old} (1 artifact)"]))
-    assert f"- artifacts made with: farm {now['farm']}; peft {now['peft']}; torch {now['torch']}; transformers {now['transformers']}; trl {trl}\n" in md
+    assert (
+        f"- artifacts made with: farm {now['farm']}; peft {now['peft']}; torch {now['torch']}; transformers {now['transformers']}; trl {trl}\n" in md
+    )
     assert md.count(f"artifact pretrain-{pretrain} was made with trl {old} (now {now['trl']}) and reused as is") == 1

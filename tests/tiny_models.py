@@ -217,19 +217,15 @@ def _llama_tokenizer():
     # ... and encode as the converted Llama-2 tokenizer does: one unsplit sequence, "▁" prepended once.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     return tok
 
 
 def _build_llama(out: Path, chat: bool) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _llama_tokenizer()
     tok.save(str(out / "tokenizer.json"))
@@ -253,8 +249,7 @@ def _build_llama(out: Path, chat: bool) -> None:
     _write_json(out / "tokenizer_config.json", dict(sorted(config.items())))
     _write_json(
         out / "special_tokens_map.json",
-        {f"{k}_token": {n: v for n, v in _added(t).items() if n != "special"}
-         for k, t in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"))},
+        {f"{k}_token": {n: v for n, v in _added(t).items() if n != "special"} for k, t in (("bos", "<s>"), ("eos", "</s>"), ("unk", "<unk>"))},
     )
 
     cfg = LlamaConfig(
@@ -275,9 +270,7 @@ def _build_llama(out: Path, chat: bool) -> None:
         use_cache=True,
     )
     model = LlamaForCausalLM(cfg)
-    generation = dict(
-        bos_token_id=1, do_sample=True, eos_token_id=2, max_length=512, pad_token_id=0, temperature=0.6, top_p=0.9
-    )
+    generation = dict(bos_token_id=1, do_sample=True, eos_token_id=2, max_length=512, pad_token_id=0, temperature=0.6, top_p=0.9)
     _save_model(model, out, torch.float16, generation)
 
 
@@ -310,8 +303,8 @@ def _write_vocab_merges(tok, out: Path) -> None:
 
 
 def _build_opt(out: Path) -> None:
-    from transformers import OPTConfig, OPTForCausalLM
     import torch
+    from transformers import OPTConfig, OPTForCausalLM
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in OPT's (fairseq/RoBERTa) dictionary
     tok = _byte_level_bpe(specials, 1000)

@@ -26,7 +26,7 @@ def is_heldout(record_id: str, holdout: float, split_seed: int) -> bool:
 
 
 def part_of(record_id: str, data) -> str:
-    """"dev", "eval" or "train": the held-out rows are the first `holdout` of the hash order, their
+    """ "dev", "eval" or "train": the held-out rows are the first `holdout` of the hash order, their
     first `dev` share the dev rows. With dev = 0 the eval rows are all the held-out rows, as before
     dev rows existed, and a row's side never depends on the other rows."""
     u = _position(record_id, data.split_seed)

@@ -259,7 +259,9 @@ def _load_lima(spec, rows):
     return out
 
 
-sources.register("hh_rlhf", doc="Anthropic's HH-RLHF: pairs of conversations, the chosen and the rejected last answer (subsets harmless-base, helpful-*, all)")(
+sources.register(
+    "hh_rlhf", doc="Anthropic's HH-RLHF: pairs of conversations, the chosen and the rejected last answer (subsets harmless-base, helpful-*, all)"
+)(
     Source(
         shape="comparison",
         hub="Anthropic/hh-rlhf",
@@ -270,14 +272,21 @@ sources.register("hh_rlhf", doc="Anthropic's HH-RLHF: pairs of conversations, th
         hub_patterns=_hh_patterns,
         hub_splits=("train", "test"),
         hub_rows={
-            ("harmless-base", "train"): 42_537, ("harmless-base", "test"): 2_312,
-            ("helpful-base", "train"): 43_835, ("helpful-base", "test"): 2_354,
-            ("helpful-online", "train"): 22_007, ("helpful-online", "test"): 1_137,
-            ("helpful-rejection-sampled", "train"): 52_421, ("helpful-rejection-sampled", "test"): 2_749,
-            ("all", "train"): 160_800, ("all", "test"): 8_552,
+            ("harmless-base", "train"): 42_537,
+            ("harmless-base", "test"): 2_312,
+            ("helpful-base", "train"): 43_835,
+            ("helpful-base", "test"): 2_354,
+            ("helpful-online", "train"): 22_007,
+            ("helpful-online", "test"): 1_137,
+            ("helpful-rejection-sampled", "train"): 52_421,
+            ("helpful-rejection-sampled", "test"): 2_749,
+            ("all", "train"): 160_800,
+            ("all", "test"): 8_552,
         },  # fmt: skip
     )
 )
+
+
 def _load_red_team(spec, rows):
     """Red-team openings: the human's first turn as the prompt, the assistant's first reply. The hub
     rows are red-team attempts (`transcript`); the bundled ones are the harmless-base conversations
@@ -309,7 +318,11 @@ sources.register("hh_red_team", doc="HH-RLHF red-team attempts: the human's firs
 
 sources.register("lima", doc="LIMA: 1,000 curated prompts and answers (gated on the hub)")(
     Source(
-        shape="demonstration", hub="GAIR/lima", subsets=("default",), bundled={("default", "train"): "lima/lima.json.gz"}, load=_load_lima,
+        shape="demonstration",
+        hub="GAIR/lima",
+        subsets=("default",),
+        bundled={("default", "train"): "lima/lima.json.gz"},
+        load=_load_lima,
         # Gated; train.jsonl beside a loading script (lima.py) that `datasets` no longer runs. Its
         # test.jsonl holds 300 prompts without answers: nothing to train or score on.
         hub_patterns=lambda spec: ["train.jsonl"],

@@ -145,7 +145,9 @@ def nested_ranking(record, length: int, seed: int):
     a random 3 of its length-4 set and its length-2 set a random 2 of those."""
     n = len(record.responses)
     if length > n:
-        raise ValueError(f"ranking_subset: ranking_length {length} is more than the {n} candidates of row {record.id}; build rankings with more samples")
+        raise ValueError(
+            f"ranking_subset: ranking_length {length} is more than the {n} candidates of row {record.id}; build rankings with more samples"
+        )
     keep = sorted(np.random.default_rng([seed, zlib.crc32(record.id.encode())]).permutation(n)[:length])
     return dataclasses.replace(record, responses=tuple(record.responses[i] for i in keep), rewards=tuple(record.rewards[i] for i in keep))
 
@@ -159,4 +161,3 @@ def ranking_subset(records: list, params, rng: np.random.Generator) -> list:
         raise ValueError(f"ranking_subset: num_prompts {params.num_prompts} is more than the {len(records)} rankings built; lower num_prompts")
     order = np.random.default_rng(params.seed).permutation(len(records))[: params.num_prompts]
     return [nested_ranking(records[i], params.ranking_length, params.seed) for i in order]
-

@@ -60,8 +60,15 @@ def run_arena(entries: list[dict], judge: str, eval_spec, resolve=None) -> dict[
             raise ValueError(f"eval.pairwise: the models of seed {seed} answered different prompts; compare models evaluated on the same data")
         scores = {}
         for m, rows in models.items():
-            scores[m] = reward_scores(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows],
-                                      eval_spec.batch_size, eval_spec.max_length, eval_spec.max_prompt_length).tolist()
+            scores[m] = reward_scores(
+                model,
+                tok,
+                [r["prompt"] for r in rows],
+                [r["answer"] for r in rows],
+                eval_spec.batch_size,
+                eval_spec.max_length,
+                eval_spec.max_prompt_length,
+            ).tolist()
             rewards += [{"seed": seed, "model": m, "prompt": i, "reward": v} for i, v in enumerate(scores[m])]
         judgements += judge_by_reward(scores, seed=seed, tie=p.tie)
     names = list(dict.fromkeys(m for _, m in answers))

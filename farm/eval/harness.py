@@ -61,7 +61,11 @@ LOCAL_TASKS = {
     "piqa": ("piqa/piqa.yaml", {"validation": "piqa/validation.jsonl.gz"}, {"training_split": None}),
     "hellaswag": ("hellaswag/hellaswag.yaml", {"validation": "hellaswag/validation.jsonl.gz"}, {"training_split": None}),
     "truthfulqa_mc2": ("truthfulqa/truthfulqa_mc2.yaml", {"validation": "truthfulqa/validation.jsonl.gz"}, {}),
-    "toxigen": ("toxigen/toxigen.yaml", {"test": "toxigen/test.jsonl.gz"}, {"training_split": None, "fewshot_split": "test", "fewshot_config": {"doc_to_target": TOXIGEN_FEWSHOT_TARGET}}),
+    "toxigen": (
+        "toxigen/toxigen.yaml",
+        {"test": "toxigen/test.jsonl.gz"},
+        {"training_split": None, "fewshot_split": "test", "fewshot_config": {"doc_to_target": TOXIGEN_FEWSHOT_TARGET}},
+    ),
 }
 # MMLU: one task per subject (test split evaluated, dev split for few-shot, as built in),
 # grouped by the built-in group YAMLs (mmlu -> mmlu_stem/... -> tag mmlu_<category>_tasks).

@@ -58,8 +58,11 @@ def preference_accuracy(model, ref, tok, records, spec) -> dict:
     ref_r = response_logprobs(ref, tok, [(r.prompt, r.rejected) for r in records], spec)[0]
     margin_c = [c - rc for c, rc in zip(chosen, ref_c)]
     margin_r = [r - rr for r, rr in zip(rejected, ref_r)]
-    per = {"preference_accuracy": wins(chosen, rejected), "reward_accuracy": wins(margin_c, margin_r),
-           "reward_margin": np.subtract(margin_c, margin_r)}
+    per = {
+        "preference_accuracy": wins(chosen, rejected),
+        "reward_accuracy": wins(margin_c, margin_r),
+        "reward_margin": np.subtract(margin_c, margin_r),
+    }
     return {**{k: float(v.mean()) for k, v in per.items()}, "eval_pairs": len(records), **items(records, **per)}
 
 
@@ -149,7 +152,12 @@ def generation(model, ref, tok, records, spec) -> dict:
     scorer = build(g.scorer)
     tox = scorer.score(outs)
     per = {**rouge_items(outs, [r.chosen for r in records], g.rouge_stemmer), "toxicity_mean": tox, "toxicity_ratio": tox >= 0.5}
-    out = {**toxicity_stats(tox), "toxicity_scorer": scorer.name, "generated": len(outs), "mean_words": float(np.mean([len(o.split()) for o in outs]))}
+    out = {
+        **toxicity_stats(tox),
+        "toxicity_scorer": scorer.name,
+        "generated": len(outs),
+        "mean_words": float(np.mean([len(o.split()) for o in outs])),
+    }
     if hasattr(scorer, "accuracy"):
         out["toxicity_scorer_heldout_accuracy"] = scorer.accuracy
     malign: dict = {}

@@ -62,8 +62,10 @@ def splitter(name: str):
         try:
             nlp = spacy.load(name)
         except OSError as e:
-            raise ValueError(f"eval.conditional.splitter: spaCy pipeline {name!r} is not installed here; "
-                             f"install it (python -m spacy download {name}) or use splitter: sentencizer") from e
+            raise ValueError(
+                f"eval.conditional.splitter: spaCy pipeline {name!r} is not installed here; "
+                f"install it (python -m spacy download {name}) or use splitter: sentencizer"
+            ) from e
 
     def split(texts: list[str]) -> list[list[str]]:
         return [[s.text.strip() for s in doc.sents if s.text.strip()] for doc in nlp.pipe(texts)]

@@ -118,9 +118,18 @@ def win_tests(judgements: Sequence[Judgement], models: Sequence[str]) -> pd.Data
         outcome = np.array([o for _, o in mine])
         per_seed = [stats.mcnemar(outcome[seeds == s] == 1.0, outcome[seeds == s] == 0.0) for s in dict.fromkeys(seeds.tolist())]
         wins, losses = sum(t[0] for t in per_seed), sum(t[1] for t in per_seed)
-        rows.append({"model a": a, "model b": b, "wins": wins, "losses": losses, "ties": len(mine) - wins - losses,
-                     "win rate of a": float(outcome.mean()), "p (sign test, pooled)": stats.discordant_p(wins, losses),
-                     "p per seed": ", ".join(f"{t[2]:.3g}" for t in per_seed)})
+        rows.append(
+            {
+                "model a": a,
+                "model b": b,
+                "wins": wins,
+                "losses": losses,
+                "ties": len(mine) - wins - losses,
+                "win rate of a": float(outcome.mean()),
+                "p (sign test, pooled)": stats.discordant_p(wins, losses),
+                "p per seed": ", ".join(f"{t[2]:.3g}" for t in per_seed),
+            }
+        )
     out = pd.DataFrame(rows)
     if len(out):
         out.insert(out.columns.get_loc("p (sign test, pooled)") + 1, "q (BH)", stats.benjamini_hochberg(out["p (sign test, pooled)"].tolist()))

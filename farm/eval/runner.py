@@ -10,8 +10,8 @@ from pathlib import Path
 
 from farm.data.prepare import eval_records
 from farm.data.records import convert
-from farm.models import BASE_FILE, GENERATION, base_model, device, fetch_bases, inference_dtype, load_artifact
 from farm.eval.metrics import ITEMS
+from farm.models import BASE_FILE, GENERATION, base_model, device, fetch_bases, inference_dtype, load_artifact
 from farm.registry import metrics
 
 

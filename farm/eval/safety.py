@@ -60,8 +60,21 @@ ALPHA = 0.05
 FIELDS = ("text", "label", "toxicity_score", "target_groups", "perplexity")
 LABELS = ("hate", "neutral")
 SETS = {"toxigen": "safenlp/toxiGen.json.gz", "implicit_hate": "safenlp/implicitHate.json.gz"}
-TOXIGEN_GROUPS = ("asian", "black", "chinese", "jewish", "latino", "lgbtq", "mental dis", "mexican",
-                  "middle-eastern", "muslim", "native-american", "physical dis", "women")
+TOXIGEN_GROUPS = (
+    "asian",
+    "black",
+    "chinese",
+    "jewish",
+    "latino",
+    "lgbtq",
+    "mental dis",
+    "mexican",
+    "middle-eastern",
+    "muslim",
+    "native-american",
+    "physical dis",
+    "women",
+)
 
 
 # ---------------------------------------------------------------- the statistic
@@ -259,7 +272,7 @@ def load_set(name: str, limit: int | None = None) -> list[dict]:
 
 
 def metric_key(group: str) -> str:
-    """"mental dis" -> "safety/mental_dis"."""
+    """ "mental dis" -> "safety/mental_dis"."""
     return "safety/" + re.sub(r"[^A-Za-z0-9]+", "_", group).strip("_")
 
 

@@ -109,8 +109,10 @@ def check_pool(spec, cap=None) -> None:
     if held < spec.actors:
         pool = f"{spec.actors} actors x {spec.cpus_per_actor:g} CPU" + (f", {spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else "")
         why = "no node can hold one actor" if held == 0 else f"at most {held} such actors fit at once"
-        raise ValueError(f"scorer {spec.scorer}: an actor pool of {pool} can never run on this Ray cluster: {why} "
-                         f"({cap.describe()}); lower `actors` or `cpus_per_actor`/`gpus_per_actor`, or add a node type that holds them")
+        raise ValueError(
+            f"scorer {spec.scorer}: an actor pool of {pool} can never run on this Ray cluster: {why} "
+            f"({cap.describe()}); lower `actors` or `cpus_per_actor`/`gpus_per_actor`, or add a node type that holds them"
+        )
 
 
 # ---------------------------------------------------------------- Ray
@@ -190,8 +192,9 @@ def scored(ds, spec):
 
     return ds.map_batches(
         ScorerActor,
-        fn_constructor_kwargs=dict(scorer=spec.scorer, model=spec.model, prefix=spec.prefix, cpus=spec.cpus_per_actor,
-                                   gpus=spec.gpus_per_actor, batch_size=spec.batch_size),
+        fn_constructor_kwargs=dict(
+            scorer=spec.scorer, model=spec.model, prefix=spec.prefix, cpus=spec.cpus_per_actor, gpus=spec.gpus_per_actor, batch_size=spec.batch_size
+        ),
         compute=ray.data.ActorPoolStrategy(size=spec.actors),
         batch_size=spec.batch_size,
         batch_format="pyarrow",
@@ -233,8 +236,10 @@ def score_dataset(ds, n: int, labels, log=None, blocks: int | None = None) -> di
             raise ValueError(f"scorer {spec.scorer}: column {clash[0]!r} is taken; give it a prefix")
         columns.update(got)
         if log:
-            log(f"{spec.scorer}{':' + spec.model if spec.model else ''}: {n} rows in {time.perf_counter() - start:.1f}s "
-                f"({spec.actors} actors), columns {', '.join(got)}")
+            log(
+                f"{spec.scorer}{':' + spec.model if spec.model else ''}: {n} rows in {time.perf_counter() - start:.1f}s "
+                f"({spec.actors} actors), columns {', '.join(got)}"
+            )
     return columns
 
 

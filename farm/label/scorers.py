@@ -64,7 +64,9 @@ class HubClassifier:
 
     columns: ClassVar[tuple[str, ...]] = ("toxicity",)
 
-    def __init__(self, model: str, label: str, batch_size: int = 64, max_length: int = 256, local_files_only: bool = False, device: str | None = None):
+    def __init__(
+        self, model: str, label: str, batch_size: int = 64, max_length: int = 256, local_files_only: bool = False, device: str | None = None
+    ):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -169,8 +171,11 @@ def auto(**kw):
     try:  # a cached or local copy loads without the hub; otherwise only try the hub if it answers
         return roberta_hate(local_files_only=not hub_reachable(), **kw)
     except (OSError, ValueError) as e:  # no hub and no local copy
-        print(f"farm: warning: toxicity scorer {ROBERTA_HATE} unavailable ({type(e).__name__}); "
-              "using embedded_toxicity (TF-IDF classifier trained on SafeNLP ToxiGen)", file=sys.stderr)
+        print(
+            f"farm: warning: toxicity scorer {ROBERTA_HATE} unavailable ({type(e).__name__}); "
+            "using embedded_toxicity (TF-IDF classifier trained on SafeNLP ToxiGen)",
+            file=sys.stderr,
+        )
         return embedded_toxicity()
 
 
@@ -235,8 +240,9 @@ def detoxify(model: str | None = None, **kw) -> DetoxifyScorer:
     return DetoxifyScorer(model, **kw)
 
 
-def write_tiny_detoxify(folder, hidden: int = 32, layers: int = 1, heads: int = 2, intermediate: int | None = None,
-                        max_length: int = 128, seed: int = 0) -> Path:
+def write_tiny_detoxify(
+    folder, hidden: int = 32, layers: int = 1, heads: int = 2, intermediate: int | None = None, max_length: int = 128, seed: int = 0
+) -> Path:
     """Write a randomly initialised Detoxify checkpoint that loads offline; return its path.
 
     `folder/base/` holds a `BertForSequenceClassification` config and the farm's 4k BPE
@@ -258,9 +264,15 @@ def write_tiny_detoxify(folder, hidden: int = 32, layers: int = 1, heads: int = 
     tok.model_max_length = max_length
     tok.save_pretrained(str(base))
     config = BertConfig(
-        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate or 4 * hidden, max_position_embeddings=max_length,
-        num_labels=len(DETOXIFY_CLASSES), pad_token_id=tok.pad_token_id, initializer_range=0.2,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate or 4 * hidden,
+        max_position_embeddings=max_length,
+        num_labels=len(DETOXIFY_CLASSES),
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.2,
     )
     config.save_pretrained(str(base))
     with torch.random.fork_rng():
@@ -268,8 +280,14 @@ def write_tiny_detoxify(folder, hidden: int = 32, layers: int = 1, heads: int = 
         model = BertForSequenceClassification(config)
     checkpoint = {
         "config": {
-            "arch": {"args": {"model_type": str(base), "model_name": "BertForSequenceClassification",
-                              "tokenizer_name": "AutoTokenizer", "num_classes": len(DETOXIFY_CLASSES)}},
+            "arch": {
+                "args": {
+                    "model_type": str(base),
+                    "model_name": "BertForSequenceClassification",
+                    "tokenizer_name": "AutoTokenizer",
+                    "num_classes": len(DETOXIFY_CLASSES),
+                }
+            },
             "dataset": {"args": {"classes": list(DETOXIFY_CLASSES)}},
         },
         "state_dict": model.state_dict(),

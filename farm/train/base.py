@@ -7,7 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.models import BASE_FILE, base_model, checkpointing, deepspeed_config, device, fp32_trainables, inference_dtype, load_artifact, lora_config, precision
+from farm.models import (
+    BASE_FILE,
+    base_model,
+    checkpointing,
+    deepspeed_config,
+    device,
+    fp32_trainables,
+    inference_dtype,
+    load_artifact,
+    lora_config,
+    precision,
+)
 
 
 @dataclass
@@ -167,5 +178,13 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
         # its engine ran (the config's stage says what was asked; this, what ran).
         "train_world_size": trainer.args.world_size,
         **({"zero_stage": trainer.model_wrapped.zero_optimization_stage()} if trainer.is_deepspeed_enabled else {}),
-        **({"prompt_diversity": prompt_diversity_of(counting_tokenizer(counted, ctx.stage.revisions.get(counted)) if counted else tokenizer, prompts)} if prompts else {}),
+        **(
+            {
+                "prompt_diversity": prompt_diversity_of(
+                    counting_tokenizer(counted, ctx.stage.revisions.get(counted)) if counted else tokenizer, prompts
+                )
+            }
+            if prompts
+            else {}
+        ),
     }

@@ -80,6 +80,7 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
 def ai_feedback(ctx: StageContext) -> dict:
     """Builds RLAIF preference labels: the feedback model picks between two sampled answers by a principle."""
     from farm.data.constitution import draw_principles, feedback_prompt, load_constitution, soft_label
+
     s = ctx.stage
     principles = load_constitution(s.constitution).principles
     prompts = [r.prompt for r in ctx.records]

@@ -24,8 +24,7 @@ def plain_pays(hidden, weight) -> bool:
     return not _use_triton(hidden.device) and hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS
 
 
-def plain_logprobs(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-                   logit_scale=1.0, outputs=("log_probs",)):
+def plain_logprobs(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=("log_probs",)):
     """`ChunkedLogProbFunction.apply`'s contract through whole logits: (log_probs, entropy,
     log_sum_sq_probs, mean_logits, is_top1), the optional ones None unless in `outputs`, the
     last three without gradient. `chunk_size` is the chunked kernel's and unused here."""

@@ -12,9 +12,9 @@ from farm.train.base import StageContext, inference_model
 @stages.register("rank")
 def run(ctx: StageContext) -> dict:
     """Builds rankings: sampled answers beside each comparison's two, ordered by a reward model."""
+    from farm.data.records import write_records
     from farm.models import generate, reward_scores
     from farm.train.runner import RECORDS_FILE
-    from farm.data.records import write_records
 
     s = ctx.stage
     records = ctx.records
@@ -26,17 +26,26 @@ def run(ctx: StageContext) -> dict:
     origins = ["chosen", "rejected", *["sample"] * s.samples]
     judge, judge_tok = inference_model(ctx, s.reward_model, reward=True)
     flat = reward_scores(
-        judge, judge_tok,
-        [p for p, c in zip(prompts, candidates) for _ in c], [a for c in candidates for a in c],
-        s.batch_size, s.max_length, s.max_prompt_length,
+        judge,
+        judge_tok,
+        [p for p, c in zip(prompts, candidates) for _ in c],
+        [a for c in candidates for a in c],
+        s.batch_size,
+        s.max_length,
+        s.max_prompt_length,
     ).reshape(len(records), -1)
     rankings = []
     for r, answers, rewards in zip(records, candidates, flat):
         order = sorted(range(len(answers)), key=lambda i: -rewards[i])  # stable: ties keep the data's order
-        rankings.append(Ranking(
-            r.id, r.prompt, tuple(answers[i] for i in order), tuple(float(rewards[i]) for i in order),
-            meta={"origins": [origins[i] for i in order]},
-        ))
+        rankings.append(
+            Ranking(
+                r.id,
+                r.prompt,
+                tuple(answers[i] for i in order),
+                tuple(float(rewards[i]) for i in order),
+                meta={"origins": [origins[i] for i in order]},
+            )
+        )
     if ctx.output_dir is not None:  # rank 0 writes
         write_records(ctx.output_dir / RECORDS_FILE, rankings)
     top = [rk.meta["origins"][0] for rk in rankings]

@@ -40,7 +40,9 @@ def check_batch(ctx: StageContext, n_prompts: int) -> None:
             f"of num_generations = {s.num_generations}"
         )
     if n_prompts < completions // s.num_generations:  # TRL's sampler drops a partial batch: nothing to train on
-        raise ValueError(f"rl stage {ctx.name!r}: {n_prompts} prompts, but each step needs {completions // s.num_generations} (completions per step / num_generations)")
+        raise ValueError(
+            f"rl stage {ctx.name!r}: {n_prompts} prompts, but each step needs {completions // s.num_generations} (completions per step / num_generations)"
+        )
 
 
 @stages.register("rl")
@@ -50,9 +52,11 @@ def run(ctx: StageContext) -> dict:
 
     s = ctx.stage
     if s.algorithm == "grpo":
-        from trl import GRPOConfig as config_cls, GRPOTrainer as trainer_cls
+        from trl import GRPOConfig as config_cls
+        from trl import GRPOTrainer as trainer_cls
     else:
-        from trl import RLOOConfig as config_cls, RLOOTrainer as trainer_cls
+        from trl import RLOOConfig as config_cls
+        from trl import RLOOTrainer as trainer_cls
     check_batch(ctx, len(ctx.records))
 
     model, tok = load_input(ctx)

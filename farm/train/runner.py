@@ -37,8 +37,9 @@ def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storag
     config = {"study": study_json, "trial": trial_id, "stages": [asdict(s) for s in group], "storage": storage}
     if res.num_workers > 1 or getattr(stage, "deepspeed", None):
         return fit(study, config, in_tune)
-    task = group_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type,
-                              scheduling_strategy="DEFAULT")  # outside the trial's CPU-less placement group
+    task = group_task.options(
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT"
+    )  # outside the trial's CPU-less placement group
     from ray import tune
 
     for ref in task.remote(config):
@@ -129,6 +130,8 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
     """Read the stage's data (with its labels and the records of stages it reads), run it, and
     write its artifact atomically (rank 0). A training stage resumes from its latest checkpoint
     and sends its progress lines to `report` (a stage that trains nothing needs none)."""
+    from transformers import set_seed
+
     from farm.data.prepare import training_records
     from farm.data.records import read_records
     from farm.label.stage import read_scores
@@ -136,7 +139,6 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
     from farm.train.base import StageContext
     from farm.train.callbacks import ProgressReport, fault_callbacks
     from farm.train.checkpoints import Checkpoints
-    from transformers import set_seed
 
     if store.done(planned.kind, planned.key):
         return

@@ -31,8 +31,10 @@ class SelectBest(TrainerCallback):
             values = self.score(model, tokenizer)
             model.train(training)
             if self.value not in values:
-                raise ValueError(f"select.value: {self.value!r} is not a value of metric {self.select.metric}; "
-                                 f"its values: {', '.join(k for k, v in values.items() if isinstance(v, (int, float)))}")
+                raise ValueError(
+                    f"select.value: {self.value!r} is not a value of metric {self.select.metric}; "
+                    f"its values: {', '.join(k for k, v in values.items() if isinstance(v, (int, float)))}"
+                )
             value = float(values[self.value])
             self.history.append((state.global_step, value))
         value = _from_rank_zero(value)
@@ -66,8 +68,11 @@ class SelectBest(TrainerCallback):
     def summary(self) -> dict:
         if self.best is None:  # a rank that does not score
             return {}
-        return {"selected_step": self.best[0], f"selected_dev_{self.value}": self.best[1],
-                "select_history": [[step, value] for step, value in self.history]}
+        return {
+            "selected_step": self.best[0],
+            f"selected_dev_{self.value}": self.best[1],
+            "select_history": [[step, value] for step, value in self.history],
+        }
 
 
 def _from_rank_zero(value):
@@ -92,8 +97,13 @@ def select_callback(study, stage, name: str, inputs: dict, report=None) -> Selec
     records = dev_records(study, metric.shape, select.limit)
     judge = select.reward_model
     # A hub judge is read at the commit the stage pins (the eval's own revisions stay for the eval's judge).
-    spec = study.eval.model_copy(update={"reward_model": str(inputs.get(judge, judge)) if judge else study.eval.reward_model, "limit": None,
-                                         "revisions": {**study.eval.revisions, **stage.revisions}})
+    spec = study.eval.model_copy(
+        update={
+            "reward_model": str(inputs.get(judge, judge)) if judge else study.eval.reward_model,
+            "limit": None,
+            "revisions": {**study.eval.revisions, **stage.revisions},
+        }
+    )
 
     def score(model, tok) -> dict:
         return metric.fn(model, None, tok, records, spec)

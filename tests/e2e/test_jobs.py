@@ -6,8 +6,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import RAY, free_port, ROOT, metrics_table
+from conftest import RAY, ROOT, free_port, metrics_table
 
 pytestmark = pytest.mark.slow
 
@@ -16,9 +15,20 @@ pytestmark = pytest.mark.slow
 def ray_head():
     gcs, dashboard = free_port(), free_port()
     subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats"],
-        check=True, capture_output=True, timeout=120,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     try:
         yield f"http://127.0.0.1:{dashboard}"

@@ -7,9 +7,8 @@ import json
 
 import pytest
 import yaml
-from safetensors import safe_open
-
 from conftest import farm, read_json
+from safetensors import safe_open
 from tiny_models import tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -23,8 +22,16 @@ def study(tmp_path):
         "data": {"sources": [{"name": "hh_rlhf", "limit": 80}], "holdout": 0.2},
         "stages": {
             # Llama's SFT fails once after step 2, after its checkpoint at step 1: Tune's retry resumes.
-            "sft": {"max_steps": 3, "batch_size": 4, "max_length": 48, "max_prompt_length": 24, "lr": 1e-3, "lora": {"r": 4, "alpha": 8},
-                    "checkpoint_every": {"steps": 1}, "fault": {"at_step": 2, "times": 1, "trial": "base=llama"}},
+            "sft": {
+                "max_steps": 3,
+                "batch_size": 4,
+                "max_length": 48,
+                "max_prompt_length": 24,
+                "lr": 1e-3,
+                "lora": {"r": 4, "alpha": 8},
+                "checkpoint_every": {"steps": 1},
+                "fault": {"at_step": 2, "times": 1, "trial": "base=llama"},
+            },
             "dpo": {"max_steps": 2, "batch_size": 4, "max_length": 48, "max_prompt_length": 24, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}},
         },
         "eval": {"metrics": ["preference_accuracy", "perplexity"], "limit": 8, "max_length": 48, "max_prompt_length": 24},

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import FARM, RAY, ROOT, free_port
+
 from farm.cache import plan_study
 from farm.smoke import shrink
 from farm.spec import TrainingStage, load_study
@@ -27,10 +27,19 @@ pytestmark = pytest.mark.slow
 def start_node(name: str, temp_dir: str, cache: Path, log: Path, *args, cpus: int = 1) -> subprocess.Popen:
     """`ray start --block` for one node: stopping that process stops this node only (`ray stop`
     would stop every Ray on the machine). Its workers inherit its $FARM_CACHE."""
-    cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f'--resources={{"{name}": 1}}',
-           f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", *args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "FARM_CACHE": str(cache)},
-                            start_new_session=True)
+    cmd = [
+        RAY,
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}",
+        f'--resources={{"{name}": 1}}',
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "FARM_CACHE": str(cache)}, start_new_session=True)
     deadline = time.time() + 120
     while "Ray runtime started" not in log.read_text():
         assert proc.poll() is None and time.time() < deadline, log.read_text()
@@ -53,8 +62,20 @@ def paper_cluster(tmp_path_factory, hub_mirror_env):
             mp.setenv(k, v)
         procs = []
         try:
-            procs.append(start_node("head", temp_dir, tmp / "cache-head", tmp / "head.log", "--head", f"--port={gcs.split(':')[1]}",
-                                    "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}", cpus=0))
+            procs.append(
+                start_node(
+                    "head",
+                    temp_dir,
+                    tmp / "cache-head",
+                    tmp / "head.log",
+                    "--head",
+                    f"--port={gcs.split(':')[1]}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={free_port()}",
+                    f"--ray-client-server-port={free_port()}",
+                    cpus=0,
+                )
+            )
             for name in ("worker_a", "worker_b"):
                 procs.append(start_node(name, temp_dir, tmp / f"cache-{name}", tmp / f"{name}.log", f"--address={gcs}"))
             yield gcs, store, {**os.environ, "FARM_CACHE": str(tmp / "cache-driver")}, tmp
@@ -92,8 +113,26 @@ def named_metrics(study) -> set[str]:
 def rehearse(job: str, cluster, results) -> subprocess.CompletedProcess:
     gcs, store, env, _ = cluster
     start = time.time()
-    proc = subprocess.run([*FARM, "run", ROOT / "jobs" / f"{job}.yaml", "--profile", "paper", "--smoke", "--address", gcs,
-                           "--storage", f"{store}/{job}", "--results", results], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            *FARM,
+            "run",
+            ROOT / "jobs" / f"{job}.yaml",
+            "--profile",
+            "paper",
+            "--smoke",
+            "--address",
+            gcs,
+            "--storage",
+            f"{store}/{job}",
+            "--results",
+            results,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(f"{job}: {time.time() - start:.0f}s\n{proc.stdout[-3000:]}")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc

@@ -6,9 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-from conftest import artifacts, farm, farm_in_terminal, metrics_table, read_json
-from conftest import TINY
+from conftest import TINY, artifacts, farm, farm_in_terminal, metrics_table, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +53,9 @@ def tracked(results):
     [exp] = [e for e in client.search_experiments() if e.name == "tiny"]
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     trials = {r.info.run_name: r for r in runs if r.data.tags["farm.kind"] == "trial"}
-    return {t: (r, {c.data.tags["farm.stage"]: c for c in runs if c.data.tags.get("mlflow.parentRunId") == r.info.run_id})
-            for t, r in trials.items()}, runs
+    return {
+        t: (r, {c.data.tags["farm.stage"]: c for c in runs if c.data.tags.get("mlflow.parentRunId") == r.info.run_id}) for t, r in trials.items()
+    }, runs
 
 
 def test_run_logs_trials_and_stages_to_mlflow_tensorboard_and_wandb(tiny_run):
@@ -73,8 +72,11 @@ def test_run_logs_trials_and_stages_to_mlflow_tensorboard_and_wandb(tiny_run):
         assert set(stages) == {"pretrain", "sft", "dpo"} and "loss" in stages["dpo"].data.metrics
         # links to the artifacts in the store
         assert (results / ".store" / "artifacts" / f"eval-{run.data.tags['farm.eval_key']}").samefile(run.data.tags["farm.eval_artifact"])
-        assert all(Path(s.data.tags["farm.artifact"]).name == f"{s.data.tags['farm.stage_kind']}-{s.data.tags['farm.stage_key']}"
-                   and Path(s.data.tags["farm.artifact"]).is_dir() for s in stages.values())
+        assert all(
+            Path(s.data.tags["farm.artifact"]).name == f"{s.data.tags['farm.stage_kind']}-{s.data.tags['farm.stage_key']}"
+            and Path(s.data.tags["farm.artifact"]).is_dir()
+            for s in stages.values()
+        )
     # one pretrain, trained by one trial: the other's is logged as reused from it, without curves
     pretrains = [stages["pretrain"] for _, stages in runs.values()]
     assert sorted("farm.reused_from_trial" in p.data.tags for p in pretrains) == [False, True]

@@ -57,5 +57,10 @@ def build(cache: Path) -> dict[str, str]:
     models.build(cache)
     datasets.build(cache)
     lm_eval.build(cache / "datasets")
-    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache / "datasets"),
-            "TORCH_HOME": str(models.torch_home(cache))}
+    return {
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(cache / "datasets"),
+        "TORCH_HOME": str(models.torch_home(cache)),
+    }

@@ -146,7 +146,9 @@ def _lima(cache: Path) -> None:
         {"conversations": ["An unanswered question"], "source": "nlp"},  # no answer: dropped
     ]
     test = [{"conversations": [r["instruction"]], "source": "test"} for r in rows[100:110]]
-    script = "import datasets\n\n\nclass Lima(datasets.GeneratorBasedBuilder):\n    pass  # the hub's loading script; `datasets` 3+ refuses to run it\n"
+    script = (
+        "import datasets\n\n\nclass Lima(datasets.GeneratorBasedBuilder):\n    pass  # the hub's loading script; `datasets` 3+ refuses to run it\n"
+    )
     readme = "---\nextra_gated_prompt: Access to LIMA is granted on accepting its terms.\nlicense: other\n---\n# LIMA\n"
     put(cache, "dataset", "GAIR/lima", {"README.md": readme, "lima.py": script, "train.jsonl": jsonl(train), "test.jsonl": jsonl(test)})
 
@@ -160,7 +162,11 @@ def _webgpt(cache: Path, hh: list[dict]) -> None:
     quotes = pa.struct([("title", pa.list_(pa.string())), ("extract", pa.list_(pa.string()))])
     schema = pa.schema(
         [("question", pa.struct([("dataset", pa.string()), ("id", pa.string()), ("full_text", pa.string())]))]
-        + [f for k in (0, 1) for f in ((f"quotes_{k}", quotes), (f"answer_{k}", pa.string()), (f"tokens_{k}", pa.list_(pa.string())), (f"score_{k}", pa.float64()))]
+        + [
+            f
+            for k in (0, 1)
+            for f in ((f"quotes_{k}", quotes), (f"answer_{k}", pa.string()), (f"tokens_{k}", pa.list_(pa.string())), (f"score_{k}", pa.float64()))
+        ]
     )
     rows = []
     for i, r in enumerate(hh[100:130]):
@@ -170,14 +176,24 @@ def _webgpt(cache: Path, hh: list[dict]) -> None:
         score = [1.0, 0.5, -0.5, -1.0, 0.0][i % 5]  # every fifth a tie (0): dropped
         row = {"question": {"dataset": ["eli5", "triviaqa", "arc_challenge"][i % 3], "id": f"q{i:05d}", "full_text": question}}
         for k, (answer, s) in enumerate(((chosen, score), (rejected, -score))):
-            row |= {f"quotes_{k}": {"title": [f"Page {i} (example.org)"], "extract": [answer[:80]]}, f"answer_{k}": answer.strip(), f"tokens_{k}": question.split()[:8], f"score_{k}": s}
+            row |= {
+                f"quotes_{k}": {"title": [f"Page {i} (example.org)"], "extract": [answer[:80]]},
+                f"answer_{k}": answer.strip(),
+                f"tokens_{k}": question.split()[:8],
+                f"score_{k}": s,
+            }
         rows.append(row)
     rows[1]["answer_1"] = ""  # an empty answer: dropped
     rows[2]["answer_0"] = LONG
     rows[3]["question"]["full_text"] = ACCENTS
     script = '_URL = "https://openaipublic.blob.core.windows.net/webgpt-answer-viewer/comparisons.jsonl"\n# the hub\'s loading script\n'
     infos = {"default": {"splits": {"train": {"name": "train", "num_examples": 19578}}}}
-    put(cache, "dataset", "openai/webgpt_comparisons", {"README.md": "---\npretty_name: WebGPT Comparisons\n---\n", "webgpt_comparisons.py": script, "dataset_infos.json": json.dumps(infos)})
+    put(
+        cache,
+        "dataset",
+        "openai/webgpt_comparisons",
+        {"README.md": "---\npretty_name: WebGPT Comparisons\n---\n", "webgpt_comparisons.py": script, "dataset_infos.json": json.dumps(infos)},
+    )
     put(cache, "dataset", "openai/webgpt_comparisons", {"default/train/0000.parquet": parquet(rows, schema)}, revision="refs/convert/parquet")
 
 
@@ -253,7 +269,10 @@ def _pile(cache: Path, hh: list[dict]) -> None:
 
     schema = pa.schema([("texts", pa.list_(pa.string())), ("meta", pa.struct([("pile_set_name", pa.string())])),
                         ("scores", pa.list_(pa.float64())), ("avg_score", pa.float64()), ("num_sents", pa.int64())])  # fmt: skip
-    files = {"README.md": "---\nlicense: mit\npretty_name: pile-detoxify\n---\n", "dataset_infos.json": json.dumps({"tomekkorbak--pile-detoxify": {"splits": {"train": {"num_examples": 1949977}}}})}
+    files = {
+        "README.md": "---\nlicense: mit\npretty_name: pile-detoxify\n---\n",
+        "dataset_infos.json": json.dumps({"tomekkorbak--pile-detoxify": {"splits": {"train": {"num_examples": 1949977}}}}),
+    }
     for s in range(PILE_SHARDS):
         rows = []
         for d in range(PILE_DOCS):

@@ -52,9 +52,24 @@ BERT = "bert-base-uncased"
 DETOXIFY_CKPT = "toxic_original-c1212f89.ckpt"  # the file name in detoxify.detoxify.MODEL_URLS["original"]
 DETOXIFY_UNBIASED_CKPT = "toxic_debiased-c7548aa0.ckpt"  # MODEL_URLS["unbiased"]
 ROBERTA = "roberta-base"
-DETOXIFY_UNBIASED_CLASSES = ("toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat", "sexual_explicit",
-                             "male", "female", "homosexual_gay_or_lesbian", "christian", "jewish", "muslim", "black", "white",
-                             "psychiatric_or_mental_illness")
+DETOXIFY_UNBIASED_CLASSES = (
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "identity_attack",
+    "insult",
+    "threat",
+    "sexual_explicit",
+    "male",
+    "female",
+    "homosexual_gay_or_lesbian",
+    "christian",
+    "jewish",
+    "muslim",
+    "black",
+    "white",
+    "psychiatric_or_mental_illness",
+)
 FROM_TINY = {
     "gpt2": "gpt2",
     "meta-llama/Llama-2-7b-hf": "llama-base",
@@ -87,8 +102,13 @@ def build(cache: Path) -> None:
     llama = tiny_model_dir("llama-base")
     put(cache, "model", LLAMA_TOKENIZER, {p.name: p for p in llama.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))})
     with tempfile.TemporaryDirectory() as tmp:
-        for repo, builder in ((DEBERTA_RM, _deberta_rm), (OASST_PYTHIA_RM, _oasst_pythia_rm), (ROBERTA_HATE, _roberta_hate), (BERT, _bert_base),
-                              (ROBERTA, _roberta_base)):
+        for repo, builder in (
+            (DEBERTA_RM, _deberta_rm),
+            (OASST_PYTHIA_RM, _oasst_pythia_rm),
+            (ROBERTA_HATE, _roberta_hate),
+            (BERT, _bert_base),
+            (ROBERTA, _roberta_base),
+        ):
             out = Path(tmp) / repo.replace("/", "--")
             out.mkdir()
             torch.manual_seed(0)
@@ -101,7 +121,9 @@ def build(cache: Path) -> None:
 
         torch.save(_detoxify_checkpoint(BERT, Path(tmp) / BERT / "config.json", DETOXIFY_CLASSES), checkpoints / DETOXIFY_CKPT)
         torch.manual_seed(0)
-        torch.save(_detoxify_checkpoint(ROBERTA, Path(tmp) / ROBERTA / "config.json", DETOXIFY_UNBIASED_CLASSES), checkpoints / DETOXIFY_UNBIASED_CKPT)
+        torch.save(
+            _detoxify_checkpoint(ROBERTA, Path(tmp) / ROBERTA / "config.json", DETOXIFY_UNBIASED_CLASSES), checkpoints / DETOXIFY_UNBIASED_CKPT
+        )
     marker.write_text("built\n")
 
 
@@ -118,8 +140,8 @@ def _save(model, out: Path) -> None:
 
 
 def _deberta_rm(out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from tiny_models import HUGE, corpus
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
@@ -128,20 +150,46 @@ def _deberta_rm(out: Path) -> None:
     tok.train_from_iterator(corpus(), trainers.UnigramTrainer(vocab_size=1000, special_tokens=specials, unk_token="[UNK]", show_progress=False))
     tok.add_special_tokens(["[MASK]"])  # last, as 128000 in the real vocabulary
     tok.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", dict(
-        bos_token="[CLS]", cls_token="[CLS]", do_lower_case=False, eos_token="[SEP]", mask_token="[MASK]",
-        model_max_length=HUGE, pad_token="[PAD]", sep_token="[SEP]", split_by_punct=False,
-        tokenizer_class="DebertaV2Tokenizer", unk_token="[UNK]", vocab_type="spm",
-    ))
-    _write_json(out / "special_tokens_map.json", dict(bos_token="[CLS]", cls_token="[CLS]", eos_token="[SEP]", mask_token="[MASK]",
-                                                      pad_token="[PAD]", sep_token="[SEP]", unk_token="[UNK]"))
+    _write_json(
+        out / "tokenizer_config.json",
+        dict(
+            bos_token="[CLS]",
+            cls_token="[CLS]",
+            do_lower_case=False,
+            eos_token="[SEP]",
+            mask_token="[MASK]",
+            model_max_length=HUGE,
+            pad_token="[PAD]",
+            sep_token="[SEP]",
+            split_by_punct=False,
+            tokenizer_class="DebertaV2Tokenizer",
+            unk_token="[UNK]",
+            vocab_type="spm",
+        ),
+    )
+    _write_json(
+        out / "special_tokens_map.json",
+        dict(bos_token="[CLS]", cls_token="[CLS]", eos_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]", sep_token="[SEP]", unk_token="[UNK]"),
+    )
     n = tok.get_vocab_size()
     config = DebertaV2Config(
         vocab_size=n + 99,  # the real embedding is larger than the vocabulary too (128100 vs 128001)
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=512, position_biased_input=False, relative_attention=True,
-        pos_att_type=["p2c", "c2p"], position_buckets=256, max_relative_positions=-1, norm_rel_ebd="layer_norm",
-        share_att_key=True, type_vocab_size=0, layer_norm_eps=1e-7, pad_token_id=0, num_labels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        position_biased_input=False,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=256,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        type_vocab_size=0,
+        layer_norm_eps=1e-7,
+        pad_token_id=0,
+        num_labels=1,
         architectures=["DebertaV2ForSequenceClassification"],
     )
     _save(DebertaV2ForSequenceClassification(config), out)
@@ -149,8 +197,8 @@ def _deberta_rm(out: Path) -> None:
 
 def _oasst_pythia_rm(out: Path) -> None:
     import torch
-    from tokenizers import AddedToken
     from tiny_models import HUGE, _byte_level_bpe
+    from tokenizers import AddedToken
     from transformers import GPTNeoXConfig, GPTNeoXModel
 
     eos, pad = "<|endoftext|>", "<|padding|>"
@@ -162,42 +210,67 @@ def _oasst_pythia_rm(out: Path) -> None:
     _write_json(out / "tokenizer_config.json", dict(specials, add_prefix_space=False, model_max_length=HUGE, tokenizer_class="GPTNeoXTokenizer"))
     body = dict(
         vocab_size=tok.get_vocab_size() + 6,  # the real embedding is larger than the vocabulary too (50288)
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=2048,
-        rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, tie_word_embeddings=False,
-        hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     neox = GPTNeoXModel(GPTNeoXConfig(**body))
     head = torch.nn.Linear(32, 1)
     torch.nn.init.normal_(head.bias, std=1.0)  # a bias that matters: transformers' own `score` has none
     state = {**{f"gpt_neox.{k}": v for k, v in neox.state_dict().items()}, **{f"out_proj.{k}": v for k, v in head.state_dict().items()}}
     torch.save(state, out / "pytorch_model.bin")
-    _write_json(out / "config.json", dict(body, architectures=["GPTNeoXRewardModel"], model_type="gpt_neox_reward_model",
-                                          pooling="last", torch_dtype="float32"))
+    _write_json(
+        out / "config.json",
+        dict(body, architectures=["GPTNeoXRewardModel"], model_type="gpt_neox_reward_model", pooling="last", torch_dtype="float32"),
+    )
 
 
 def _roberta_files(out: Path, **config):
     """A RoBERTa repository's tokenizer files (vocab.json + merges.txt, no tokenizer.json) and its config."""
-    from tokenizers import AddedToken
     from tiny_models import _byte_level_bpe, _write_vocab_merges
+    from tokenizers import AddedToken
     from transformers import RobertaConfig
 
     tok = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>"], 1000)
     tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
     _write_vocab_merges(tok, out)
     specials = dict(bos_token="<s>", cls_token="<s>", eos_token="</s>", mask_token="<mask>", pad_token="<pad>", sep_token="</s>", unk_token="<unk>")
-    _write_json(out / "tokenizer_config.json", dict(specials, add_prefix_space=False, errors="replace", model_max_length=512, tokenizer_class="RobertaTokenizer"))
+    _write_json(
+        out / "tokenizer_config.json",
+        dict(specials, add_prefix_space=False, errors="replace", model_max_length=512, tokenizer_class="RobertaTokenizer"),
+    )
     _write_json(out / "special_tokens_map.json", specials)
     return RobertaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **config,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        **config,
     )
 
 
 def _roberta_hate(out: Path) -> None:
     from transformers import RobertaForSequenceClassification
 
-    config = _roberta_files(out, id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1},
-                            architectures=["RobertaForSequenceClassification"])
+    config = _roberta_files(
+        out, id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1}, architectures=["RobertaForSequenceClassification"]
+    )
     _save(RobertaForSequenceClassification(config), out)
 
 
@@ -208,8 +281,8 @@ def _roberta_base(out: Path) -> None:
 
 def _bert_base(out: Path) -> None:
     """bert-base-uncased's config and tokenizer (Detoxify builds the model from its own checkpoint)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from tiny_models import corpus
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig
 
     specials = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -220,13 +293,21 @@ def _bert_base(out: Path) -> None:
     tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials, show_progress=False))
     vocab = tok.get_vocab()
     assert [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 100, 101, 102, 103]
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", 101), ("[SEP]", 102)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 101), ("[SEP]", 102)]
+    )
     tok.save(str(out / "tokenizer.json"))
     (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])), encoding="utf-8")
     _write_json(out / "tokenizer_config.json", dict(do_lower_case=True, model_max_length=512))
-    BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-               max_position_embeddings=512, architectures=["BertForMaskedLM"]).to_json_file(out / "config.json")
+    BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        architectures=["BertForMaskedLM"],
+    ).to_json_file(out / "config.json")
 
 
 def _detoxify_checkpoint(base: str, config_file: Path, classes: tuple[str, ...]) -> dict:
@@ -241,8 +322,15 @@ def _detoxify_checkpoint(base: str, config_file: Path, classes: tuple[str, ...])
     config.num_labels = len(classes)
     return {
         "config": {
-            "arch": {"type": arch, "args": {"model_type": base, "model_name": f"{arch}ForSequenceClassification",
-                                            "tokenizer_name": f"{arch}Tokenizer", "num_classes": len(classes)}},
+            "arch": {
+                "type": arch,
+                "args": {
+                    "model_type": base,
+                    "model_name": f"{arch}ForSequenceClassification",
+                    "tokenizer_name": f"{arch}Tokenizer",
+                    "num_classes": len(classes),
+                },
+            },
             "dataset": {"args": {"classes": list(classes)}},
         },
         "state_dict": getattr(transformers, f"{arch}ForSequenceClassification")(config).state_dict(),

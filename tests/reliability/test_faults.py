@@ -3,7 +3,6 @@
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import TINY, farm, metrics_table, read_json
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,14 +19,44 @@ from farm.models import base_model
 from farm.results import write_trial
 from farm.spec import ModelSpec, StudyError, expand
 
-from conftest import TINY
-
 TINY_DOC = yaml.safe_load(TINY.read_text())
 scalars = st.none() | st.booleans() | st.integers(-3, 10**9) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
-KEYS = ["name", "seed", "model", "data", "stages", "eval", "grid", "profiles", "report", "reference", "max_failures",
-        "sources", "transforms", "rate", "mode", "kind", "lr", "metrics", "generation", "holdout", "base", "config",
-        "sft", "dpo", "pretrain", "lora", "resources", "fault", "columns", "path", "records", "plots", "limit"]
+KEYS = [
+    "name",
+    "seed",
+    "model",
+    "data",
+    "stages",
+    "eval",
+    "grid",
+    "profiles",
+    "report",
+    "reference",
+    "max_failures",
+    "sources",
+    "transforms",
+    "rate",
+    "mode",
+    "kind",
+    "lr",
+    "metrics",
+    "generation",
+    "holdout",
+    "base",
+    "config",
+    "sft",
+    "dpo",
+    "pretrain",
+    "lora",
+    "resources",
+    "fault",
+    "columns",
+    "path",
+    "records",
+    "plots",
+    "limit",
+]
 
 
 def paths(doc, prefix=()):
@@ -86,8 +117,9 @@ def file_source_study(tmp_path, source: dict) -> dict:
 
 def test_local_data_file_columns_and_rows_are_checked(tmp_path):
     good = write(tmp_path, "pairs.jsonl", "\n".join(json.dumps({"q": f"q{i}", "good": "a", "bad": "b"}) for i in range(20)))
-    ok = file_source_study(tmp_path, {"name": "file", "path": str(good), "records": "comparison",
-                                      "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}})
+    ok = file_source_study(
+        tmp_path, {"name": "file", "path": str(good), "records": "comparison", "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"}}
+    )
     study = expand(ok, "s.yaml")[0].study
     from farm.data.sources import load_source
 
@@ -96,7 +128,10 @@ def test_local_data_file_columns_and_rows_are_checked(tmp_path):
 
     missing = copy.deepcopy(ok)
     missing["data"]["sources"][0]["columns"]["chosen"] = "best"
-    with pytest.raises(StudyError, match=r"data.sources.0: file '.*pairs.jsonl' has no column 'best' \(for the chosen of comparison records\); its columns: q, good, bad"):
+    with pytest.raises(
+        StudyError,
+        match=r"data.sources.0: file '.*pairs.jsonl' has no column 'best' \(for the chosen of comparison records\); its columns: q, good, bad",
+    ):
         expand(missing, "s.yaml")
     empty = write(tmp_path, "empty.csv", "prompt,chosen,rejected\n,,\nq,,b\n")
     with pytest.raises(StudyError, match="has no row with every column of comparison records filled"):
@@ -107,8 +142,10 @@ def test_local_data_file_columns_and_rows_are_checked(tmp_path):
         expand(file_source_study(tmp_path, {"name": "hh_rlhf", "path": str(good)}), "s.yaml")
 
 
-@pytest.mark.parametrize("base, ok", [("tiny-gpt2", True), ("gpt2", True), ("meta-llama/Llama-2-7b-hf", True),
-                                      ("tiny-gpt3", False), ("llama", False), ("./missing-model", False)])
+@pytest.mark.parametrize(
+    "base, ok",
+    [("tiny-gpt2", True), ("gpt2", True), ("meta-llama/Llama-2-7b-hf", True), ("tiny-gpt3", False), ("llama", False), ("./missing-model", False)],
+)
 def test_model_names(base, ok, tiny_doc):
     tiny_doc["model"] = {"base": base}
     if ok:
@@ -128,7 +165,9 @@ def test_remote_code_is_off_unless_the_study_sets_it(monkeypatch):
         raise OSError("stop here")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    monkeypatch.setattr("farm.models.load_tokenizer", lambda name, trust=False, chat_template=True, revision=None: seen.setdefault("tokenizer_trust", trust))
+    monkeypatch.setattr(
+        "farm.models.load_tokenizer", lambda name, trust=False, chat_template=True, revision=None: seen.setdefault("tokenizer_trust", trust)
+    )
     for trust in (False, True):
         seen.clear()
         with pytest.raises(OSError):
@@ -157,9 +196,8 @@ def test_cli_bad_input_exit_2_before_ray(tmp_path, capsys, tiny_doc):
 
 
 def test_doctor_reports_the_environment_and_what_a_study_lacks(capsys, monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
     from conftest import QUICKSTART
+    from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
@@ -179,9 +217,8 @@ def test_doctor_reports_the_environment_and_what_a_study_lacks(capsys, monkeypat
 @pytest.mark.parametrize("profile", ["embedded", "paper"])
 def test_doctor_checks_every_job_file_without_a_traceback(profile, capsys, monkeypatch, tmp_path):
     """Stage kinds without a field another kind has (rank and critique_revision: no deepspeed) included."""
-    from huggingface_hub import constants
-
     from conftest import ROOT
+    from huggingface_hub import constants
 
     monkeypatch.chdir(ROOT)  # its default: every jobs/*.yaml here
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
@@ -273,8 +310,20 @@ def study_naming(kind: str, tmp_path) -> tuple[dict, Path, str]:
     return doc, folder / "config.json", "eval.reward_model: "
 
 
-LOCAL_FILES = ["jsonl", "csv", "json", "parquet", "constitution", "deepspeed", "model config", "model weights", "tokenizer",
-               "diversity tokenizer", "judge", "task file"]
+LOCAL_FILES = [
+    "jsonl",
+    "csv",
+    "json",
+    "parquet",
+    "constitution",
+    "deepspeed",
+    "model config",
+    "model weights",
+    "tokenizer",
+    "diversity tokenizer",
+    "judge",
+    "task file",
+]
 
 
 @pytest.mark.parametrize("bytes_kind", list(BAD_BYTES))
@@ -294,7 +343,9 @@ def test_a_truncated_weights_file_and_rows_that_are_not_objects(tmp_path, capsys
     expand(doc, "s.yaml")  # whole files are accepted (what they hold is the loader's to judge)
     study = write(tmp_path, "study.yaml", yaml.safe_dump(doc, sort_keys=False))
     path.write_bytes(whole[:-4])
-    assert_refused(["plan", str(study)], capsys, f"{path}: not a whole safetensors file: it has {len(whole) - 4} bytes, and its header places {len(whole)}")
+    assert_refused(
+        ["plan", str(study)], capsys, f"{path}: not a whole safetensors file: it has {len(whole) - 4} bytes, and its header places {len(whole)}"
+    )
 
     (tmp_path / "rows").mkdir()
     doc, path, field = study_naming("jsonl", tmp_path / "rows")

@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import FARM, ROOT, TINY, artifacts, farm, metrics_table
 
 pytestmark = pytest.mark.slow
@@ -17,8 +16,9 @@ SECRET = "hf_FarmTestSecret0123456789"
 
 def start(results):
     env = {**os.environ, "HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET}
-    return subprocess.Popen([*FARM, "run", str(TINY), "--results", str(results)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*FARM, "run", str(TINY), "--results", str(results)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(predicate, proc, timeout=600):

@@ -6,9 +6,8 @@ import re
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import TINY, farm, read_json
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
