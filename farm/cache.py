@@ -40,6 +40,7 @@ VERSIONS = {
     "pretrain": 1,
     "sft": 1,
     "dpo": 1,
+    "kto": 1,
     "reward": 1,
     "pro": 1,
     "rank": 1,

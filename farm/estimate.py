@@ -150,6 +150,10 @@ def stage_work(s, study, rows: float | None, base: float | None) -> list[tuple[s
         return [(train, seqs * 2 * s.max_length, base)]
     if s.kind == "dpo":  # chosen and rejected, by the policy and by the reference model
         return [(train, seqs * 2 * s.max_length, base), ("forward", seqs * 2 * s.max_length, base)]
+    if s.kind == "kto":  # each answer an example, trained on and read by the reference; with the KL term
+        examples = seqs if s.max_steps > 0 else seqs * 2  # a mismatched answer is read by both too
+        forwards = 3 if s.loss_type == "kto" else 1
+        return [(train, examples * s.max_length, base), ("forward", examples * forwards * s.max_length, base)]
     if s.kind == "pro":  # every candidate of a ranking
         k = ranking_length(s, study)
         return [(train, seqs * k * s.max_length, base)] if k else None
@@ -250,7 +254,7 @@ READ_BYTES = 2  # a model that is only read (generation, scoring, a frozen refer
 RL_JUDGE_BYTES = 2  # rl.py loads its reward model in the inference dtype: bf16 on a GPU
 SCORING = {"preference_accuracy", "perplexity"}  # eval metrics that score answers in batches of eval.batch_size x max_length
 GENERATING = {"generation", "harmlessness", "reward_score"}  # ... that generate as eval.generation says (misalignment: eval.conditional)
-ROWS = {"pretrain": 1, "sft": 1, "dpo": 2, "reward": 2, "rl": 1}  # sequences a training example is (pro: its ranking's length)
+ROWS = {"pretrain": 1, "sft": 1, "dpo": 2, "kto": 1, "reward": 2, "rl": 1}  # sequences a training example is (pro: its ranking's length)
 
 
 @dataclass
@@ -337,7 +341,7 @@ def _training(s, study, arch: Arch, where: dict) -> Memory | None:
         return None
     ckpt = checkpointing(s, arch.params)
     length, head_tokens, held, phases = s.max_length, None, {}, {}
-    if s.kind == "dpo" and not s.lora:
+    if s.kind in ("dpo", "kto") and not s.lora:
         held["reference"] = arch.params * READ_BYTES  # dpo.frozen_copy (with LoRA: the adapter disabled)
     if s.kind == "rl":
         judge = _model(s.reward_model, study)

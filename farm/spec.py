@@ -758,6 +758,32 @@ class DPO(TrainingStage):
         return self
 
 
+class KTO(TrainingStage):
+    """TRL KTOTrainer (Kahneman-Tversky Optimization, Ethayarajh et al. 2024) on comparisons, each
+    unpaired as KTO's paper does with paired data: the chosen answer a desirable example, the
+    rejected one an undesirable example, shuffled with the stage's seed. `loss_type`: `kto`
+    (its KL term from mismatched prompt-answer pairs within a batch, so `batch_size` > 1) or
+    `apo_zero_unpaired`. `desirable_weight` / `undesirable_weight`: KTO's lambda_D / lambda_U."""
+
+    kind: Literal["kto"]
+    max_prompt_length: int = Field(96, ge=1)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    shape: ClassVar[str] = "comparison"
+    needs_policy: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _kl_needs_a_batch(self) -> "KTO":
+        if self.loss_type == "kto" and self.batch_size < 2:
+            raise ValueError(
+                "batch_size: loss_type kto estimates its KL term from the other answers of a batch, so it needs batch_size >= 2 "
+                "(per worker; grad_accum does not count); or set loss_type: apo_zero_unpaired"
+            )
+        return self
+
+
 class Reward(TrainingStage):
     """A reward model (TRL RewardTrainer): a scalar head on the input model, trained on
     comparisons with the Bradley-Terry loss; a soft label p (AI feedback) gives
@@ -914,7 +940,7 @@ class AIFeedback(StageSpec):
         return {**super().refs(), "feedback_model": self.feedback_model}
 
 
-Stage = Annotated[Union[Pretrain, SFT, DPO, Reward, PRO, Rank, RL, CritiqueRevision, AIFeedback], Field(discriminator="kind")]
+Stage = Annotated[Union[Pretrain, SFT, DPO, KTO, Reward, PRO, Rank, RL, CritiqueRevision, AIFeedback], Field(discriminator="kind")]
 # What each kind of stage builds as records, for a `name: stage` source that reads them.
 RECORDS_BUILT = {"rank": "ranking", "critique_revision": "comparison", "ai_feedback": "comparison"}
 

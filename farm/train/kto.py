@@ -1,0 +1,70 @@
+"""`kto`: TRL KTOTrainer on comparisons, unpaired as KTO's paper does with paired data (each
+chosen answer a desirable example, each rejected one an undesirable example). The farm tokenizes
+(as for DPO: the pair's prompt, each answer cut as eval cuts it), shuffles the examples with the
+stage's seed (TRL reads them in order: its KL term pairs each example with its batch neighbour's
+answer) and builds the mismatched answers itself, as TRL's own preparation would."""
+
+from __future__ import annotations
+
+import random
+
+from farm.registry import stages
+from farm.train.base import StageContext, load_input, peft_config, train_and_save, training_args
+from farm.train.dpo import frozen_copy, preference_ids
+
+
+def unpaired(cols: dict[str, list], batch_size: int, seed: int, kl: bool) -> dict[str, list]:
+    """prompt_ids / completion_ids / label columns from preference_ids' columns, in one seeded
+    order; with `kl`, KL_completion_ids: each batch's answers rotated by one (TRL's
+    `add_kl_completion_ids`: example i is scored against answer i - 1 of its batch)."""
+    examples = [(p, c, True) for p, c in zip(cols["prompt_ids"], cols["chosen_ids"])]
+    examples += [(p, r, False) for p, r in zip(cols["prompt_ids"], cols["rejected_ids"])]
+    random.Random(seed).shuffle(examples)
+    out = {"prompt_ids": [e[0] for e in examples], "completion_ids": [e[1] for e in examples], "label": [e[2] for e in examples]}
+    if kl:
+        answers = out["completion_ids"]
+        batches = [answers[i : i + batch_size] for i in range(0, len(answers), batch_size)]
+        out["KL_completion_ids"] = [a for b in batches for a in [b[-1], *b[:-1]]]
+    return out
+
+
+def kto_trainer_class():
+    """TRL's KTOTrainer, taking the examples the farm made (its own preparation would tokenize
+    text again)."""
+    from trl import KTOTrainer
+
+    class TokenizedKTOTrainer(KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return TokenizedKTOTrainer
+
+
+@stages.register("kto")
+def run(ctx: StageContext) -> dict:
+    """Kahneman-Tversky Optimization on comparisons unpaired into desirable and undesirable answers (TRL KTOTrainer)."""
+    from datasets import Dataset
+    from trl import KTOConfig
+
+    model, tok = load_input(ctx)
+    s = ctx.stage
+    args = training_args(
+        ctx,
+        KTOConfig,
+        max_length=s.max_length,
+        beta=s.beta,
+        loss_type=s.loss_type,
+        desirable_weight=s.desirable_weight,
+        undesirable_weight=s.undesirable_weight,
+    )
+    lora = peft_config(ctx, model)
+    data = unpaired(preference_ids(tok, ctx.records, s), s.batch_size, ctx.seed, kl=s.loss_type == "kto")
+    trainer = kto_trainer_class()(
+        model=model,
+        ref_model=None if lora else frozen_copy(ctx, model),  # as DPO: a built model has no hub name to reload
+        args=args,
+        train_dataset=Dataset.from_dict(data),
+        processing_class=tok,
+        peft_config=lora,
+    )
+    return train_and_save(trainer, ctx, tok)
