@@ -6,7 +6,8 @@ The ETA counts work in `farm plan`'s unit (farm.estimate: a stage's seconds at t
 throughput, known for CPU stages too) and corrects it by the pace measured in this run: work done
 so far (stages finished, and the running ones by step) over the time it took, so concurrency,
 the machine's real speed and the overheads the plan leaves out (evaluation, start-up) are in it.
-Until some work is done, or where no stage has an estimate, it counts finished trials instead.
+Until some work is done, or where no stage has an estimate, it counts finished trials instead
+(those that train something: one whose stages are all in the store ends at once).
 """
 
 from __future__ import annotations
@@ -61,14 +62,16 @@ class Grid:
 
     def eta(self) -> float | None:
         """Seconds left, or None while nothing has been measured."""
-        counts, elapsed = self.counts(), self.elapsed()
+        elapsed = self.elapsed()
         live = {key for t, stages in self.work.items() if self.state[t] != "failed" for _, key, _ in stages}
         done = sum(self.cost[k] * self.progress.get(k, 0.0) for k in self.cost)
         left = sum(self.cost[k] * (1 - self.progress.get(k, 0.0)) for k in self.cost if k in live)
         if done > 0 and elapsed > 0:
             return left / (done / elapsed)
-        ended = counts["done"] + counts["failed"]
-        return elapsed / ended * (counts["running"] + counts["pending"]) if ended else None
+        # Trials that train something (a trial whose stages are all in the store ends at once and says nothing of the pace)
+        training = [self.state[t] for t, stages in self.work.items() if stages]
+        ended, ahead = sum(s in ("done", "failed") for s in training), sum(s in ("running", "pending") for s in training)
+        return 0.0 if not ahead else elapsed / ended * ahead if ended else None
 
     def summary(self) -> str:
         c = self.counts()

@@ -40,14 +40,19 @@ def test_eta_is_the_plans_work_left_at_the_pace_measured_so_far():
     assert "1 done (+1 finished before), 0 running, 0 pending, 1 failed" in grid.summary()
 
 
-def test_without_estimates_the_eta_counts_trials():
+def test_without_estimates_the_eta_counts_trials_that_train():
     clock = Clock()
-    grid = Grid({t: [("sft", t, None)] for t in "abcd"}, clock=clock)
+    grid = Grid({**{t: [("sft", t, None)] for t in "abcd"}, "reused": []}, clock=clock)
+    grid.ended("reused", ok=True)  # all its stages in the store: it ends at once and tells nothing
+    assert grid.eta() is None
     grid.started("a")
     clock.now += 30
     assert grid.eta() is None
     grid.ended("a", ok=True)
     assert grid.eta() == 30 * 3
+    for t in "bcd":
+        grid.ended(t, ok=True)
+    assert grid.eta() == 0
 
 
 def test_the_live_view_redraws_in_a_pseudo_terminal():
