@@ -48,10 +48,27 @@ def frozen_copy(ctx: StageContext, model):
     return ref.to(inference_dtype(torch.device("cuda"))) if on_gpu(ctx) else ref
 
 
+def train_against_reference(ctx: StageContext, model, tok, trainer_cls, args, columns: dict[str, list]) -> dict:
+    """Train a TRL preference trainer that takes the farm's token ids (`columns`) against the input
+    model: with LoRA the reference is the adapter disabled; without, a frozen copy of the input
+    model (TRL would reload it from its hub name, which a built model does not have)."""
+    from datasets import Dataset
+
+    lora = peft_config(ctx, model)
+    trainer = trainer_cls(
+        model=model,
+        ref_model=None if lora else frozen_copy(ctx, model),
+        args=args,
+        train_dataset=Dataset.from_dict(columns),
+        processing_class=tok,
+        peft_config=lora,
+    )
+    return train_and_save(trainer, ctx, tok)
+
+
 @stages.register("dpo")
 def run(ctx: StageContext) -> dict:
     """Direct Preference Optimization on comparisons (TRL DPOTrainer) against a frozen reference."""
-    from datasets import Dataset
     from trl import DPOConfig
 
     model, tok = load_input(ctx)
@@ -65,15 +82,4 @@ def run(ctx: StageContext) -> dict:
         loss_type=list(s.losses()),
         loss_weights=list(s.losses().values()),
     )
-    lora = peft_config(ctx, model)
-    trainer = dpo_trainer_class()(
-        model=model,
-        # Without LoRA the reference is a frozen copy of the input model (TRL would reload it
-        # from its hub name, which a built model does not have).
-        ref_model=None if lora else frozen_copy(ctx, model),
-        args=args,
-        train_dataset=Dataset.from_dict(preference_ids(tok, ctx.records, s)),
-        processing_class=tok,
-        peft_config=lora,
-    )
-    return train_and_save(trainer, ctx, tok)
+    return train_against_reference(ctx, model, tok, dpo_trainer_class(), args, preference_ids(tok, ctx.records, s))

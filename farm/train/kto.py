@@ -1,6 +1,6 @@
 """`kto`: TRL KTOTrainer on comparisons, unpaired as KTO's paper does with paired data (each
 chosen answer a desirable example, each rejected one an undesirable example). The farm tokenizes
-(as for DPO: the pair's prompt, each answer cut as eval cuts it), shuffles the examples with the
+(as for DPO: the pair's prompt, each answer cut as eval cuts it; the reference as DPO's), shuffles the examples with the
 stage's seed (TRL reads them in order: its KL term pairs each example with its batch neighbour's
 answer) and builds the mismatched answers itself, as TRL's own preparation would."""
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 
 from farm.registry import stages
-from farm.train.base import StageContext, load_input, peft_config, train_and_save, training_args
-from farm.train.dpo import frozen_copy, preference_ids
+from farm.train.base import StageContext, load_input, training_args
+from farm.train.dpo import preference_ids, train_against_reference
 
 
 def unpaired(cols: dict[str, list], batch_size: int, seed: int, kl: bool) -> dict[str, list]:
@@ -43,7 +43,6 @@ def kto_trainer_class():
 @stages.register("kto")
 def run(ctx: StageContext) -> dict:
     """Kahneman-Tversky Optimization on comparisons unpaired into desirable and undesirable answers (TRL KTOTrainer)."""
-    from datasets import Dataset
     from trl import KTOConfig
 
     model, tok = load_input(ctx)
@@ -57,14 +56,5 @@ def run(ctx: StageContext) -> dict:
         desirable_weight=s.desirable_weight,
         undesirable_weight=s.undesirable_weight,
     )
-    lora = peft_config(ctx, model)
     data = unpaired(preference_ids(tok, ctx.records, s), s.batch_size, ctx.seed, kl=s.loss_type == "kto")
-    trainer = kto_trainer_class()(
-        model=model,
-        ref_model=None if lora else frozen_copy(ctx, model),  # as DPO: a built model has no hub name to reload
-        args=args,
-        train_dataset=Dataset.from_dict(data),
-        processing_class=tok,
-        peft_config=lora,
-    )
-    return train_and_save(trainer, ctx, tok)
+    return train_against_reference(ctx, model, tok, kto_trainer_class(), args, data)
