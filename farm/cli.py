@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from farm.spec import DEFAULT_PROFILE, LabelSpec, StudyError, load_study
+from farm.track import TRACKERS
 
 LISTED = ("sources", "transforms", "stages", "metrics", "scorers")  # `farm ls`: farm.registry's registries
 
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--track",
         action="append",
-        choices=["mlflow", "tensorboard", "wandb", "none"],
+        choices=[*TRACKERS, "none"],
         metavar="TRACKER",
         help="log trials to this tracker (mlflow, tensorboard, wandb; repeat for several; none: no tracker); "
         "default: $FARM_TRACK (comma-separated), else the study's `tracking` (mlflow and tensorboard under results/<study>/)",

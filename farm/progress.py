@@ -26,15 +26,13 @@ class Grid:
     work: dict[str, list[tuple[str, str, float | None]]]
     finished_before: int = 0
     clock: object = time.monotonic
-    start: float = 0.0
-    state: dict[str, str] = field(default_factory=dict)
-    where: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # running trial: (stage, step, max_steps)
-    progress: dict[str, float] = field(default_factory=dict)  # stage key: fraction done
+    where: dict[str, tuple[str, int, int]] = field(default_factory=dict, init=False)  # running trial: (stage, step, max_steps)
+    progress: dict[str, float] = field(default_factory=dict, init=False)  # stage key: fraction done
 
     def __post_init__(self):
         self.start = self.clock()
         self.state = {t: "pending" for t in self.work}
-        self.cost = {key: s for stages in self.work.values() for _, key, s in stages if s}
+        self.cost = {key: s for stages in self.work.values() for _, key, s in stages if s}  # estimated seconds per key
 
     def started(self, trial: str) -> None:
         self.state[trial] = "running"
@@ -95,18 +93,12 @@ class Lines:
     def __init__(self, grid: Grid, out):
         self.grid, self.out = grid, out
 
-    def say(self, trial: str, text: str) -> None:
+    def step(self, trial: str, text: str) -> None:
         print(f"[{self.grid.elapsed():6.0f}s] {trial}: {text}", file=self.out, flush=True)
 
-    def step(self, trial: str, text: str) -> None:
-        self.say(trial, text)
-
     def ended(self, trial: str, text: str) -> None:
-        self.say(trial, text)
-        print(f"[{self.grid.elapsed():6.0f}s] grid: {self.grid.summary()}", file=self.out, flush=True)
-
-    def refresh(self) -> None:
-        pass
+        self.step(trial, text)
+        self.step("grid", self.grid.summary())
 
     def close(self) -> None:
         pass
@@ -147,9 +139,6 @@ class Live:
 
     def ended(self, trial: str, text: str) -> None:
         self.live.console.print(f"[{self.grid.elapsed():6.0f}s] {trial}: {text}", markup=False, highlight=False)
-
-    def refresh(self) -> None:
-        self.live.refresh()
 
     def close(self) -> None:
         self.live.stop()

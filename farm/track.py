@@ -37,6 +37,11 @@ def curves(record: dict) -> list[tuple[int, str, float]]:
     ]
 
 
+def scalars(config: dict) -> dict:
+    """A stage config's flat values (what a tracker's parameters hold)."""
+    return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+
+
 def numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -108,7 +113,7 @@ class MLflow:
             if not here:
                 tags["farm.reused_from_trial"] = str(record.get("trial"))
             child = self.client.create_run(self.experiment, run_name=s.name, tags=tags).info.run_id
-            config = {f"config.{k}": v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))}
+            config = {f"config.{k}": v for k, v in scalars(record.get("config") or {}).items()}
             self._log(child, params=config, metrics=numbers(record.get("metrics") or {}) if here else None, steps=curves(record) if here else None)
             self.client.set_terminated(child)
         self._log(parent, params={**{k: v for k, v in trial.axes.items()}, "profile": trial.profile}, metrics=numbers(metrics))
@@ -179,8 +184,7 @@ class WandB:
         self.logged = out / WANDB_DIR / "farm-logged"  # <run id>: one empty file per finished trial run
 
     def _run(self, run_id: str, name: str, job_type: str, config: dict):
-        out = self.out
-        out.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         settings = self.wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False)
         return self.wandb.init(
             project=self.project,
@@ -188,7 +192,7 @@ class WandB:
             name=name,
             job_type=job_type,
             config=config,
-            dir=str(out),
+            dir=str(self.out),
             mode=self.mode,
             resume="allow",
             reinit="create_new",
@@ -196,9 +200,9 @@ class WandB:
         )
 
     def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
-        import hashlib
+        from farm.cache import digest
 
-        run_id = hashlib.sha256(f"{self.name}/{trial.id}/{plan.eval_key}".encode()).hexdigest()[:16]
+        run_id = digest([self.name, trial.id, plan.eval_key])
         if (self.logged / run_id).exists():
             return
         config = {**trial.axes, "profile": trial.profile, "trial": trial.id, "eval_key": plan.eval_key, "stages": {}}
@@ -211,7 +215,7 @@ class WandB:
                 "key": s.key,
                 "trial": record.get("trial"),
                 **({"artifact": locate(s.kind, s.key)} if locate else {}),
-                **{k: v for k, v in (record.get("config") or {}).items() if isinstance(v, (int, float, str, bool))},
+                **scalars(record.get("config") or {}),
             }
         run = self._run(run_id, trial.id, "trial", config)
         try:
@@ -233,9 +237,9 @@ class WandB:
         (self.logged / run_id).touch()
 
     def study(self, files: list[Path]) -> None:
-        import hashlib
+        from farm.cache import digest
 
-        run = self._run(hashlib.sha256(f"{self.name}/study".encode()).hexdigest()[:16], "study", "study", {})
+        run = self._run(digest([self.name, "study"]), "study", "study", {})
         try:
             artifact = self.wandb.Artifact(f"{self.name}-report", type="report")
             for f in files:

@@ -64,10 +64,10 @@ def test_the_live_view_redraws_in_a_pseudo_terminal():
     grid.started("a")
     grid.step("a", "sft", 3, 10)
     shown.step("a", "sft step 3/10 loss 1.2")
-    shown.refresh()
+    shown.live.refresh()  # (rich redraws twice a second on its own)
     grid.ended("a", ok=True)
     shown.ended("a", "done reward_accuracy=0.6")
-    shown.refresh()
+    shown.live.refresh()
     shown.close()
     out.flush()
     text = b""
