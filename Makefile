@@ -19,9 +19,11 @@ demo: $(STAMP)
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/farm run jobs/quickstart.yaml
 
 # ruff (pinned in the test extra; pyproject.toml's [tool.ruff]): `ruff format farm tests bench` fixes what the second check finds.
+# lint-imports (import-linter): the farm's layers, pyproject.toml's [tool.importlinter] (docs/ARCHITECTURE.md).
 lint: $(STAMP)
 	$(BIN)/ruff check farm tests bench
 	$(BIN)/ruff format --check farm tests bench
+	$(BIN)/lint-imports
 
 # DeepSpeed compiles its CPU ops with g++ and ninja on first use (deepspeed_shm_comm: ~150 CPU-seconds,
 # about a minute on 2 cores): the builds are kept in the user's cache, outside the venv, so that a clean clone (CI) reuses

@@ -29,9 +29,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 from _results import write_result
 
-from farm.data.sources import load_source  # noqa: E402
+from farm.data.sources import (
+    SourceSpec,  # noqa: E402
+    load_source,  # noqa: E402
+)
 from farm.label.scorers import build, write_tiny_detoxify  # noqa: E402
-from farm.spec import SourceSpec  # noqa: E402
 
 MODEL_SHAPE = dict(hidden=256, layers=3, heads=4)
 

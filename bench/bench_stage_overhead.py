@@ -4,7 +4,7 @@ trial's unshared stages, and one Ray task for them (what the farm does on one wo
 Runs the tiny study's SFT -> DPO chain (its pretrain stage left out: SFT starts from the base
 model) three times on a local Ray, each in a fresh store: one fit per stage (the baseline), the
 chain as one grouped fit (what the farm did before issue 23, and still does for data-parallel or
-DeepSpeed stages), and the chain as one Ray task (farm.train.runner's path for one worker). The
+DeepSpeed stages), and the chain as one Ray task (farm.worker's path for one worker). The
 tiny stages train in a few seconds, so the wall is mostly the fixed cost. Prints each wall time,
 the time outside the training loops, and the ratios baseline / each; writes
 `bench/results/stage_overhead.json`. No target: it shows why the farm groups stages and why one
@@ -13,7 +13,6 @@ worker trains in a task.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import tempfile
@@ -25,9 +24,10 @@ import ray.train.torch  # noqa: F401  (the driver's import of Ray Train, outside
 import yaml
 from _results import write_result
 
-from farm.cache import Store, plan_trial
-from farm.spec import expand
-from farm.train import runner
+from farm import worker as runner
+from farm.grid import expand
+from farm.plan import plan_trial
+from farm.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny.yaml"
@@ -37,13 +37,12 @@ def timed_chain(study, mode: str) -> tuple[float, float]:
     """(wall seconds of the SFT and DPO starts and training, seconds spent inside the training loops)."""
     stages = list(plan_trial(study).stages)
     with tempfile.TemporaryDirectory() as storage:
-        payload = study.model_dump(mode="json")
         start = time.perf_counter()
         for group in [[s] for s in stages] if mode == "fit per stage" else [stages]:
             if mode == "task":
-                runner.run_group(payload, "bench", group, storage, in_tune=False)  # one worker: the task path
+                runner.run_group(study, "bench", group, storage, in_tune=False)  # one worker: the task path
             else:
-                config = {"study": payload, "trial": "bench", "stages": [dataclasses.asdict(s) for s in group], "storage": storage}
+                config = {"study": study, "trial": "bench", "stages": group, "storage": storage}
                 runner.fit(study, config, in_tune=False)
         wall = time.perf_counter() - start
         store = Store(storage)

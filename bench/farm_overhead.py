@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 from _results import write_result
 
-from farm.spec import read_study
+from farm.grid import read_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.25
@@ -73,13 +73,12 @@ def direct_trial(item: tuple[str, dict]) -> dict:
     """One trial's stages and eval, in this process, as the farm's workers call them."""
     from transformers import TrainerCallback
 
-    from farm.cache import plan_trial
     from farm.data.prepare import training_records
     from farm.eval.runner import evaluate
-    from farm.registry import stages
+    from farm.plan import plan_trial
+    from farm.process import quiet
     from farm.spec import Study
     from farm.train.base import StageContext
-    from farm.train.runner import quiet
 
     class FirstStep(TrainerCallback):
         at = None
@@ -113,7 +112,7 @@ def direct_trial(item: tuple[str, dict]) -> dict:
                 [FirstStep()],
                 special_tokens=data.special_tokens(),
             )
-            m = stages.get(p.kind)(ctx)
+            m = ctx.stage.run(ctx)
             out["stages"][p.name] = {"train_seconds": m["train_seconds"], "train_steps": m["train_steps"]}
         last = plan.stage(plan.evaluated)
         ref = paths[next(s.name for s in plan.stages if s.key == last.input_key)] if last.input_key else None
@@ -127,7 +126,7 @@ def direct_trial(item: tuple[str, dict]) -> dict:
 def run_direct(study_path: str, out_path: str) -> int:
     import multiprocessing as mp
 
-    from farm.spec import load_study
+    from farm.grid import load_study
 
     trials = load_study(study_path)
     items = [(t.id, t.study.model_dump(mode="json")) for t in trials]

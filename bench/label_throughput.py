@@ -55,7 +55,7 @@ from _results import write_result
 from farm.data.sources import read_asset_lines  # noqa: E402
 from farm.label import pipeline  # noqa: E402
 from farm.label.scorers import build, write_tiny_detoxify  # noqa: E402
-from farm.spec import LabelSpec  # noqa: E402
+from farm.schema import LabelSpec  # noqa: E402
 
 # The model scorer: 4-head BERT, 256 wide, 3 layers over the farm's 4k BPE (~1.3 ms/row, 1 thread here).
 MODEL_SHAPE = dict(hidden=256, layers=3, heads=4)

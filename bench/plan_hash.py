@@ -3,7 +3,7 @@ data file, planned with no cached digest (the file is read and hashed), then aga
 (its digest comes from the cache of digests, keyed by path, size, mtime, ctime and inode), against
 the same study reading the bundled pairs instead (no local file: nothing to hash).
 
-- hash: `farm.cache.content_digest` of the file alone, first (reads 1 GB) and cached (one stat).
+- hash: `farm.files.content_digest` of the file alone, first (reads 1 GB) and cached (one stat).
 - plan: `plan_study` of the loaded trials, first and cached, and of the baseline study. "A new
   process" is the in-process table of digests emptied: only the cache file is left, as for a
   second `farm plan`. Ratios: each against the baseline's plan.
@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from _results import write_result
 
-from farm.spec import read_study
+from farm.grid import read_study
 
 ROOT = Path(__file__).resolve().parents[1]
 # A cached plan of the study with the file, at most this many times the baseline's. The baseline takes
@@ -86,15 +86,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="farm-plan-hash-"))
     os.environ["FARM_CACHE"] = str(tmp / "cache")  # an empty cache of digests, before farm is imported
 
-    from farm import cache
-    from farm.cache import content_digest, plan_study
-    from farm.spec import load_study
+    from farm import files
+    from farm.files import content_digest
+    from farm.grid import load_study
+    from farm.plan import plan_study
 
     data = tmp / "pairs.jsonl"
     t_write, rows = timed(lambda: write_data(data, args.gb))
     size = data.stat().st_size
     print(f"data: {size / 1e9:.2f} GB, {rows:,} rows, written in {t_write:.1f} s ({tmp})")
-    time.sleep(cache.RACY_NS / 1e9 + 0.1)  # older than the racy window: its digest may be cached
+    time.sleep(files.RACY_NS / 1e9 + 0.1)  # older than the racy window: its digest may be cached
 
     with_file, without = tmp / "with-file.yaml", tmp / "baseline.yaml"
     with_file.write_text(yaml.safe_dump(study_doc(data), sort_keys=False))
@@ -103,14 +104,14 @@ def main() -> None:
     base_trials = load_study(without)
 
     t_hash_first, sha = timed(lambda: content_digest(data))
-    cache._digests.clear()  # a new process: the cache file alone
+    files._digests.clear()  # a new process: the cache file alone
     t_hash_cached, again = timed(lambda: content_digest(data), repeat=5)
     assert again == sha
 
-    (tmp / "cache" / cache.DIGESTS).unlink()  # the plan's first run hashes the file again
-    cache._digests.clear()
+    (tmp / "cache" / files.DIGESTS).unlink()  # the plan's first run hashes the file again
+    files._digests.clear()
     t_plan_first, plans = timed(lambda: plan_study(trials))
-    cache._digests.clear()
+    files._digests.clear()
     t_plan_cached, again = timed(lambda: plan_study(trials), repeat=5)
     assert again == plans
     t_base, _ = timed(lambda: plan_study(base_trials), repeat=5)

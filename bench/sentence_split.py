@@ -31,9 +31,8 @@ import time
 import numpy as np
 from _results import write_result
 
-from farm.data.sources import ASSISTANT, HUMAN, clean_sentence, load_source, read_asset_lines, split_sentences
+from farm.data.sources import ASSISTANT, HUMAN, SourceSpec, clean_sentence, load_source, read_asset_lines, split_sentences
 from farm.eval.misalignment import splitter
-from farm.spec import SourceSpec
 
 
 def texts(n: int, seed: int) -> dict[str, list[str]]:

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 from _results import write_result
 
-from farm.spec import read_study
+from farm.grid import read_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RERUN = 0.05

@@ -32,7 +32,7 @@ from unittest import mock
 import yaml
 from _results import write_result
 
-from farm.spec import read_study
+from farm.grid import read_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +72,12 @@ def run_steps(steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import TrainerCallback
 
-    from farm.cache import plan_trial
     from farm.data.prepare import training_records
-    from farm.registry import stages
+    from farm.plan import plan_trial
+    from farm.process import quiet
     from farm.spec import Study
     from farm.train import logprob
     from farm.train.base import StageContext
-    from farm.train.runner import quiet
 
     class Steps(TrainerCallback):
         """Step times, and the FLOPs of one step (the third: past warm-up)."""
@@ -119,7 +118,7 @@ def run_steps(steps: int) -> dict:
             ctx = StageContext(
                 p.name, s, study.model, p.seed, prev, records, path, Path(root) / f"work-{tag}-{p.name}", [cb], special_tokens=data.special_tokens()
             )
-            stages.get(p.kind)(ctx)
+            ctx.stage.run(ctx)
             return cb
 
         with mock.patch.object(logprob, "install", lambda: None):  # TRL as shipped until the farm's turn
@@ -174,7 +173,7 @@ def trial() -> dict:
     """One quickstart trial: `farm run` (fresh store) against its stages and eval run directly."""
     from farm_overhead import direct_trial, launch  # bench/ is on the path of a script run from it
 
-    from farm.spec import load_study
+    from farm.grid import load_study
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,35 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
 
-from farm.spec import DEFAULT_PROFILE, LabelSpec, StudyError, load_study
-from farm.track import TRACKERS
+from farm import registry
+from farm.config import StudyError
+from farm.doctor import environment, study_needs
+from farm.estimate import Rates, estimate_study, memory_study
+from farm.eval.safety import read_perplexities, safety_scores
+from farm.files import is_uri
+from farm.grid import DEFAULT_PROFILE, distinct, load_study
+from farm.label.pipeline import InputError, check_labels, label_input, read_input, write_parquet
+from farm.memory import DEFAULT_GPU, GPU_MEMORY_GIB
+from farm.plan import plan_study
+from farm.preflight import pin
+from farm.process import WORKER_ENV
+from farm.schema import LabelSpec
+from farm.smoke import shrink
+from farm.store import Store
+from farm.track import MLFLOW_DB, TRACKERS
 
 LISTED = ("sources", "transforms", "stages", "metrics", "scorers")  # `farm ls`: farm.registry's registries
-
-# Quiet, offline-friendly defaults for every process Ray starts from this driver.
-WORKER_ENV = {
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # Ray Train's controller collects a worker's report every 2 s by default, and a worker's
-    # `ray.train.report` blocks until the previous one is collected: ~1.7 s per progress line,
-    # more than a tiny stage's training. Collect every 0.25 s (a hung worker is still only
-    # declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    # TRL imports mlflow at import time wherever it is installed (~1 s a process on 2 cores); the
-    # farm's trainers report to no tracker (report_to=[]: the driver logs, farm/track.py).
-    "DISABLE_MLFLOW_INTEGRATION": "TRUE",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,14 +220,11 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args, path=None) -> list:
     trials = load_study(path or args.study, args.profile, args.max_trials)
     if args.smoke:
-        from farm.smoke import shrink
-
         return shrink(trials)
     return trials
 
 
 def _storage(args) -> str:
-    from farm.cache import is_uri
 
     if args.storage and is_uri(args.storage):  # s3://bucket/prefix: shared by every node as is
         return args.storage.rstrip("/")
@@ -240,9 +232,6 @@ def _storage(args) -> str:
 
 
 def cmd_plan(args) -> int:
-    from farm.cache import Store, plan_study
-    from farm.estimate import Rates, estimate_study
-    from farm.preflight import pin
 
     if args.power is not None:  # reads results only: nothing planned, nothing pinned
         return _power(_load(args), Path(args.results), args.power or [0.02, 0.05], args.metric)
@@ -254,7 +243,7 @@ def cmd_plan(args) -> int:
     if args.why:
         return _why(args.why, trials, plans, store)
     study = trials[0].study
-    chains = _distinct(" -> ".join(t.study.stages) or "none (the base model)" for t in trials)
+    chains = distinct(" -> ".join(t.study.stages) or "none (the base model)" for t in trials)
     print(f"study {study.name} (profile {args.profile}): {len(trials)} trials, stages {' | '.join(chains)}")
     unique: dict[str, bool] = {}
     shown: set[str] = set()
@@ -293,7 +282,7 @@ def cmd_plan(args) -> int:
         print("  total: no GPU-hours: no stage runs on a GPU")
     unknown = [e.name for e in estimates if e.hours is None and e.gpus]
     if unknown:
-        print(f"  not in the total (unknown): {', '.join(_distinct(unknown))}")
+        print(f"  not in the total (unknown): {', '.join(distinct(unknown))}")
     print(f"  eval ({len({plans[t.id].eval_key for t in trials})} runs) and labelling: not estimated")
     print(
         f"  assumed: {args.throughput:,.0f} training tokens/s per GPU with LoRA (full fine-tuning 1.5x, forward-only passes 0.5x) and "
@@ -335,18 +324,16 @@ def _made_from(doc: dict, plan) -> list[str]:
     return lines
 
 
-def _power(trials, results: Path, deltas: list[float], metric: str | None) -> int:
+def _power(trials, results_dir: Path, deltas: list[float], metric: str | None) -> int:
     """`farm plan --power`: variance components of the main metric's paired differences, pooled over
     the comparisons of the main axis, and the seeds and items a difference of each size needs."""
     import numpy as np
 
-    from farm import stats
-    from farm.report import group_axes, metric_columns, power_rows
-    from farm.results import read_items, study_dir, table
+    from farm import report, results, stats  # pandas, matplotlib and scipy: only for --power
 
     study, axes = trials[0].study, list(trials[0].axes)
-    d = study_dir(results, study.name)
-    df = table(results, trials)
+    d = results.study_dir(results_dir, study.name)
+    df = results.table(results_dir, trials)
     if not (df["status"] == "ok").any():
         print(
             f"farm: --power reads a finished run, and {d} holds no finished trial of this study: run it (or a pilot of it, "
@@ -354,13 +341,13 @@ def _power(trials, results: Path, deltas: list[float], metric: str | None) -> in
             file=sys.stderr,
         )
         return 2
-    known = metric_columns(df, axes)
+    known = report.metric_columns(df, axes)
     metric = metric or study.report.main_metric or known[0]
     if metric not in known:
         print(f"farm: --metric {metric!r} is not a metric of this run; its metrics: {', '.join(known)}", file=sys.stderr)
         return 2
-    main_axis = study.report.main_axis or next(iter(group_axes(axes)), None)
-    rows = power_rows(df, axes, metric, main_axis, read_items(d, df["trial"]))
+    main_axis = study.report.main_axis or next(iter(report.group_axes(axes)), None)
+    rows = report.power_rows(df, axes, metric, main_axis, results.read_items(d, df["trial"]))
     if not rows or "seed" not in axes:
         print(
             "farm: --power compares values of the main axis seed by seed: the grid needs a `seed` axis and another axis "
@@ -401,7 +388,7 @@ def _why(name: str, trials, plans, store) -> int:
                 )
                 entry["trials"].append(t.id)
     if not found:
-        names = _distinct(run for t in trials for run, *_ in _runs(plans[t.id]))
+        names = distinct(run for t in trials for run, *_ in _runs(plans[t.id]))
         raise StudyError(f"--why: {name!r} is neither a stage of the study nor a key of its plan; its stages: {', '.join(names)}")
     print(json.dumps(list(found.values()), indent=2, sort_keys=True))
     return 0
@@ -410,8 +397,6 @@ def _why(name: str, trials, plans, store) -> int:
 def _print_memory(trials, plans) -> None:
     """The peak GPU memory of each distinct stage and eval beside the GPU it lands on, and the
     artifacts' sizes; rows that read alike (a stage repeated across seeds) are printed once."""
-    from farm.estimate import memory_study
-    from farm.memory import DEFAULT_GPU, GPU_MEMORY_GIB
 
     rows = memory_study(trials, plans)
     print(
@@ -454,161 +439,16 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def check_memory(trials, plans, store, where: str) -> None:
-    """Refuse (StudyError) a stage or eval still to run on a GPU whose estimated peak memory exceeds
-    its GPU's, naming what to change. Stages on CPUs are not checked."""
-    from farm.estimate import memory_fixes, memory_study
-
-    for r in memory_study(trials, plans):
-        m = r.memory
-        if m is None or m.fits or store.done(r.kind, r.key):
-            continue
-        study = next(t.study for t in trials if t.id == r.users[0])
-        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(m.parts().items(), key=lambda kv: -kv[1]) if v >= 0.05 * 2**30)
-        share = f"{m.share:g} of " if m.share < 1 else ""
-        gpu = f"{share}{m.gpu}, {m.capacity / 2**30:g} GiB" + (" (assumed: no accelerator_type is set)" if m.assumed else "")
-        field = "eval" if r.name == "eval" else f"stages.{r.name}"
-        raise StudyError(
-            f"{where}: {field}: needs an estimated {m.total / 2**30:.1f} GiB per GPU ({parts} GiB, +10% allocator slack and 1 GiB CUDA context), "
-            f"more than its GPU holds: {gpu}. To fit, change in {field} one or more of:\n"
-            + "\n".join(f"  - {fix}" for fix in memory_fixes(r.name, study, m))
-            + "\n(farm plan shows every stage's estimate; --ignore-memory-estimate runs it anyway)"
-        )
-
-
 def _count(n: float, unit: str = "") -> str:
     """1.3B, 80.7M, 950K: a count for people."""
     scaled = next(((n / f, s) for f, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")) if abs(n) >= f), (n, ""))
     return f"{scaled[0]:.3g}{scaled[1]}" + (f" {unit}" if unit else "")
 
 
-def cmd_run(args) -> int:
-    from farm import preflight
-    from farm.cache import Store, plan_study
-    from farm.results import ITEMS_FILE, finished, study_dir, write_trial
-    from farm.track import log_trial, open_trackers
-
-    trials = _load(args)  # all validation before Ray
-    trials, unpinned = preflight.pin(trials)  # every hub input at a commit, before the keys that hold it
-    plans = plan_study(trials)
-    results, storage = Path(args.results).resolve(), _storage(args)
-    store = Store(storage)
-    study = trials[0].study
-    saved = {t.id: finished(results, t, plans[t.id]) for t in trials}  # read once: the plan's todo and the trackers'
-    todo = [t for t in trials if not saved[t.id]]
-    if todo:  # a misspelt or gated repository, an empty eval set, a revision the hub lacks: one line each, before Ray starts
-        preflight.check(todo, args.study, hub_checks=not args.no_preflight, unpinned=unpinned)
-    if not args.ignore_memory_estimate:
-        check_memory(todo, plans, store, args.study)  # a stage that cannot fit its GPU, before Ray starts
-    warn_version_drift(todo, plans, store)
-    chosen = args.track or [n for n in os.environ.get("FARM_TRACK", "").split(",") if n]  # FARM_TRACK=mlflow,tensorboard
-    names = [n for n in dict.fromkeys(chosen) if n != "none"] if chosen else study.tracking
-    try:
-        trackers = open_trackers(names, study, study_dir(results, study.name))
-    except RuntimeError as e:
-        print(f"farm: {args.study}: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"farm: study {study.name}, profile {args.profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)"
-        + (f"; tracking: {', '.join(names)} under {study_dir(results, study.name)}/" if names else "")
-    )
-    by_id = {t.id: t for t in trials}
-
-    def stage_records(plan) -> dict:
-        return {s.name: store.marker(s.kind, s.key) for s in plan.stages}
-
-    for t in trials:  # finished before: a tracker that has them already skips them
-        if saved[t.id] and trackers:
-            log_trial(trackers, t, plans[t.id], saved[t.id]["metrics"], saved[t.id]["stages"], store.location)
-
-    def on_complete(trial_id: str) -> None:
-        plan = plans[trial_id]
-        marker = store.marker("eval", plan.eval_key)
-        items = json.loads((store.path("eval", plan.eval_key) / ITEMS_FILE).read_text(encoding="utf-8"))
-        stages = stage_records(plan)
-        write_trial(results, by_id[trial_id], plan, "ok", marker["metrics"], stages, eval_versions=marker.get("versions"), items=items)
-        log_trial(trackers, by_id[trial_id], plan, marker["metrics"], stages, store.location)
-
-    def on_error(trial_id: str, trial) -> None:
-        t = by_id[trial_id]
-        error = _error_text(trial)
-        write_trial(results, t, plans[trial_id], "failed", {}, stage_records(plans[trial_id]), error)
-
-    from farm.eval.arena import ARENA_DIR  # (pandas: not at CLI start-up)
-
-    arena = study.eval.pairwise and (todo or not (study_dir(results, study.name) / ARENA_DIR / "elo.csv").exists())
-    if todo or arena:
-        import ray
-
-        from farm.tune import INTERRUPTED, run_grid
-
-        # Ctrl-C reaches the farm (not Tune's own handler): it stops Ray and says how to resume.
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-
-        def interrupt(signum, frame):
-            INTERRUPTED.set()
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGINT, interrupt)
-        start = time.time()
-        logging.getLogger("ray.tune").setLevel(logging.INFO if args.verbose else logging.WARNING)
-        start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.verbose)
-        print(
-            f"farm: Ray ready in {time.time() - start:.1f}s: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
-        )
-        try:
-            if todo:
-                run_grid(
-                    todo,
-                    plans,
-                    storage,
-                    f"{study.name}-{args.profile}",
-                    study.max_failures,
-                    on_complete,
-                    on_error,
-                    args.max_concurrent,
-                    grid=_grid(todo, plans, store, len(trials) - len(todo)),
-                )
-            if study.eval.pairwise:
-                _pairwise(trials, plans, store, study_dir(results, study.name) / ARENA_DIR)
-        except KeyboardInterrupt:
-            print(
-                f"\nfarm: interrupted. Finished trials and stages are saved; run the same command again to resume:\n  {args.command_line}",
-                file=sys.stderr,
-            )
-            return 130
-        finally:
-            ray.shutdown()
-        print(f"farm: grid finished in {time.time() - start:.0f}s")
-    path, df = _write_outputs(results, trials)
-    failed = int((df["status"] != "ok").sum())
-    print(f"farm: results in {study_dir(results, study.name)}/ (table.csv, table.parquet)")
-    print(f"farm: report at {path} and {path.with_suffix('.html')}")
-    for t in trackers:  # the table and the report beside the trials' runs
-        t.study([path.parent / "table.csv", path, path.with_suffix(".html"), *sorted(path.parent.glob("*.png"))])
-    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
-        print(f"farm: MLflow runs: farm ui {study_dir(results, study.name)}")
-    return 1 if failed else 0
-
-
-def _grid(todo, plans, store, finished_before: int):
-    """The live view's grid: each trial's stages still to run, with `farm plan`'s estimate of each."""
-    from farm.estimate import estimate_study
-    from farm.progress import Grid
-
-    seconds = {e.key: e.seconds for e in estimate_study(todo, plans)[0]}
-    return Grid(
-        {t.id: [(s.name, s.key, seconds.get(s.key)) for s in plans[t.id].stages if not store.done(s.kind, s.key)] for t in todo},
-        finished_before=finished_before,
-    )
-
-
 def cmd_ls(args) -> int:
     """Every registered name with its record shape (what it reads or gives) and a line of its
     documentation, from the registries themselves (as `tune ls` lists torchtune's recipes)."""
     import re
-
-    from farm import registry
 
     unknown = [w for w in args.what if w not in LISTED]
     if unknown:
@@ -627,7 +467,6 @@ def cmd_ls(args) -> int:
 def cmd_ui(args) -> int:
     """MLflow's own UI (`mlflow ui`) on the SQLite store `farm run` keeps beside the results; bound to
     127.0.0.1, since the UI has no authentication."""
-    from farm.track import MLFLOW_DB
 
     db = Path(args.study_dir) / MLFLOW_DB
     if not db.is_file():
@@ -641,96 +480,42 @@ def cmd_ui(args) -> int:
     )
 
 
-def warn_version_drift(trials, plans, store) -> None:
-    """One warning per finished artifact the trials reuse that was made under another major.minor
-    version of torch, transformers, trl, peft or the farm: versions are not in the keys
-    (docs/ARCHITECTURE.md), so the artifact is reused, and the user decides whether to rebuild it."""
-    from farm.cache import library_versions, version_drift
+def cmd_run(args) -> int:
+    from farm import run  # Ray, Tune, pandas and matplotlib: not at the CLI's start (`farm plan`, `farm ls`)
 
-    now, seen = library_versions(), set()
-    for t in trials:
-        p = plans[t.id]
-        for name, kind, key in [*((s.name, s.kind, s.key) for s in (*p.labels, *p.stages)), ("eval", "eval", p.eval_key)]:
-            if (kind, key) in seen:
-                continue
-            seen.add((kind, key))
-            drift = version_drift((store.marker(kind, key) or {}).get("versions"), now)
-            if drift:
-                print(
-                    f"farm: warning: reusing {name} ({kind}-{key}), made with {', '.join(drift)}; library versions are not in the "
-                    f"keys: remove {store.root}/artifacts/{kind}-{key} to rebuild it under these",
-                    file=sys.stderr,
-                )
-
-
-def start_ray(address: str | None, verbose: bool = False) -> None:
-    """Join the Ray cluster at `address` (or the one `ray start` runs on this machine), else start a
-    local one. WORKER_ENV and the hub settings (HF_TOKEN among them) must reach every worker: a local
-    Ray is this process's child and inherits its environment; a running cluster's nodes do not, so
-    there they go in the job's runtime env. (Not for a local Ray: a runtime env makes Ray start
-    fresh workers instead of its prestarted ones, ~5 s per run.)"""
-    import ray
-    from ray._private.services import canonicalize_bootstrap_address
-
-    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
-    # Ray's own lookup of what ray.init(address=None) joins: $RAY_ADDRESS, else a `ray start` cluster.
-    joins = bool(address) or canonicalize_bootstrap_address(None) is not None
-    env = None
-    if joins:
-        from farm.preflight import runtime_env
-
-        env = runtime_env({k: os.environ[k] for k in WORKER_ENV})
-    ray.init(
-        address=address,
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-        include_dashboard=None if joins else False,
-        runtime_env=env,
+    trials = _load(args)  # all validation before Ray
+    return run.run_study(
+        trials,
+        args.study,
+        Path(args.results).resolve(),
+        _storage(args),
+        track=args.track,
+        hub_checks=not args.no_preflight,
+        memory_check=not args.ignore_memory_estimate,
+        max_concurrent=args.max_concurrent,
+        address=args.address,
+        verbose=args.verbose,
+        command_line=args.command_line,
     )
 
 
-def _pairwise(trials, plans, store, out: Path) -> None:
-    """Study E: judge every pair of the study's models on their kept answers (a Ray task, with
-    the eval's resources), after the grid; the driver writes what it returns."""
-    import ray
-
-    from farm.cache import atomic_write
-    from farm.eval.arena import contestants, judge_ref
-    from farm.tune import arena_task
-
-    study = trials[0].study
-    entries = contestants(trials, plans, store)
-    models = {e["model"] for e in entries}
-    if len(models) < 2:
-        print("farm: pairwise comparison skipped: fewer than two models have answers", file=sys.stderr)
-        return
-    res = study.eval.resources
-    judge = study.eval.pairwise.judge
-    task = arena_task.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, accelerator_type=res.accelerator_type)
-    files = ray.get(task.remote(entries, judge, judge_ref(trials, plans, judge), str(store.root), study.eval.model_dump(mode="json")))
-    for name, data in files.items():
-        atomic_write(out / name, data)
-    print(f"farm: pairwise comparison of {len(models)} models in {out}/ (elo.csv, win_rate.csv)")
-
-
 def cmd_report(args) -> int:
-    from farm.results import saved_trials
+    from farm import results, run  # pandas, matplotlib and Ray: not at the CLI's start, as in cmd_run
 
     target = Path(args.study)
     if target.is_dir():
         try:
-            trials, results = saved_trials(target), target.resolve().parent
+            trials, results_dir = results.saved_trials(target), target.resolve().parent
         except (FileNotFoundError, ValueError) as e:
             raise StudyError(str(e)) from None
     else:
-        trials, results = _load(args, target), Path(args.results).resolve()
-    path, _ = _write_outputs(results, trials)
+        trials, results_dir = _load(args, target), Path(args.results).resolve()
+    path, _ = run.write_outputs(results_dir, trials)
     print(f"farm: report at {path} and {path.with_suffix('.html')}")
     return 0
 
 
 def cmd_doctor(args) -> int:
-    from farm.doctor import environment, study_needs
 
     lines, facts = environment(args.storage)
     for name, finding in lines:
@@ -749,10 +534,10 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from farm.results import compare
+    from farm import report  # pandas and matplotlib: not at the CLI's start
 
     try:
-        print(compare(Path(args.a), Path(args.b)))
+        print(report.compare(Path(args.a), Path(args.b)))
     except (FileNotFoundError, ValueError) as e:
         raise StudyError(str(e)) from None
     return 0
@@ -761,8 +546,6 @@ def cmd_compare(args) -> int:
 def cmd_safety_score(args) -> int:
     import json
     import math
-
-    from farm.eval.safety import read_perplexities, safety_scores
 
     try:
         scores = safety_scores(read_perplexities(args.perplexities), p_value=args.p_value)
@@ -794,7 +577,6 @@ def parse_scorer(text: str, **pool) -> LabelSpec:
 
 
 def cmd_label(args) -> int:
-    from farm.label.pipeline import InputError, check_labels, label_input, read_input, write_parquet
 
     pool = dict(batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
     labels = [parse_scorer(s, **pool) for s in args.scorer]
@@ -815,38 +597,6 @@ def cmd_label(args) -> int:
     write_parquet(table, args.out)
     print(f"farm: wrote {args.out}: {table.num_rows} rows, columns {', '.join(table.column_names)} ({time.time() - start:.1f}s)")
     return 0
-
-
-def _write_outputs(results: Path, trials) -> tuple:
-    """Write table and report; (report.md path, the table)."""
-    from farm.report import write_report
-    from farm.results import study_dir, table, write_table
-
-    study = trials[0].study
-    df = table(results, trials)
-    write_table(results, study.name, df)
-    axes = list(trials[0].axes)
-    config = {
-        "profile": trials[0].profile,
-        "grid": {a: _distinct(t.axes[a] for t in trials) for a in axes},
-        "study (first trial)": trials[0].study.model_dump(mode="json", exclude_defaults=True, exclude={"description", "reference"}),
-    }
-    return write_report(study_dir(results, study.name), study, df, axes, config), df
-
-
-def _distinct(values) -> list:
-    out = []
-    for v in values:
-        if v not in out:
-            out.append(v)
-    return out
-
-
-def _error_text(trial) -> str:
-    try:
-        return Path(trial.error_file).read_text().strip().splitlines()[-1]
-    except (OSError, TypeError, IndexError):
-        return "failed (see Ray logs)"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from farm import preflight
+from farm.label.scorers import hub_reachable
+from farm.schema import TrainingStage
+
 OPTIONAL = {"deepspeed": "deepspeed", "lm_eval": "lm-eval[hf]", "detoxify": "detoxify", "vaderSentiment": "vaderSentiment"}
 
 
@@ -15,8 +19,6 @@ def environment(storage: str) -> tuple[list[tuple[str, str]], dict]:
     """(name, finding) lines, and the facts the study checks use."""
     import ray
     import torch
-
-    from farm.label.scorers import hub_reachable
 
     lines = [("python", sys.version.split()[0]), ("torch", f"{torch.__version__}"), ("ray", ray.__version__)]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -59,8 +61,6 @@ def environment(storage: str) -> tuple[list[tuple[str, str]], dict]:
 def study_needs(trials, facts: dict) -> list[str]:
     """What the trials of one study need that this environment lacks: `farm run`'s preflight
     (every hub repository it reads, an empty eval set) and what it needs of this machine."""
-    from farm import preflight
-    from farm.spec import TrainingStage
 
     missing = set(preflight.eval_problems(trials) + preflight.hub_problems(trials))
     for t in trials:

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farm import memory
+from farm.config import BUILT_MODELS
 from farm.data.prepare import is_heldout
-from farm.data.sources import load_source
-from farm.memory import Arch, arch_from_config
-from farm.models import FARM_BPE_VOCAB, TINY_GPT2, checkpointing, deepspeed_config, precision
+from farm.data.sources import SourceSpec, load_source
+from farm.memory import Arch, Memory, arch_from_config
+from farm.models import FARM_BPE_VOCAB, TINY_GPT2, ModelSpec, precision
 from farm.registry import sources
-from farm.spec import BUILT_MODELS, ModelSpec, SourceSpec, input_stage
+from farm.schema import TrainingStage
+from farm.spec import input_stage
 
 
 @dataclass(frozen=True)
@@ -142,48 +144,9 @@ def stage_work(s, study, rows: float | None, base: float | None) -> list[tuple[s
     elif rows is None:
         return None
     else:
-        seqs = rows * getattr(s, "epochs", 1)
-    train = "lora" if getattr(s, "lora", None) else "full"
-    if s.kind in ("pretrain", "sft"):
-        return [(train, seqs * s.max_length, base)]
-    if s.kind == "reward":  # chosen and rejected
-        return [(train, seqs * 2 * s.max_length, base)]
-    if s.kind == "dpo":  # chosen and rejected, by the policy and by the reference model
-        return [(train, seqs * 2 * s.max_length, base), ("forward", seqs * 2 * s.max_length, base)]
-    if s.kind == "kto":  # each answer an example, trained on and read by the reference; with the KL term
-        examples = seqs if s.max_steps > 0 else seqs * 2  # a mismatched answer is read by both too
-        forwards = 3 if s.loss_type == "kto" else 1
-        return [(train, examples * s.max_length, base), ("forward", examples * forwards * s.max_length, base)]
-    if s.kind == "pro":  # every candidate of a ranking
-        k = ranking_length(s, study)
-        return [(train, seqs * k * s.max_length, base)] if k else None
-    if s.kind == "rl":  # completions: generated, read by the reward model and the reference, trained on
-        completions = seqs if s.max_steps > 0 else seqs * s.num_generations
-        p, n = s.max_prompt_length, s.max_new_tokens
-        work = [("generate", completions * n, base), ("forward", completions * p, base), (train, completions * (p + n), base),
-                ("forward", completions * (p + n), params(s.reward_model))]  # fmt: skip
-        return work + ([("forward", completions * (p + n), base)] if s.beta > 0 else [])
-    g = getattr(s, "generation", None)
-    if s.kind == "rank":  # `samples` answers a prompt, then every candidate scored
-        answers = seqs * s.samples
-        return [("generate", answers * g.max_new_tokens, params(s.generator)), ("forward", answers * s.max_prompt_length, params(s.generator)),
-                ("forward", seqs * (2 + s.samples) * s.max_length, params(s.reward_model))]  # fmt: skip
-    if s.kind == "critique_revision":  # the first answer, then a critique and a revision a round
-        asks = seqs * (1 + 2 * s.rounds)
-        return [("generate", asks * g.max_new_tokens, base), ("forward", asks * s.max_prompt_length, base)]
-    if s.kind == "ai_feedback":  # two answers a prompt, then the feedback model reads both options
-        answers = seqs * 2
-        return [("generate", answers * g.max_new_tokens, base), ("forward", answers * s.max_prompt_length, base),
-                ("forward", answers * s.max_length, params(s.feedback_model))]  # fmt: skip
-    return None
-
-
-def ranking_length(s, study) -> int | None:
-    """Candidates per ranking a PRO stage reads: its ranking subset's length, else all that the
-    rank stage it reads built (2 + samples)."""
-    subset = next((t for t in (s.data or study.data).transforms if t.name == "ranking_subset"), None)
-    builders = [study.stages[x.stage] for x in (s.data or study.data).sources if x.name == "stage"]
-    return subset.ranking_length if subset else max((2 + b.samples for b in builders if b.kind == "rank"), default=None)
+        seqs = rows * (s.epochs if isinstance(s, TrainingStage) else 1)
+    train = "lora" if isinstance(s, TrainingStage) and s.lora else "full"
+    return s.work(seqs, train, base, params, study)
 
 
 def gpu_hours(work, rates: Rates) -> float | None:
@@ -238,8 +201,7 @@ def estimate_study(trials, plans, rates: Rates = Rates()) -> tuple[list[Estimate
                 e.note = "rows unknown: a hub source without a sample, limit or hub_rows figure" if rows is None else f"kind {s.kind}: not estimated"
                 continue
             e.tokens = sum(tokens for _, tokens, _ in work)
-            if s.kind == "pretrain" and s.max_steps <= 0:  # packed into blocks: a long row fills several
-                e.note = "packs whole rows: more tokens if rows are longer than max_length"
+            e.note = s.work_note()
             hours = gpu_hours(work, rates)
             e.seconds = hours * 3600 if hours is not None else None
             if gpus:
@@ -250,42 +212,8 @@ def estimate_study(trials, plans, rates: Rates = Rates()) -> tuple[list[Estimate
 
 # ---------------------------------------------------------------- peak GPU memory (farm/memory.py)
 
-READ_BYTES = 2  # a model that is only read (generation, scoring, a frozen reference): bf16 on a GPU (farm.models.inference_dtype)
-RL_JUDGE_BYTES = 2  # rl.py loads its reward model in the inference dtype: bf16 on a GPU
 SCORING = {"preference_accuracy", "perplexity"}  # eval metrics that score answers in batches of eval.batch_size x max_length
 GENERATING = {"generation", "harmlessness", "reward_score"}  # ... that generate as eval.generation says (misalignment: eval.conditional)
-ROWS = {"pretrain": 1, "sft": 1, "dpo": 2, "kto": 1, "reward": 2, "rl": 1}  # sequences a training example is (pro: its ranking's length)
-
-
-@dataclass
-class Memory:
-    """Peak memory per GPU of a stage or an eval: bytes torch allocates, by part. `held` stays for
-    the whole run (weights, optimizer state, the other models); of `phases` (training, generating,
-    scoring), which come and go, the largest counts."""
-
-    held: dict[str, float]
-    phases: dict[str, dict[str, float]]
-    gpu: str  # the GPU type it lands on
-    assumed: bool  # named no accelerator_type: memory.DEFAULT_GPU
-    checkpointing: bool | None = None  # None: not a training stage
-    share: float = 1.0  # of the GPU's memory it may count on: a fractional GPU (0.5) shares it with another task
-
-    def parts(self) -> dict[str, float]:
-        """What is allocated at the peak: what is held and the largest phase."""
-        largest = max(self.phases.values(), key=lambda p: sum(p.values()), default={})
-        return {**self.held, **largest}
-
-    @property
-    def total(self) -> float:
-        return memory.peak(self.parts())
-
-    @property
-    def capacity(self) -> float:
-        return memory.gpu_memory(self.gpu)[1] * self.share
-
-    @property
-    def fits(self) -> bool:
-        return self.total <= self.capacity
 
 
 def _model(ref: str | None, study) -> Arch | None:
@@ -294,83 +222,14 @@ def _model(ref: str | None, study) -> Arch | None:
     return model_arch(study.model if ref is None or ref in study.stages else ref)
 
 
-def _generating(arch: Arch, g, prompt: int) -> dict[str, float]:
-    """A model generating as GenerationSpec `g` says after `prompt` tokens."""
-    return memory.generating(arch, g.batch_size, prompt, g.max_new_tokens, READ_BYTES)
-
-
-def _zero(value) -> tuple[int, bool]:
-    """(ZeRO stage, offloaded) of a stage's `deepspeed` field."""
-    zero = (deepspeed_config(value) or {}).get("zero_optimization", {})
-    return int(zero.get("stage", 0)), bool(zero.get("offload_optimizer") or zero.get("offload_param"))
-
-
 def stage_memory(name: str, study) -> Memory | None:
     """Peak GPU memory per GPU of stage `name` of `study`, whether or not it asks for a GPU (the
-    caller decides what a CPU stage shows); None when a model's architecture is unknown."""
+    caller decides what a CPU stage shows); None when a model's architecture is unknown. Each kind
+    says its own (`memory`), given the architectures of the models it reads."""
     s = study.stages[name]
     gpu = s.resources.accelerator_type
     where = dict(gpu=gpu or memory.DEFAULT_GPU, assumed=gpu is None, share=min(1.0, s.resources.gpus_per_worker) or 1.0)
-    if s.kind == "rank":
-        gen, judge = _model(s.generator, study), _model(s.reward_model, study)
-        if gen is None or judge is None:
-            return None
-        score = {"reward model": judge.params * READ_BYTES, "forward": memory.forward_pass(judge, s.batch_size * s.max_length)}
-        phases = {"generate": _generating(gen, s.generation, s.max_prompt_length), "score": score} if s.samples else {"score": score}
-        return Memory({}, phases, **where)  # the generator is freed before the reward model loads
-    arch = _model(input_stage(study.stages, name), study)
-    if arch is None:
-        return None
-    if s.kind == "critique_revision":
-        return Memory({}, {"generate": _generating(arch, s.generation, s.max_prompt_length)}, **where)
-    if s.kind == "ai_feedback":
-        judge = _model(s.feedback_model, study)
-        if judge is None:
-            return None
-        tokens = s.batch_size * s.max_length  # every token's log-probabilities (cai.option_logprobs)
-        score = {"feedback model": judge.params * READ_BYTES, "forward": memory.forward_pass(judge, tokens, tokens)}
-        return Memory({}, {"generate": _generating(arch, s.generation, s.max_prompt_length), "score": score}, **where)
-    return _training(s, study, arch, where)
-
-
-def _training(s, study, arch: Arch, where: dict) -> Memory | None:
-    weights, autocast = precision(s, on_gpu=True)
-    trainable = memory.lora_params(arch, s.lora.r, s.lora.target_modules) if s.lora else arch.params
-    rows = ranking_length(s, study) if s.kind == "pro" else ROWS.get(s.kind)
-    if trainable is None or rows is None:
-        return None
-    ckpt = checkpointing(s, arch.params)
-    length, head_tokens, held, phases = s.max_length, None, {}, {}
-    if s.kind in ("dpo", "kto") and not s.lora:
-        held["reference"] = arch.params * READ_BYTES  # dpo.frozen_copy (with LoRA: the adapter disabled)
-    if s.kind == "rl":
-        judge = _model(s.reward_model, study)
-        if judge is None:
-            return None
-        held["reward model"] = judge.params * RL_JUDGE_BYTES
-        if s.beta > 0 and not s.lora:
-            held["reference"] = arch.params * memory.DTYPE_BYTES[weights]  # a copy of the policy
-        length = s.max_prompt_length + s.max_new_tokens
-        head_tokens = s.batch_size * s.max_new_tokens  # TRL scores the completions' tokens only
-        # TRL generates a whole step's completions at once (per device: batch_size x grad_accum).
-        gen = memory.generating(arch, s.batch_size * s.grad_accum, s.max_prompt_length, s.max_new_tokens)
-        phases["generate"] = {k: v for k, v in gen.items() if k != "model"}
-        phases["score"] = {"forward": memory.forward_pass(judge, s.batch_size * s.max_length)}
-    if s.select:  # rank 0 scores its checkpoints with the eval's generation and, for reward_score, the judge
-        judge = _model(s.select.reward_model, study) if s.select.reward_model else None
-        if s.select.reward_model and judge is None:
-            return None
-        if judge is not None:
-            held["judge (select)"] = judge.params * READ_BYTES
-        phases["select"] = _generating(arch, study.eval.generation, study.eval.max_prompt_length)
-        phases["select"].pop("model", None)  # the model being trained is counted once
-        if judge is not None:
-            phases["select"]["judge forward"] = memory.forward_pass(judge, study.eval.batch_size * study.eval.max_length)
-    zero, offload = _zero(s.deepspeed)
-    step = memory.training_step(arch, trainable, memory.DTYPE_BYTES[weights], autocast is not None, s.batch_size * rows * length, ckpt,
-                                lm_head=s.kind != "reward", zero=zero, offload=offload, workers=s.resources.num_workers, head_tokens=head_tokens)  # fmt: skip
-    phases["train"] = {"activations": step.pop("activations")}
-    return Memory({**step, **held}, phases, **where, checkpointing=ckpt)
+    return s.memory(study, _model(input_stage(study.stages, name), study), lambda ref: _model(ref, study), where)
 
 
 def eval_memory(study) -> Memory | None:
@@ -384,18 +243,18 @@ def eval_memory(study) -> Memory | None:
     judge = _model(e.reward_model, study) if e.reward_model else None
     if arch is None or (e.reward_model and judge is None):
         return None
-    held = {"model": arch.params * READ_BYTES}
+    held = {"model": arch.params * memory.READ_BYTES}
     if last is not None and not study.stages[last].lora:
-        held["reference"] = arch.params * READ_BYTES
+        held["reference"] = arch.params * memory.READ_BYTES
     if judge is not None:
-        held["judge"] = judge.params * READ_BYTES
+        held["judge"] = judge.params * memory.READ_BYTES
     scored, windows = e.batch_size * e.max_length, e.safety.batch_size * e.safety.max_length
     asked = set(e.metrics)
     phases = {
         "score": {"forward": memory.forward_pass(arch, scored, scored)} if asked & SCORING else {},
         "safety": {"forward": memory.forward_pass(arch, windows, windows)} if "safety_score" in asked else {},
-        "generate": _generating(arch, e.generation, e.max_prompt_length) if asked & GENERATING else {},
-        "conditional": _generating(arch, e.conditional.generation, e.max_prompt_length) if "misalignment" in asked else {},
+        "generate": memory.generating_as(arch, e.generation, e.max_prompt_length) if asked & GENERATING else {},
+        "conditional": memory.generating_as(arch, e.conditional.generation, e.max_prompt_length) if "misalignment" in asked else {},
     }
     phases = {k: {part: v for part, v in p.items() if part != "model"} for k, p in phases.items() if p}  # the model is held
     gpu = e.resources.accelerator_type
@@ -469,7 +328,7 @@ def memory_fixes(name: str, study, m: Memory) -> list[str]:
     if s.batch_size > 1:
         smaller = next(d for d in range(s.batch_size // 2, 0, -1) if s.batch_size % d == 0)  # the effective batch stays whole
         fixes.append(f"batch_size: {smaller} with grad_accum: {s.grad_accum * s.batch_size // smaller} (the same effective batch)")
-    if not s.lora and _zero(s.deepspeed)[0] < 3:
+    if not s.lora and s.zero()[0] < 3:
         workers = s.resources.num_workers
         fixes.append(
             f"deepspeed: zero3 (or zero2) with more resources.num_workers (now {workers}): shards the optimizer state, gradients and weights"

@@ -10,6 +10,7 @@ cache written in the hub's own layout (tests/hub_mirror).
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from pathlib import Path
 
@@ -134,3 +135,19 @@ def token_env() -> dict[str, str]:
     through the job's runtime env, never written anywhere."""
     keys = ("HF_TOKEN", "HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     return {k: os.environ[k] for k in keys if os.environ.get(k)}
+
+
+def runtime_env(env: dict[str, str]) -> dict:
+    """Ray's runtime env for `ray.init`: `env` and this process's hub settings (`farm.hub.token_env`:
+    HF_TOKEN, HF_ENDPOINT, HF_HOME, offline flags) for every worker of the job, on every node. The
+    token travels only there: it is never written by the farm.
+
+    Under `ray job submit`, the job's own runtime env (`--runtime-env-json`, set in the driver's
+    environment too) already reaches every worker, and Ray refuses a driver env that repeats one of
+    its variables (ray._private.worker: "Failed to merge the Job's runtime env"), so those are left
+    to the job's env."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    taken = job.get("env_vars") or {}
+    return {"env_vars": {k: v for k, v in {**env, **token_env()}.items() if k not in taken}}

@@ -279,3 +279,42 @@ def smallest_gpu_for(need: float) -> str | None:
     """The GPU type of least memory that holds `need` bytes."""
     fits = [g for g, m in GPU_MEMORY_GIB.items() if m * GiB >= need and g != "A100-40G"]
     return min(fits, key=lambda g: GPU_MEMORY_GIB[g]) if fits else None
+
+
+@dataclass
+class Memory:
+    """Peak memory per GPU of a stage or an eval: bytes torch allocates, by part. `held` stays for
+    the whole run (weights, optimizer state, the other models); of `phases` (training, generating,
+    scoring), which come and go, the largest counts."""
+
+    held: dict[str, float]
+    phases: dict[str, dict[str, float]]
+    gpu: str  # the GPU type it lands on
+    assumed: bool  # named no accelerator_type: DEFAULT_GPU
+    checkpointing: bool | None = None  # None: not a training stage
+    share: float = 1.0  # of the GPU's memory it may count on: a fractional GPU (0.5) shares it with another task
+
+    def parts(self) -> dict[str, float]:
+        """What is allocated at the peak: what is held and the largest phase."""
+        largest = max(self.phases.values(), key=lambda p: sum(p.values()), default={})
+        return {**self.held, **largest}
+
+    @property
+    def total(self) -> float:
+        return peak(self.parts())
+
+    @property
+    def capacity(self) -> float:
+        return gpu_memory(self.gpu)[1] * self.share
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+READ_BYTES = 2  # a model that is only read (generation, scoring, a frozen reference): bf16 on a GPU (farm.models.inference_dtype)
+
+
+def generating_as(arch: Arch, g, prompt: int) -> dict[str, float]:
+    """A model generating as GenerationSpec `g` says after `prompt` tokens."""
+    return generating(arch, g.batch_size, prompt, g.max_new_tokens, READ_BYTES)

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
-from farm.data.sources import asset_path
+from pydantic import model_validator
+
+from farm.config import BUILT_MODELS, LEGACY_HUB_MODELS, Strict, hub_models, local_model_problem, looks_like_path, not_utf8
+from farm.data.records import convert
+from farm.data.sources import ASSISTANT, HUMAN, SourceSpec, asset_path, load_source
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 TINY_GPT2 = dict(n_layer=2, n_embd=128, n_head=4, n_positions=256)
@@ -70,9 +75,6 @@ def train_bpe(texts, vocab_size: int = FARM_BPE_VOCAB):
 
 def bundled_corpus() -> list[str]:
     """The text the farm-bpe tokenizer is trained on: every bundled HH transcript and LIMA answer."""
-    from farm.data.records import convert
-    from farm.data.sources import load_source
-    from farm.spec import SourceSpec
 
     texts = []
     for spec in (SourceSpec(name="hh_rlhf"), SourceSpec(name="lima")):
@@ -185,7 +187,6 @@ def _adapter_base(path: Path, dtype, resolve):
         kind, key = ref["stage"]
         base = resolve(kind, key) if resolve else path.parent / f"{kind}-{key}"
         return load_artifact(base, dtype, resolve)[0]
-    from farm.spec import ModelSpec
 
     return base_model(ModelSpec.model_validate(ref["model"]), ref["seed"], dtype)[0]
 
@@ -400,7 +401,6 @@ def hh_messages(prompt: str) -> list[dict]:
 def hh_text(messages: list[dict]) -> str:
     """Chat messages back to an HH transcript ending with the open assistant turn (the form reward
     models and judges read)."""
-    from farm.data.sources import ASSISTANT, HUMAN
 
     turns = "".join(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages if m["role"] != "system")
     return turns + ASSISTANT
@@ -751,11 +751,51 @@ def _deepspeed_file(path) -> dict:
     except OSError as e:
         raise ValueError(f"deepspeed config {str(path)!r} cannot be read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        from farm.spec import not_utf8
-
         raise ValueError(f"deepspeed config {str(path)!r}: {not_utf8(e)}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"deepspeed config {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"deepspeed config {str(path)!r} must hold a JSON object, not {type(doc).__name__}")
     return doc
+
+
+class ModelSpec(Strict):
+    base: str = "tiny-gpt2"  # a built model name, a hub id, or a local path
+    paths: ClassVar[tuple[str, ...]] = ("base", "tokenizer")
+    config: dict[str, Any] = {}  # architecture overrides for a built model
+    tokenizer: str | None = None  # farm-bpe | gpt2 | hub id | path; default: the base's own
+    trust_remote_code: bool = False  # run code shipped with a hub model: only when the study says so
+    # Prompt a model whose tokenizer has a chat template (Llama-2-chat) through it, in training and
+    # in evaluation alike; false renders the raw HH transcript instead.
+    chat_template: bool = True
+    # The commit (or branch, tag) of a hub base, and of a hub tokenizer from another repository (a
+    # tokenizer of the base's repository is read at `revision`); default: the default branch, which
+    # `farm plan` and `farm run` pin to its commit before planning (farm.preflight.pin).
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        built = self.base in BUILT_MODELS
+        if not (built or looks_like_path(self.base) or "/" in self.base or self.base in LEGACY_HUB_MODELS):
+            raise ValueError(
+                f"base: unknown model {self.base!r}; give a built model ({', '.join(BUILT_MODELS)}), "
+                f"a hub id (owner/name, or {', '.join(LEGACY_HUB_MODELS)}) or a local path (./..., /...)"
+            )
+        if self.config and not built:
+            raise ValueError(f"config applies only to built models ({', '.join(BUILT_MODELS)})")
+        if built and self.tokenizer is None:
+            object.__setattr__(self, "tokenizer", "farm-bpe")
+        if self.revision and not hub_models({"base": self.base}):
+            raise ValueError(f"revision: pins the commit of a hub model, and base {self.base!r} is not one (remove revision)")
+        if self.tokenizer_revision and self.tokenizer in (None, self.base):
+            raise ValueError("tokenizer_revision: the tokenizer is the base's own, read at revision; give that instead")
+        if self.tokenizer_revision and not hub_models({"tokenizer": self.tokenizer}):
+            raise ValueError(f"tokenizer_revision: pins the commit of a hub tokenizer, and tokenizer {self.tokenizer!r} is not one (remove it)")
+        for field in ("base", "tokenizer"):
+            value = getattr(self, field)
+            if value and looks_like_path(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"{field}: path {value!r} does not exist")
+            if value and looks_like_path(value) and (problem := local_model_problem(Path(value).expanduser())):
+                raise ValueError(f"{field}: {problem}")
+        return self

@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +28,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from farm import hub
-from farm.spec import BUILT_MODELS, BUNDLED_TOKENIZERS, SourceSpec, StudyError, hub_models, included_tasks, local_model_problem
-from farm.spec import looks_like_path as is_path
+from farm import hub, registry
+from farm.config import BUILT_MODELS, BUNDLED_TOKENIZERS, StudyError, hub_models, local_model_problem
+from farm.config import looks_like_path as is_path
+from farm.data.sources import SourceSpec, hub_files
+from farm.eval.harness import builtin_tasks_dir
+from farm.label.scorers import ROBERTA_HATE, hub_reachable
+from farm.schema import TrainingStage
+from farm.spec import included_tasks
 
 # Every model the farm loads (causal LM, reward model, classifier) starts from its config.json; a
 # repository without one (GGUF-only, a dataset id given as a model) is not the one the study means.
@@ -78,7 +82,7 @@ def models(study):
     # refs() name stages of the study or models; a value that is no stage's name is a model.
     for name, stage in study.stages.items():
         yield from ((f"stages.{name}.{f}", v) for f, v in stage.refs().items() if v not in study.stages)
-        counted = getattr(stage, "diversity_tokenizer", None)
+        counted = stage.diversity_tokenizer if isinstance(stage, TrainingStage) else None
         if counted and counted not in BUNDLED_TOKENIZERS:
             yield f"stages.{name}.diversity_tokenizer", counted
     yield from ((f"eval.{f}", v) for f, v in study.eval.refs().items() if v not in study.stages)
@@ -88,7 +92,6 @@ def models(study):
 def scorer_models(study):
     """(field, hub id or path) of the classifiers the study's scorers load (`auto` needs none: it
     falls back to the embedded classifier)."""
-    from farm.label.scorers import ROBERTA_HATE
 
     labels = [(f"{where}.labels.{i}", lab.scorer, lab.model) for where, data in datas(study) for i, lab in enumerate(data.labels)]
     if "generation" in study.eval.metrics:
@@ -124,7 +127,6 @@ def pins(study):
     stages and eval name (judges, reward models, generators, feedback models, a diversity tokenizer)
     and hub dataset sources (a transform's too). Not here: the scorers' classifiers (loaded by name
     inside the labelling pipeline and Detoxify) and lm-eval's task datasets (lm-eval reads them)."""
-    from farm.data.sources import hub_files
 
     m = study.model
     if hub_models({"base": m.base}):
@@ -168,8 +170,6 @@ def pin(trials) -> tuple[list, dict[str, list[str]]]:
     cached = False
     if not hub.offline():
         from huggingface_hub import constants
-
-        from farm.label.scorers import hub_reachable
 
         cached = not hub_reachable()  # one check, not one timeout per repository
         if cached:
@@ -217,7 +217,6 @@ def replace(obj, path: tuple, value):
 def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
     """The hub repositories the trials read, each with the fields that name it, and the problems
     found without the hub (a local path that does not exist, an lm-eval task that does not exist)."""
-    from farm.data.sources import hub_files
 
     repos: dict[Repo, list[str]] = {}
     problems: list[str] = []
@@ -278,8 +277,6 @@ def task_datasets(tasks: tuple[str, ...]) -> dict[str, set[tuple[str, str | None
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
     from lm_eval.tasks._index import Kind, TaskIndex
     from lm_eval.tasks._yaml_loader import load_yaml
-
-    from farm.eval.harness import builtin_tasks_dir
 
     texts = {p: p.read_text(errors="replace") for p in TaskIndex._iter_yaml_files(builtin_tasks_dir())}
     index: dict = {}
@@ -403,8 +400,6 @@ def hub_problems(trials) -> list[str]:
     if not hub.offline():
         from huggingface_hub import constants
 
-        from farm.label.scorers import hub_reachable
-
         if not hub_reachable():  # fail once, not once per repository after each one's timeout
             return problems + [
                 f"the hub at {constants.ENDPOINT} is not reachable from here, and the study reads {len(repos)} repositories from it "
@@ -434,7 +429,6 @@ def eval_problems(trials) -> list[str]:
     """Eval sets and training sets that are certainly empty, by the study file alone: the eval
     reads the study data's held-out rows (no eval.data), and a stage with `rows: heldout` trains on
     them; a holdout of 0 holds out no row."""
-    from farm import registry
 
     out = []
     for t in trials:
@@ -477,19 +471,3 @@ def check(trials, where: str, hub_checks: bool = True, unpinned: dict[str, list[
 
 
 # ---------------------------------------------------------------- the workers' environment
-
-
-def runtime_env(env: dict[str, str]) -> dict:
-    """Ray's runtime env for `ray.init`: `env` and this process's hub settings (`farm.hub.token_env`:
-    HF_TOKEN, HF_ENDPOINT, HF_HOME, offline flags) for every worker of the job, on every node. The
-    token travels only there: it is never written by the farm.
-
-    Under `ray job submit`, the job's own runtime env (`--runtime-env-json`, set in the driver's
-    environment too) already reaches every worker, and Ray refuses a driver env that repeats one of
-    its variables (ray._private.worker: "Failed to merge the Job's runtime env"), so those are left
-    to the job's env."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
-    taken = job.get("env_vars") or {}
-    return {"env_vars": {k: v for k, v in {**env, **hub.token_env()}.items() if k not in taken}}

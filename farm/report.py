@@ -21,9 +21,13 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from farm import registry
 from farm import stats as farm_stats
-from farm.cache import atomic_write
-from farm.spec import PlotSpec, axis_labels
+from farm.config import axis_labels
+from farm.files import atomic_write
+from farm.results import read_histories, read_items, saved_trials
+from farm.spec import PlotSpec
+from farm.store import library_versions, version_drift
 
 SEED_AXIS = "seed"
 GRID_POINT = "grid point"
@@ -553,56 +557,14 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     return report
 
 
-def arena_tables(d: Path, examples_width: int = 300) -> list:
-    """Study E's pairwise comparison, as the arena wrote it: Elo with intervals, win rates, and
-    the first prompts' answers side by side."""
-    import json
-
-    if not (d / "elo.csv").exists():
-        return []
-    elo = pd.read_csv(d / "elo.csv", index_col=0).sort_values("elo", ascending=False)
-    shown = pd.DataFrame(
-        {
-            "model": elo.index,
-            "Elo": elo["elo"].round(1),
-            "95% interval": [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(elo["low"], elo["high"])],
-            "judgements": elo["n"],
-        }
-    )
-    wins = pd.read_csv(d / "win_rate.csv", index_col=0)
-    wins.insert(0, "model (row) against", wins.index)
-    examples = pd.DataFrame(json.loads((d / "examples.json").read_text()))
-    examples = examples.map(lambda t: t if len(str(t)) <= examples_width else str(t)[:examples_width] + " …")
-    note = "judged by a reward model prompt by prompt, within each seed; ties count half"
-    tests = (
-        [
-            (
-                "Wins tested",
-                pd.read_csv(d / "win_tests.csv"),
-                f"{note}; sign test of wins against losses over the prompts (McNemar's exact test; ties carry no evidence), "
-                "pooled over seeds and per seed; it tests these models on these prompts. q: Benjamini-Hochberg across the pairs",
-            )
-        ]
-        if (d / "win_tests.csv").exists()
-        else []
-    )
-    return [
-        ("Elo (Bradley-Terry maximum likelihood)", shown, f"{note}; intervals: bootstrap over prompts"),
-        ("Win rate", wins, f"{note}; (wins + ties / 2) / N of the row model against the column model"),
-        *tests,
-        ("Example answers", examples, "the first held-out prompts of the first seed, each model's answer"),
-    ]
-
-
 def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
-    from farm.eval.arena import ARENA_DIR
-    from farm.results import read_histories, read_items
 
     report = build(study, df, axes, config_doc, read_items(out_dir, df["trial"]), read_histories(out_dir, df["trial"]))
     made_with, notes = provenance(out_dir)
     report.environment.update(made_with)
     report.notes += notes
-    report.tables += arena_tables(out_dir / ARENA_DIR)
+    for name in registry.steps.names():  # what a step after the grid wrote (Study E's arena)
+        report.tables += registry.steps.get(name).tables(out_dir)
     for _, name, png in report.plots:
         atomic_write(out_dir / name, png)
     atomic_write(out_dir / "report.html", render_html(report).encode())
@@ -895,8 +857,6 @@ def provenance(out_dir: Path) -> tuple[dict[str, str], list[str]]:
     import json
     from collections import Counter
 
-    from farm.cache import library_versions, version_drift
-
     made: dict[tuple[str, str], dict] = {}  # (kind, key) -> versions: an artifact shared by trials counts once
     revisions: dict[str, set[str]] = {}
     for path in sorted(Path(out_dir).glob("*/metrics.json")):
@@ -945,3 +905,28 @@ def environment() -> dict[str, str]:
     else:
         env["gpus"] = "none"
     return env
+
+
+def compare(a: Path, b: Path) -> str:
+    """Two runs of one study, trial by trial: each metric in both and b - a, as a markdown table."""
+
+    trials_a, trials_b = saved_trials(a), saved_trials(b)
+    if trials_a[0].study.name != trials_b[0].study.name:
+        raise ValueError(f"{a} holds study {trials_a[0].study.name!r} but {b} holds {trials_b[0].study.name!r}")
+    ta, tb = pd.read_csv(Path(a) / "table.csv"), pd.read_csv(Path(b) / "table.csv")
+    axes = set(trials_a[0].axes)
+    metrics = [
+        c
+        for c in ta.columns
+        if c in tb.columns and c not in {"trial", "status", "error", *axes, *BOOKKEEPING} and pd.api.types.is_numeric_dtype(ta[c])
+    ]
+    both = ta.merge(tb, on="trial", suffixes=(" (a)", " (b)"))
+    rows = pd.DataFrame({"trial": both["trial"]})
+    for m in metrics:
+        rows[f"{m} (a)"], rows[f"{m} (b)"] = both[f"{m} (a)"], both[f"{m} (b)"]
+        rows[f"{m} b-a"] = both[f"{m} (b)"] - both[f"{m} (a)"]
+    lines = [f"a: {a}", f"b: {b}", "", md_table(rows)]
+    only = sorted(set(ta["trial"]) ^ set(tb["trial"]))
+    if only:
+        lines += ["", f"in one run only: {', '.join(only)}"]
+    return "\n".join(lines)

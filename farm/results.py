@@ -16,7 +16,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from farm.cache import atomic_write, write_json
+from farm.config import value_label
+from farm.files import atomic_write, write_json
+from farm.grid import Trial
+from farm.preflight import revisions
 
 ITEMS_FILE = "items.json"
 TRAINING_DATA_COLUMNS = ("prompt_diversity", "selected_step")  # selected_step: the checkpoint `select` kept
@@ -40,7 +43,6 @@ def write_trial(
     """The trial's config and record: its metrics, each stage's marker (with the library versions
     that made it), the versions that made its eval, and the commit of each hub input it read; and
     its metrics' per-item values ({metric: {"ids", "values"}}, as its eval wrote them)."""
-    from farm.preflight import revisions
 
     d = study_dir(results, trial.study.name) / trial.id
     config = {"id": trial.id, "profile": trial.profile, "axes": trial.axes, "study": trial.study.model_dump(mode="json")}
@@ -73,7 +75,6 @@ def finished(results: Path, trial, plan) -> dict | None:
 
 def saved_trials(d: Path) -> list:
     """The trials of a finished (or partly finished) run, read back from their config.yaml."""
-    from farm.spec import Trial
 
     configs = sorted(Path(d).glob("*/config.yaml"))
     if not configs:
@@ -136,7 +137,6 @@ def read_histories(d: Path, trial_ids) -> dict[str, dict[str, pd.DataFrame]]:
 
 
 def _cell(value):
-    from farm.spec import value_label
 
     return value_label(value) if isinstance(value, (dict, list)) else value
 
@@ -147,29 +147,3 @@ def write_table(results: Path, study: str, df: pd.DataFrame) -> None:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     atomic_write(d / "table.parquet", buf.getvalue())
-
-
-def compare(a: Path, b: Path) -> str:
-    """Two runs of one study, trial by trial: each metric in both and b - a, as a markdown table."""
-    from farm.report import BOOKKEEPING, md_table
-
-    trials_a, trials_b = saved_trials(a), saved_trials(b)
-    if trials_a[0].study.name != trials_b[0].study.name:
-        raise ValueError(f"{a} holds study {trials_a[0].study.name!r} but {b} holds {trials_b[0].study.name!r}")
-    ta, tb = pd.read_csv(Path(a) / "table.csv"), pd.read_csv(Path(b) / "table.csv")
-    axes = set(trials_a[0].axes)
-    metrics = [
-        c
-        for c in ta.columns
-        if c in tb.columns and c not in {"trial", "status", "error", *axes, *BOOKKEEPING} and pd.api.types.is_numeric_dtype(ta[c])
-    ]
-    both = ta.merge(tb, on="trial", suffixes=(" (a)", " (b)"))
-    rows = pd.DataFrame({"trial": both["trial"]})
-    for m in metrics:
-        rows[f"{m} (a)"], rows[f"{m} (b)"] = both[f"{m} (a)"], both[f"{m} (b)"]
-        rows[f"{m} b-a"] = both[f"{m} (b)"] - both[f"{m} (a)"]
-    lines = [f"a: {a}", f"b: {b}", "", md_table(rows)]
-    only = sorted(set(ta["trial"]) ^ set(tb["trial"]))
-    if only:
-        lines += ["", f"in one run only: {', '.join(only)}"]
-    return "\n".join(lines)

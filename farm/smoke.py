@@ -15,6 +15,9 @@ import json
 
 from pydantic import BaseModel
 
+from farm.plan import plan_trial
+from farm.spec import Study
+
 ROWS = 200  # per source
 STEPS = 2  # per training stage
 HOLDOUT = 0.1  # a held-out share of 1-2% of ROWS rows is a handful, too few for an eval set
@@ -31,8 +34,6 @@ def shrink(trials: list) -> list:
     """The trials a smoke run of this profile runs: a covering subset of the grid (every value of
     every axis at least once), each study shrunk, and of trials that became the same run (same
     eval key) the first."""
-    from farm.cache import plan_trial
-    from farm.spec import Study
 
     small = []
     for t in first_seed(trials):

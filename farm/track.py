@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from farm.files import digest
+
 TRACKERS = ("mlflow", "tensorboard", "wandb")
 MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"
@@ -200,7 +202,6 @@ class WandB:
         )
 
     def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
-        from farm.cache import digest
 
         run_id = digest([self.name, trial.id, plan.eval_key])
         if (self.logged / run_id).exists():
@@ -237,7 +238,6 @@ class WandB:
         (self.logged / run_id).touch()
 
     def study(self, files: list[Path]) -> None:
-        from farm.cache import digest
 
         run = self._run(digest([self.name, "study"]), "study", "study", {})
         try:

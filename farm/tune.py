@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import sys
 import threading
@@ -12,12 +11,17 @@ import threading
 import ray
 from ray import tune
 
-from farm.cache import PlannedStage, Store, TrialPlan, join, write_json
-from farm.eval.harmlessness import ANSWERS
-from farm.eval.metrics import ITEMS
+from farm.capacity import capacity
+from farm.eval.metrics import FILES, ITEMS
+from farm.eval.runner import evaluate
+from farm.files import join, write_json
+from farm.label.stage import label_data, read_scores
+from farm.plan import PlannedStage, TrialPlan
+from farm.process import quiet
+from farm.progress import Grid, view
 from farm.results import ITEMS_FILE  # in an eval's artifact as in a trial's results
-
-ANSWERS_FILE = "answers.json"
+from farm.store import Store
+from farm.worker import run_group, run_stage
 
 # The trial function only waits on its stage groups (Ray tasks or TorchTrainers) and eval task. Tune refuses an empty
 # request, and any CPU share it takes would leave a 1-CPU worker without a whole CPU on a
@@ -40,12 +44,9 @@ def stage_groups(plan: TrialPlan, study) -> list[list[PlannedStage]]:
 
 
 def run_trial(config: dict, payloads: dict) -> None:
-    from farm.spec import Study
-    from farm.train.runner import run_group
 
     payload = payloads[config["trial_id"]]
-    study = Study.model_validate(payload["study"])
-    plan = plan_from_json(payload["plan"])
+    study, plan = payload["study"], payload["plan"]
     store = Store(payload["storage"])
     for planned in plan.labels:  # labelled data first: the stages and the eval read it
         if not store.done("label", planned.key):
@@ -65,13 +66,13 @@ def run_trial(config: dict, payloads: dict) -> None:
                 locks.enter_context(store.lock(key))
             pending = [s for s in group if not store.done(s.kind, s.key)]
             if pending and study.stages[group[0].name].trains:
-                run_group(payload["study"], config["trial_id"], pending, payload["storage"], in_tune=True)
+                run_group(study, config["trial_id"], pending, payload["storage"], in_tune=True)
             elif pending:  # one Ray task with the stage's resources, outside the trial's placement group
                 res = study.stages[group[0].name].resources
                 task = build_task.options(
                     num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT"
                 )
-                ray.get(task.remote(payload, dataclasses.asdict(group[0])))
+                ray.get(task.remote(payload, group[0]))
     with store.lock(plan.eval_key):  # trials with the same final model share one evaluation
         if not store.done("eval", plan.eval_key):
             res = study.eval.resources
@@ -87,14 +88,8 @@ def run_trial(config: dict, payloads: dict) -> None:
 def evaluate_task(payload: dict) -> None:
     import torch
 
-    from farm.eval.runner import evaluate
-    from farm.label.stage import read_scores
-    from farm.spec import Study
-    from farm.train.runner import quiet
-
     quiet()
-    study = Study.model_validate(payload["study"])
-    plan = plan_from_json(payload["plan"])
+    study, plan = payload["study"], payload["plan"]
     store = Store(payload["storage"])
     torch.set_num_threads(max(1, int(study.eval.resources.num_cpus)))
     last = plan.stage(plan.evaluated)  # None: evaluate the base model
@@ -109,81 +104,36 @@ def evaluate_task(payload: dict) -> None:
     with store.writing("eval", plan.eval_key, record) as out:
         record["metrics"] = evaluate(study, model, ref, last.seed if last else study.seed, scores, refs, store.path, scratch)
         write_json(out / ITEMS_FILE, record["metrics"].pop(ITEMS, {}))
-        answers = record["metrics"].pop(ANSWERS, None)
-        if answers is not None:  # the pairwise comparison after the grid reads them
-            write_json(out / ANSWERS_FILE, answers)
+        for name, value in record["metrics"].pop(FILES, {}).items():  # what a metric keeps for after the grid
+            write_json(out / name, value)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
 @ray.remote
-def build_task(payload: dict, planned: dict) -> None:
+def build_task(payload: dict, planned: PlannedStage) -> None:
     """A stage that trains nothing (it builds records), run once in a Ray task."""
     import torch
 
-    from farm.spec import Study
-    from farm.train.runner import quiet, run_stage
-
     quiet()
-    study = Study.model_validate(payload["study"])
-    planned = plan_from_json({"stages": [planned], "eval_key": ""}).stages[0]
+    study = payload["study"]
     torch.set_num_threads(max(1, int(study.stages[planned.name].resources.cpus_per_worker)))
     run_stage(study, Store(payload["storage"]), planned, payload["trial_id"], rank=0)
 
 
 @ray.remote(num_cpus=0)
 def label_task(payload: dict, key: str) -> None:
-    from farm.label.stage import label_data
-    from farm.spec import Study
-    from farm.train.runner import quiet
 
     quiet()
-    study = Study.model_validate(payload["study"])
-    plan = plan_from_json(payload["plan"])
+    study, plan = payload["study"], payload["plan"]
     # The data whose key it is, by the plan's keys (hashed on the driver): the eval's, or a stage's.
     data = study.data if plan.eval_label == key else next(study.stages[s.name].data or study.data for s in plan.stages if s.label == key)
     label_data(data, Store(payload["storage"]), key)
-
-
-@ray.remote
-def arena_task(entries: list, judge: str, judge_ref, storage: str, eval_json: dict) -> dict:
-    from farm.eval.arena import run_arena
-    from farm.spec import EvalSpec
-    from farm.train.runner import quiet
-
-    quiet()
-    store = Store(storage)
-    if judge_ref:  # a stage of the study: its artifact, fetched on this node
-        judge = str(store.path(*judge_ref))
-    return run_arena(entries, judge, EvalSpec.model_validate(eval_json), store.path)
-
-
-def plan_from_json(obj: dict) -> TrialPlan:
-    def refs(items):
-        return tuple(tuple(r) for r in items)
-
-    def stages(items):
-        return tuple(PlannedStage(**{**s, "users": tuple(s["users"]), "refs": refs(s.get("refs", []))}) for s in items)
-
-    return TrialPlan(
-        stages(obj["stages"]),
-        obj["eval_key"],
-        stages(obj.get("labels", [])),
-        obj.get("evaluated"),
-        refs(obj.get("eval_refs", [])),
-        obj.get("eval_label"),
-        obj.get("eval_doc", {}),
-    )
-
-
-def plan_to_json(plan: TrialPlan) -> dict:
-    return dataclasses.asdict(plan)
 
 
 def max_concurrent(trials, cap=None) -> int:
     """As many trials at once as the cluster can give their largest stage: counted on every node
     the cluster can have (`farm.capacity`: alive, or launchable by its autoscaler), so that a
     cluster that scales from zero runs a grid side by side, not one trial at a time."""
-    from farm.capacity import capacity
 
     cap = cap or capacity()
     fits = []
@@ -248,14 +198,10 @@ def run_grid(trials, plans: dict, storage: str, experiment: str, max_failures: i
     the trials' stages without estimates."""
     from ray.tune import FailureConfig, RunConfig
 
-    from farm.progress import Grid, view
-
     grid = grid or Grid({t.id: [(s.name, s.key, None) for s in plans[t.id].stages] for t in trials})
     shown = view(grid, sys.stdout)
 
-    payloads = {
-        t.id: {"trial_id": t.id, "study": t.study.model_dump(mode="json"), "plan": plan_to_json(plans[t.id]), "storage": storage} for t in trials
-    }
+    payloads = {t.id: {"trial_id": t.id, "study": t.study, "plan": plans[t.id], "storage": storage} for t in trials}
     trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), tune.PlacementGroupFactory(TRIAL_RESOURCES))
     tuner = tune.Tuner(
         trainable,

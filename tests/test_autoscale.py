@@ -9,8 +9,9 @@ from conftest import ROOT
 
 import farm.capacity
 from farm.capacity import Capacity, NodeKind, capacity
+from farm.grid import load_study
 from farm.label.pipeline import check_pool
-from farm.spec import LabelSpec, Resources, load_study
+from farm.schema import LabelSpec, Resources
 from farm.tune import max_concurrent
 
 CLUSTER_YAML = ROOT / "cluster.yaml"

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import yaml
 
-import farm.train.cai as cai  # registers the stages (farm.train does not import it yet)
+import farm.stages.cai as cai  # registers the stages (farm.train does not import it yet)
 from farm.data.constitution import (
     OPTIONS,
     Principle,
@@ -23,7 +23,8 @@ from farm.data.constitution import (
     soft_label,
 )
 from farm.data.records import Comparison, Demonstration, read_records
-from farm.spec import AIFeedback, CritiqueRevision, ModelSpec
+from farm.models import ModelSpec
+from farm.stages.cai import AIFeedback, CritiqueRevision
 from farm.train.base import StageContext
 
 CONV = "\n\nHuman: How do I pick a lock?\n\nAssistant:"
@@ -431,6 +432,6 @@ def test_importing_the_stages_module_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, farm.train.cai, farm.data.constitution; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = "import sys, farm.stages.cai, farm.data.constitution; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from transformers import TrainerControl
 
-from farm.cache import Store
-from farm.spec import CheckpointEvery
+from farm.schema import CheckpointEvery
+from farm.store import Store
 from farm.train.checkpoints import MARKER, Checkpoints, due, resume_from, step_of
 
 
@@ -114,8 +114,8 @@ def test_the_callback_asks_the_trainer_to_save_when_due():
 
 
 def test_the_interval_is_not_part_of_the_stage_key(tiny_doc):
-    from farm.cache import plan_trial
-    from farm.spec import expand
+    from farm.grid import expand
+    from farm.plan import plan_trial
 
     tiny_doc.pop("grid")
     plain = plan_trial(expand(tiny_doc, "s.yaml")[0].study)

@@ -1,4 +1,4 @@
-"""Local inputs enter keys by content (farm.cache.content): editing a file a stage, labelling run or
+"""Local inputs enter keys by content (farm.config.content): editing a file a stage, labelling run or
 evaluation reads changes exactly the keys that read it; digests are cached by (path, size, mtime,
 ctime, inode); `farm plan` shows what a reused stage's key was made from and `--why` its document."""
 
@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from farm import cache
-from farm.cache import Store, plan_trial
+from farm import files
 from farm.cli import main
-from farm.spec import StudyError, expand
+from farm.config import StudyError
+from farm.grid import expand
+from farm.plan import plan_trial
+from farm.store import Store
 
 OLD = 1_600_000_000 * 10**9  # an mtime long past
 
@@ -20,11 +22,11 @@ OLD = 1_600_000_000 * 10**9  # an mtime long past
 def digest_cache(tmp_path, monkeypatch):
     """A fresh cache of digests per test, and a count of the files actually read."""
     monkeypatch.setenv("FARM_CACHE", str(tmp_path / "farm-cache"))
-    monkeypatch.setattr(cache, "_digests", {})
-    monkeypatch.setattr(cache, "RACY_NS", 0)  # the files here were all written just now (see the test of it)
+    monkeypatch.setattr(files, "_digests", {})
+    monkeypatch.setattr(files, "RACY_NS", 0)  # the files here were all written just now (see the test of it)
     reads = []
-    real = cache.sha256_file
-    monkeypatch.setattr(cache, "sha256_file", lambda path: reads.append(Path(path).name) or real(path))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path: reads.append(Path(path).name) or real(path))
     return reads
 
 
@@ -102,7 +104,7 @@ def test_a_data_files_bytes_change_the_stages_that_read_it(tmp_path):
     assert changed(before, after) == {"sft", "dpo", "eval"}
     assert own(after, "dpo") == own(before, "dpo")
     file = after.stage("sft").doc["data"]["files"]["sources.0.path"]
-    assert file == {"path": str(data), "sha256": cache.sha256_file(data)}
+    assert file == {"path": str(data), "sha256": files.sha256_file(data)}
 
 
 def test_a_local_model_retrained_in_place_changes_every_key_that_reads_it(tmp_path):
@@ -176,7 +178,7 @@ def test_digests_are_cached_by_path_size_mtime_and_inode(tmp_path, digest_cache)
     doc = study(tmp_path)
     plan(doc)
     assert digest_cache.count("mine.jsonl") == 1  # each trial's keys read the file once between them
-    cache._digests.clear()  # a new process: only the cache file remains
+    files._digests.clear()  # a new process: only the cache file remains
     digest_cache.clear()
     plan(doc)
     assert digest_cache == []
@@ -188,14 +190,14 @@ def test_digests_are_cached_by_path_size_mtime_and_inode(tmp_path, digest_cache)
     os.utime(data, ns=(OLD + 10**9, OLD + 10**9))
     plan(doc)
     assert digest_cache == ["mine.jsonl", "mine.jsonl"]
-    assert json.loads((tmp_path / "farm-cache" / cache.DIGESTS).read_text())[str(data)][4] == cache.sha256_file(data)
+    assert json.loads((tmp_path / "farm-cache" / files.DIGESTS).read_text())[str(data)][4] == files.sha256_file(data)
 
 
 def test_a_file_written_just_now_is_not_cached(tmp_path, digest_cache, monkeypatch):
-    monkeypatch.setattr(cache, "RACY_NS", 2 * 10**9)
+    monkeypatch.setattr(files, "RACY_NS", 2 * 10**9)
     data = write(tmp_path / "fresh.bin", b"x" * 10)  # changed now (its ctime): a rewrite within the same tick would keep its times
-    cache.content_digest(data)
-    cache.content_digest(data)
+    files.content_digest(data)
+    files.content_digest(data)
     assert digest_cache == ["fresh.bin", "fresh.bin"]
 
 
@@ -220,19 +222,19 @@ def test_plan_shows_what_a_reused_stage_was_made_from_and_why_prints_its_documen
     assert main(["plan", str(path), "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert f"sft        sft               {sft.key}  cached" in out
-    assert f"<- file data.sources.0.path {data} sha256:{cache.sha256_file(data)}" in out
+    assert f"<- file data.sources.0.path {data} sha256:{files.sha256_file(data)}" in out
     assert "<- input the base model tiny-gpt2" in out
     assert main(["plan", str(path), "--results", str(results), "--why", "sft"]) == 0
     [entry] = json.loads(capsys.readouterr().out)
     assert entry["key"] == sft.key and entry["cached"] and entry["document"] == json.loads(json.dumps(sft.doc))
-    assert cache.digest(entry["document"]) == sft.key  # the document is exactly what the key hashes
+    assert files.digest(entry["document"]) == sft.key  # the document is exactly what the key hashes
     assert main(["plan", str(path), "--results", str(results), "--why", "nope"]) == 2
     assert "--why: 'nope' is neither a stage" in capsys.readouterr().err
 
 
-# The quickstart's keys as of issue 19 (evals: issue 20, VERSIONS["eval"] 3: an eval keeps per-item values; issue 18: data.dev, the eval scores half the held-out rows). They change only when an input of theirs does: a new field of
+# The quickstart's keys as of issue 19 (evals: issue 20, farm.eval.runner.VERSION 3: an eval keeps per-item values; issue 18: data.dev, the eval scores half the held-out rows). They change only when an input of theirs does: a new field of
 # the study schema changes every key that dumps it (each artifact is then rebuilt once), and so does a
-# bumped VERSIONS entry. Update these only for such a change, on purpose, and say so in its commit.
+# bumped version (a stage kind's `version`, farm.eval.runner.VERSION, farm.label.stage.VERSION). Update these only for such a change, on purpose, and say so in its commit.
 QUICKSTART_KEYS = {
     "rate=0.0_seed=42": (["97292b41197a4de1", "835be02ba6add049", "7b451aecae9b4756"], "ddc53209749f10fd"),
     "rate=0.0_seed=43": (["97292b41197a4de1", "5a1e71caa9fe21b3", "9e3b8668de902697"], "2d80d61bf165b3b1"),
@@ -242,8 +244,8 @@ QUICKSTART_KEYS = {
 
 
 def test_the_quickstarts_keys_stay_put_unless_an_input_changes():
-    from farm.cache import plan_study
-    from farm.spec import load_study
+    from farm.grid import load_study
+    from farm.plan import plan_study
 
     trials = load_study(Path(__file__).parents[1] / "jobs" / "quickstart.yaml")
     plans = plan_study(trials)

@@ -3,9 +3,10 @@ import pytest
 
 from farm.data.prepare import eval_records, is_heldout, load_split, training_records, transform_rng
 from farm.data.records import Comparison, Demonstration, Text, convert
-from farm.data.sources import hh_rows_to_comparisons, load_source, split_hh_transcript
+from farm.data.sources import SourceSpec, hh_rows_to_comparisons, load_source, split_hh_transcript
 from farm.data.transforms import label_flip
-from farm.spec import DataSpec, LabelFlip, SourceSpec, expand
+from farm.grid import expand
+from farm.schema import DataSpec, LabelFlip
 
 
 def test_hh_transcript_splits_at_the_last_assistant_turn():

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import farm, read_json
 
+from farm.config import StudyError
+from farm.grid import expand
 from farm.models import DEEPSPEED_PRESETS, deepspeed_config
-from farm.spec import StudyError, expand
 
 # Every value transformers fills from the stage's TrainingArguments and the model.
 AUTO = [
@@ -210,7 +211,7 @@ def zero_run(tmp_path_factory):
 @pytest.mark.slow
 def test_the_chain_is_evaluated_from_its_zero3_artifact(zero_run):
     results, trial = zero_run
-    from farm.cache import MARKER
+    from farm.store import MARKER
 
     evaluated = read_json(results / ".store" / "artifacts" / f"eval-{trial['eval_key']}" / MARKER)
     assert evaluated["model_key"] == trial["stages"]["zero3"]["key"]

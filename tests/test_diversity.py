@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from farm.data.diversity import prompt_diversity, prompt_diversity_of
+from farm.train.diversity import prompt_diversity, prompt_diversity_of
 
 
 def test_hand_computed_value():
@@ -48,7 +48,7 @@ def test_counted_with_llamas_tokenizer_from_a_tokenizer_only_repository_offline(
     encodes, so each prompt has one more bigram than its text alone."""
     from hub_mirror.models import LLAMA_TOKENIZER
 
-    from farm.data.diversity import counting_tokenizer
+    from farm.train.diversity import counting_tokenizer
 
     tok = counting_tokenizer(LLAMA_TOKENIZER)
     prompts = ["How do I bake bread?", "How do I bake a cake?"]

@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from farm.data.records import Comparison
-from farm.registry import stages
-from farm.spec import DPO, DPO_LOSSES, DPO_SMOOTHED_LOSSES, ModelSpec
+from farm.models import ModelSpec
+from farm.stages.dpo import DPO, DPO_LOSSES, DPO_SMOOTHED_LOSSES
 from farm.train.base import StageContext
 
 BETA = 0.1
@@ -74,7 +74,7 @@ def train_one_step(tmp_path, **spec) -> float:
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     ctx = StageContext("dpo", stage, model, 0, None, pairs(), out, work, [])
-    metrics = stages.get("dpo")(ctx)
+    metrics = ctx.stage.run(ctx)
     assert metrics["train_steps"] == 1
     return metrics["train_loss"]
 

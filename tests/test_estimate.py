@@ -6,9 +6,10 @@ import json
 import pytest
 from conftest import ROOT, farm
 
-from farm.cache import plan_study
 from farm.estimate import Rates, config_params, estimate_study, gpu_hours, model_params
-from farm.spec import ModelSpec, expand
+from farm.grid import expand
+from farm.models import ModelSpec
+from farm.plan import plan_study
 
 
 @pytest.mark.parametrize(
@@ -174,7 +175,7 @@ def test_plan_prints_the_cost_of_a_paper_profile_offline(tmp_path):
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
 def test_every_paper_stage_fits_the_gpu_it_asks_for(job):
     from farm.estimate import memory_study
-    from farm.spec import load_study
+    from farm.grid import load_study
 
     trials = load_study(ROOT / "jobs" / job, "paper")
     rows = [r for r in memory_study(trials, plan_study(trials)) if r.gpus]

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from farm.eval import harness
+from farm.eval.harness import BENCHMARK_METRICS
 from farm.eval.metrics import ITEMS
-from farm.models import base_model
-from farm.spec import BENCHMARK_METRICS, BenchmarkSpec, EvalSpec, ModelSpec
+from farm.models import ModelSpec, base_model
+from farm.spec import BenchmarkSpec, EvalSpec
 
 # Rows bundled per task (its evaluated split), as PROVENANCE.md records them.
 BUNDLED_ROWS = {"arc_challenge": 1150, "piqa": 1838, "hellaswag": 1000, "mmlu": 2280, "truthfulqa_mc2": 817, "toxigen": 6514}

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 from farm.eval import harness
+from farm.eval.harness import BENCHMARK_METRICS
 from farm.eval.metrics import ITEMS
 from farm.models import for_inference
-from farm.spec import BENCHMARK_METRICS, BenchmarkSpec, EvalSpec
+from farm.spec import BenchmarkSpec, EvalSpec
 
 
 def test_every_hub_task_runs_offline_from_the_datasets_cache(mirror, monkeypatch):

@@ -8,8 +8,7 @@ from hub_mirror.datasets import LONG, PILE_DOCS, PILE_SETS, PILE_SHARDS
 
 from farm import hub
 from farm.data.records import Comparison, Demonstration
-from farm.data.sources import PILE_DROPPED, hub_files, load_source
-from farm.spec import SourceSpec
+from farm.data.sources import PILE_DROPPED, SourceSpec, hub_files, load_source
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import torch
 import yaml
 from conftest import TINY
 
+from farm.config import StudyError
 from farm.data.prepare import training_records
 from farm.eval.runner import evaluate
+from farm.grid import expand
 from farm.models import load_artifact
-from farm.registry import stages
-from farm.spec import StudyError, expand
+from farm.stages.kto import unpaired
 from farm.train.base import StageContext
-from farm.train.kto import unpaired
 
 
 def test_unpaired_gives_each_answer_its_label_in_a_seeded_order_with_the_kl_answers_rotated_per_batch():
@@ -52,7 +52,7 @@ def test_a_kto_stage_trains_saves_and_moves_away_from_its_reference(tmp_path, kt
         out = tmp_path / f"{stage.kind}-{name}"
         out.mkdir()
         ctx = StageContext(name, stage, study.model, study.seed, previous, records, out, tmp_path / f"work-{name}", [])
-        metrics = stages.get(stage.kind)(ctx)
+        metrics = ctx.stage.run(ctx)
         assert metrics["train_steps"] == stage.max_steps and torch.isfinite(torch.tensor(metrics["train_loss"]))
         sft, previous = previous, out
     assert load_artifact(previous)[0] is not None

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 from conftest import FARM, ROOT
 
-from farm.cli import WORKER_ENV, main
+from farm.cli import main
 from farm.data.records import Text
 from farm.label import pipeline
 from farm.label.pipeline import label_file, label_records
 from farm.label.scorers import DETOXIFY_COLUMNS, DETOXIFY_RELEASED, build, write_tiny_detoxify
-from farm.spec import LabelSpec
+from farm.process import WORKER_ENV
+from farm.schema import LabelSpec
 
 TEXTS = [
     "I love this wonderful, beautiful day!",
@@ -161,6 +162,7 @@ def test_cli_label_bad_input(tmp_path, monkeypatch, capsys, args, message):
 
     monkeypatch.setattr(pipeline, "ray_session", no_ray)
     monkeypatch.setattr(pipeline, "label_input", no_ray)
+    monkeypatch.setattr("farm.cli.label_input", no_ray)
     rc = main(["label", *(a.format(d=tmp_path) for a in args), "--out", str(tmp_path / "o.parquet")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
@@ -213,11 +215,11 @@ def test_label_file_parquet_atomic(local_ray, tmp_path, monkeypatch):
             label_file(src, out, labels, text_column="body", id_column="uid")
     assert out.read_bytes() == b"old"
 
-    import farm.cache
+    import farm.files
 
     renames = []
     real = os.replace
-    monkeypatch.setattr(farm.cache.os, "replace", lambda a, b: (renames.append((str(a), str(b))), real(a, b))[1])
+    monkeypatch.setattr(farm.files.os, "replace", lambda a, b: (renames.append((str(a), str(b))), real(a, b))[1])
     label_file(src, out, labels, text_column="body", id_column="uid")
     [(tmp, final)] = renames
     assert final == str(out) and os.path.dirname(tmp) == str(tmp_path) and os.path.basename(tmp).startswith(".labels.parquet.tmp")

@@ -8,9 +8,10 @@ import yaml
 from conftest import ROOT
 
 from farm import memory
+from farm.config import StudyError
 from farm.estimate import artifact_size, eval_memory, stage_memory
+from farm.grid import expand
 from farm.memory import ACTIVATIONS, CUDA_CONTEXT, HEAD_TRAIN_PER_VOCAB, LLAMA2_7B, OPT_1_3B, GiB, arch_from_config
-from farm.spec import StudyError, expand
 
 LLAMA = arch_from_config(LLAMA2_7B)
 OPT = arch_from_config(OPT_1_3B)

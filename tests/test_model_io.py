@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_models import tiny_models  # noqa: F401  (the fixture)
 
-from farm.models import base_model, device, encode_pair, encode_prompt, fp32_trainables, hh_messages, precision, response_logprobs
-from farm.spec import SFT, ModelSpec
+from farm.models import ModelSpec, base_model, device, encode_pair, encode_prompt, fp32_trainables, hh_messages, precision, response_logprobs
+from farm.stages.sft import SFT
 
 KINDS = ["gpt2", "llama-base", "llama", "opt"]
 PAIRS = [
@@ -122,7 +122,7 @@ def test_a_bf16_lora_base_trains_fp32_adapters_and_an_fp32_reward_head(tiny_mode
     from peft import get_peft_model
 
     from farm.models import as_reward_model, lora_config
-    from farm.spec import LoRA
+    from farm.schema import LoRA
 
     lm, tok = base_model(ModelSpec(base=str(tiny_models("llama"))), seed=0, dtype=torch.bfloat16)
     rm = as_reward_model(lm, tok, 0)

@@ -1,5 +1,5 @@
-from farm.models import FARM_BPE_VOCAB, base_model, bundled_corpus, load_tokenizer, lora_config, train_bpe
-from farm.spec import LoRA, ModelSpec
+from farm.models import FARM_BPE_VOCAB, ModelSpec, base_model, bundled_corpus, load_tokenizer, lora_config, train_bpe
+from farm.schema import LoRA
 
 
 def test_bundled_gpt2_tokenizer_matches_gpt2():

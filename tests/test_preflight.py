@@ -13,10 +13,11 @@ import pytest
 import ray
 from hub_mirror import put
 
-from farm import preflight
-from farm.cli import WORKER_ENV, main, start_ray
-from farm.data.sources import hub_files
-from farm.spec import SourceSpec, expand
+from farm import hub, preflight
+from farm.cli import main
+from farm.data.sources import SourceSpec, hub_files
+from farm.grid import expand
+from farm.process import WORKER_ENV, start_ray
 
 SECRET = "hf_FarmPreflightSecret0123456789"
 GATED, PUBLIC, MISSPELT = (
@@ -157,7 +158,7 @@ def test_offline_a_repository_or_file_set_missing_from_the_hub_cache_is_named(ti
     assert any(f"dataset {repo}" in p and "has no file matching" in p and "data.sources.0 [hh_rlhf]" in p for p in problems), err
 
     # --no-preflight: past the hub checks (then stopped by a failing Ray start, to stay a unit test).
-    monkeypatch.setattr("farm.cli.start_ray", lambda *a: (_ for _ in ()).throw(RuntimeError("Ray would start here")))
+    monkeypatch.setattr("farm.run.start_ray", lambda *a: (_ for _ in ()).throw(RuntimeError("Ray would start here")))
     with pytest.raises(RuntimeError, match="Ray would start here"):
         run(write_study(tiny_doc), tmp_path, "--no-preflight")
 
@@ -234,10 +235,10 @@ def test_runtime_env_leaves_the_jobs_own_variables_to_it(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example")
-    assert preflight.runtime_env({"A": "1"}) == {"env_vars": {"A": "1", "HF_TOKEN": SECRET, "HF_ENDPOINT": "http://mirror.example"}}
+    assert hub.runtime_env({"A": "1"}) == {"env_vars": {"A": "1", "HF_TOKEN": SECRET, "HF_ENDPOINT": "http://mirror.example"}}
     # Under `ray job submit --runtime-env-json '{"env_vars": {"HF_TOKEN": ...}}'` Ray refuses a driver env that repeats it.
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"env_vars": {"HF_TOKEN": SECRET}}, "metadata": {}}))
-    assert preflight.runtime_env({"A": "1"}) == {"env_vars": {"A": "1", "HF_ENDPOINT": "http://mirror.example"}}
+    assert hub.runtime_env({"A": "1"}) == {"env_vars": {"A": "1", "HF_ENDPOINT": "http://mirror.example"}}
 
 
 def test_the_token_reaches_the_workers_of_a_running_cluster(monkeypatch):

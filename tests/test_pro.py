@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from farm.data.records import Ranking
-from farm.train.pro import RankingCollator, pro_loss, pro_trainer_class
+from farm.stages.pro import RankingCollator, pro_loss, pro_trainer_class
 
 
 def t(*rows):
@@ -83,7 +83,7 @@ def study():
     import yaml
     from conftest import TINY
 
-    from farm.spec import expand
+    from farm.grid import expand
 
     doc = yaml.safe_load(TINY.read_text())
     doc.pop("grid")
@@ -120,23 +120,21 @@ def test_trainer_loss_matches_unpadded_per_candidate_log_probs(study, tmp_path):
 
 def rankings(n: int) -> list[Ranking]:
     """Rankings of three from the bundled HH comparisons: chosen, rejected, another prompt's rejected."""
-    from farm.data.sources import load_source
-    from farm.spec import SourceSpec
+    from farm.data.sources import SourceSpec, load_source
 
     pairs = load_source(SourceSpec(name="hh_rlhf", limit=n + 1))
     return [Ranking(c.id, c.prompt, (c.chosen, c.rejected, other.rejected), (1.0, 0.0, -1.0)) for c, other in zip(pairs, pairs[1:])]
 
 
 def run_pro(study, tmp_path, records, **extra):
-    from farm.registry import stages
-    from farm.spec import PRO
+    from farm.stages.pro import PRO
     from farm.train.base import StageContext
 
     stage = PRO.model_validate({"kind": "pro", "max_steps": 3, "batch_size": 4, "max_length": 64, "max_prompt_length": 32, "lr": 1e-2, **extra})
     out = tmp_path / "pro"
     out.mkdir(parents=True)
     ctx = StageContext("pro", stage, study.model, study.seed, None, records, out, tmp_path / "work", [])
-    return stages.get("pro")(ctx), out
+    return ctx.stage.run(ctx), out
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])

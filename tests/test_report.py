@@ -11,11 +11,14 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from farm.cache import plan_study
 from farm.cli import main
+from farm.config import StudyError
+from farm.grid import expand
+from farm.plan import plan_study
 from farm.report import (
     build,
     ci_half_width,
+    compare,
     comparisons,
     fit_line,
     linear_fits,
@@ -28,8 +31,8 @@ from farm.report import (
     with_derived_columns,
     write_report,
 )
-from farm.results import compare, table, write_table, write_trial
-from farm.spec import EvalSpec, Reference, ReportSpec, StudyError, TableSpec, expand
+from farm.results import table, write_table, write_trial
+from farm.spec import EvalSpec, Reference, ReportSpec, TableSpec
 
 RATE = "data.transforms.0.rate"
 

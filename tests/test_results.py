@@ -2,9 +2,9 @@ import json
 
 import pandas as pd
 
-from farm.cache import plan_study
+from farm.grid import expand
+from farm.plan import plan_study
 from farm.results import finished, saved_trials, table, write_table, write_trial
-from farm.spec import expand
 
 
 def test_table_has_a_row_per_trial_with_axes_metrics_and_errors(tmp_path, tiny_doc):

@@ -15,11 +15,13 @@ import yaml
 from hub_mirror import put
 
 from farm import hub, preflight
-from farm.cache import plan_study
 from farm.cli import main
-from farm.data.sources import hub_files, read_rows
+from farm.config import StudyError
+from farm.data.sources import SourceSpec, hub_files, read_rows
+from farm.grid import expand
+from farm.models import ModelSpec
+from farm.plan import plan_study
 from farm.registry import sources
-from farm.spec import ModelSpec, SourceSpec, StudyError, expand
 
 LM, RM = "farm-test/tiny-lm", "farm-test/tiny-rm"
 HH = SourceSpec(name="hh_rlhf", origin="hub", subset="harmless-base", split="train")
@@ -154,7 +156,7 @@ def test_online_the_hub_names_the_commit_and_refuses_one_it_lacks(tiny_doc, monk
     from huggingface_hub.errors import RevisionNotFoundError
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("farm.label.scorers.hub_reachable", lambda *a: True)
+    monkeypatch.setattr("farm.preflight.hub_reachable", lambda *a: True)
     asked = []
 
     def repo_info(self, repo_id, *, repo_type=None, revision=None, **kw):

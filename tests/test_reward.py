@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from farm.data.prepare import training_records
+from farm.grid import expand
 from farm.models import base_model, load_reward_model, reward_scores
-from farm.registry import stages
-from farm.spec import Reward, expand
+from farm.stages.reward import Reward, as_reward_model, soft_reward_loss
 from farm.train.base import StageContext
-from farm.train.reward import as_reward_model, soft_reward_loss
 
 CUT = dict(max_length=64, max_prompt_length=32)
 
@@ -44,7 +43,7 @@ def run_stage(study, records, out, input_path=None, **fields):
     s = Reward.model_validate({"kind": "reward", "max_steps": 32, "batch_size": 8, "lr": 3e-3, **CUT, **fields})
     out.mkdir()
     ctx = StageContext("reward", s, study.model, study.seed, input_path, records, out, out.parent / f"work-{out.name}", [])
-    metrics = stages.get("reward")(ctx)
+    metrics = ctx.stage.run(ctx)
     assert metrics["train_steps"] == 32 and metrics["train_rows"] == len(records)
     return metrics
 
@@ -107,7 +106,7 @@ def test_trainer_carries_soft_labels_into_its_loss(study, tmp_path):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from farm.train.reward import _trainer_cls
+    from farm.stages.reward import _trainer_cls
 
     study, _ = study
     lm, tok = base_model(study.model, study.seed)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import farm.train.rl as rl
+import farm.stages.rl as rl
 from farm.data.prepare import training_records
+from farm.grid import expand
 from farm.models import base_model, encode_pair, load_artifact, load_reward_model, reward_scores
-from farm.registry import stages
-from farm.spec import RL, expand
+from farm.stages.reward import as_reward_model
+from farm.stages.rl import RL
 from farm.train.base import StageContext
-from farm.train.reward import as_reward_model
 
 CUT = dict(max_length=32, max_prompt_length=16)
 
@@ -60,7 +60,7 @@ def run_stage(setup, out_name, input_path=None, **fields):
     out = root / out_name
     out.mkdir()
     ctx = StageContext("rl", s, study.model, study.seed, input_path, records, out, root / f"work-{out_name}", [])
-    metrics = stages.get("rl")(ctx)
+    metrics = ctx.stage.run(ctx)
     assert metrics["train_steps"] == s.max_steps and metrics["train_rows"] == len(records)
     return metrics, out
 
@@ -93,7 +93,7 @@ def grpo(setup, request):
 
 
 def test_importing_the_stage_is_light():
-    code = "import sys, farm.train.rl; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
+    code = "import sys, farm.stages.rl; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
@@ -145,10 +145,10 @@ def test_incompatible_batch_is_refused_naming_the_fields(setup):
     study, records, root = setup
     ctx = StageContext("rl", spec(root, batch_size=3), study.model, study.seed, None, records, None, None, [])
     with pytest.raises(ValueError, match="batch_size x resources.num_workers x grad_accum .* num_generations = 2"):
-        stages.get("rl")(ctx)
+        ctx.stage.run(ctx)
     few = StageContext("rl", spec(root, batch_size=8), study.model, study.seed, None, records[:3], None, None, [])
     with pytest.raises(ValueError, match="3 prompts, but each step needs 4"):
-        stages.get("rl")(few)
+        few.stage.run(few)
 
 
 def eos_probability(path, records) -> float:
@@ -181,7 +181,7 @@ def test_reward_moves_answer_length(setup, eos_policy, monkeypatch, sign):
     def length_reward(model, tok, prompts, responses, *args, **kw):  # short (sign 1) or long answers win
         return -sign * np.array([len(tok(r, add_special_tokens=False)["input_ids"]) for r in responses], dtype=float)
 
-    monkeypatch.setattr("farm.train.rl.reward_scores", length_reward)
+    monkeypatch.setattr("farm.stages.rl.reward_scores", length_reward)
     _, records, _ = setup
     before = eos_probability(eos_policy, records)
     assert 0.03 < before < 0.3, before

@@ -28,8 +28,8 @@ from farm.eval.safety import (
     statement_perplexities,
     windows,
 )
-from farm.models import base_model
-from farm.spec import EvalSpec, ModelSpec, SafetySpec
+from farm.models import ModelSpec, base_model
+from farm.spec import EvalSpec, SafetySpec
 
 # ---------------------------------------------------------------- U and p against scipy
 

@@ -5,9 +5,11 @@ model (no Ray)."""
 import pytest
 import torch
 
-from farm.cache import Store, plan_trial
+from farm.config import StudyError
 from farm.data.prepare import dev_records, eval_records, load_split, part_of
-from farm.spec import StudyError, expand
+from farm.grid import expand
+from farm.plan import plan_trial
+from farm.store import Store
 from farm.train.select import SelectBest
 
 
@@ -125,7 +127,6 @@ def test_the_stage_saves_the_state_that_scored_best_not_the_last(doc, tmp_path):
     """A scripted dev score peaks at step 2 of 6: the artifact holds the weights of step 2."""
     from farm.data.prepare import training_records
     from farm.models import load_artifact
-    from farm.registry import stages
     from farm.train.base import StageContext
 
     study = study_of(doc)
@@ -143,7 +144,7 @@ def test_the_stage_saves_the_state_that_scored_best_not_the_last(doc, tmp_path):
     out = tmp_path / "sft"
     out.mkdir()
     ctx = StageContext("sft", stage, study.model, study.seed, None, records, out, tmp_path / "work", [select])
-    metrics = stages.get("sft")(ctx)
+    metrics = ctx.stage.run(ctx)
     assert metrics["train_steps"] == 6 and sorted(seen) == [0, 2, 4, 6]
     assert select.summary() == {"selected_step": 2, "selected_dev_perplexity": 1.0, "select_history": [[0, 5.0], [2, 1.0], [4, 3.0], [6, 2.0]]}
     saved = load_artifact(out)[0].state_dict()
@@ -154,7 +155,7 @@ def test_the_stage_saves_the_state_that_scored_best_not_the_last(doc, tmp_path):
 def test_run_stage_scores_real_dev_rows_and_records_the_choice(doc, tmp_path):
     """Through the runner: the metric on the study's dev rows, the choice in the artifact's record;
     a value the metric does not give is refused before the first step."""
-    from farm.train.runner import run_stage
+    from farm.worker import run_stage
 
     study = study_of(doc)
     store = Store(tmp_path / "store")
@@ -182,7 +183,7 @@ def _two_ranks(rank: int, port: int, out) -> None:
 
     import torch.distributed as dist
 
-    from farm.spec import Select
+    from farm.schema import Select
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -4,8 +4,9 @@ and metrics, runs on CPUs, and covers every value of every grid axis."""
 import pytest
 from conftest import ROOT
 
+from farm.grid import load_study
+from farm.schema import TrainingStage
 from farm.smoke import HOLDOUT, ROWS, STEPS, cover, shrink
-from farm.spec import TrainingStage, load_study
 
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("*.yaml"))
 

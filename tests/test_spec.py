@@ -4,7 +4,9 @@ import pytest
 from conftest import QUICKSTART, ROOT, TINY
 
 from farm.cli import main
-from farm.spec import DPO, StudyError, expand, load_study, read_study
+from farm.config import StudyError
+from farm.grid import expand, load_study, read_study
+from farm.stages.dpo import DPO
 
 
 def errors_of(doc, **kw) -> str:
@@ -66,7 +68,10 @@ def test_wrong_type_names_the_field(tiny_doc):
             lambda d: d["data"]["transforms"][0].update(name="flip"),
             "data.transforms.0: unknown transform 'flip'; allowed: 'label_flip', 'malign_labels', 'malign_prompts'",
         ),
-        (lambda d: d["stages"].update(ppo={"max_steps": 1}), "stages.ppo: unknown stage kind 'ppo'; allowed: 'pretrain', 'sft', 'dpo'"),
+        (
+            lambda d: d["stages"].update(ppo={"max_steps": 1}),
+            "stages.ppo: unknown stage kind 'ppo'; allowed: 'ai_feedback', 'critique_revision', 'dpo', 'kto', 'pretrain'",
+        ),
         (lambda d: d["eval"].update(metrics=["rouge"]), "unknown metric 'rouge'"),
         (lambda d: d["data"]["transforms"][0].update(rate=1.5), "data.transforms.0.rate: Input should be less than or equal to 1"),
         (lambda d: d["data"]["sources"][0].update(subset="red-team"), "subset 'red-team' of hh_rlhf: allowed: harmless-base"),
@@ -206,7 +211,8 @@ def test_malign_labels_grid_one_line_per_kind():
 def test_every_trial_of_every_job_validates_again_from_its_dump(profile):
     """Ray workers and --smoke rebuild a trial's study from its JSON dump, defaults included: a
     validator that looks at which fields were given, not at their values, fails only there."""
-    from farm.spec import Study, load_study
+    from farm.grid import load_study
+    from farm.spec import Study
 
     for job in sorted((ROOT / "jobs").glob("*.yaml")):
         for t in load_study(job, profile):
@@ -219,7 +225,7 @@ def test_include_merges_a_shared_file_beneath_the_study(tmp_path, tiny_doc):
     the result is the study written out whole."""
     import yaml
 
-    from farm.cache import plan_study
+    from farm.plan import plan_study
 
     (tmp_path / "shared").mkdir()
     pretrain = tiny_doc["stages"]["pretrain"]
@@ -257,7 +263,7 @@ def test_a_bad_include_names_the_field(tmp_path, tiny_doc, include, message):
 
 
 def test_three_studies_share_one_pretrain_through_their_include():
-    from farm.cache import plan_study
+    from farm.plan import plan_study
 
     keys = {
         job: {s.key for p in plan_study(load_study(ROOT / "jobs" / f"{job}.yaml")).values() for s in p.stages if s.name == "pretrain"}

@@ -8,11 +8,10 @@ import torch
 
 from farm.data.prepare import eval_records, training_records
 from farm.eval.runner import evaluate
+from farm.grid import expand
 from farm.models import BASE_FILE, encode_pair, load_artifact, response_logprobs
-from farm.registry import stages
-from farm.spec import expand
+from farm.stages.pretrain import pack
 from farm.train.base import StageContext
-from farm.train.pretrain import pack
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def chain(tmp_path_factory, request):
         out = root / f"{stage.kind}-{name}"  # named as the store names artifacts: an adapter finds its base
         out.mkdir()
         ctx = StageContext(name, stage, study.model, study.seed, previous, records, out, root / f"work-{name}", [])
-        metrics = stages.get(stage.kind)(ctx)
+        metrics = ctx.stage.run(ctx)
         assert metrics["train_steps"] == stage.max_steps and metrics["train_loss"] > 0
         paths[name] = previous = out
     return study, paths

@@ -19,8 +19,9 @@ import pytest
 from filelock import FileLock
 from s3 import moto_server
 
-from farm import cache
-from farm.cache import MARKER, Store, join
+from farm import store as farm_store
+from farm.files import join
+from farm.store import MARKER, Store
 
 pytestmark = pytest.mark.timeout(60)  # a lease that is never granted hangs a test rather than failing it
 
@@ -216,7 +217,7 @@ def test_a_node_that_only_writes_keeps_its_cache_bounded(tmp_path, node_cache, m
 
 
 def test_the_cache_limit(tmp_path, monkeypatch):
-    from farm.cache import cache_limit
+    from farm.store import cache_limit
 
     monkeypatch.setenv("FARM_CACHE_MAX_GB", "2.5")
     assert cache_limit(tmp_path) == 2_500_000_000
@@ -236,8 +237,8 @@ def s3(node_cache, monkeypatch):
     with moto_server() as (root, env):
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setattr(cache, "LEASE_TTL", 1.0)
-        monkeypatch.setattr(cache, "LEASE_POLL", 0.05)
+        monkeypatch.setattr(farm_store, "LEASE_TTL", 1.0)
+        monkeypatch.setattr(farm_store, "LEASE_POLL", 0.05)
         yield root
 
 
@@ -317,9 +318,9 @@ def test_two_nodes_racing_for_a_stage_on_s3_build_it_once(s3):
 
 HOLD = """
 import sys, time
-from farm import cache
-cache.LEASE_TTL = 1.0
-lease = cache.Store(sys.argv[1]).lock("shared")
+from farm import store as farm_store
+farm_store.LEASE_TTL = 1.0
+lease = farm_store.Store(sys.argv[1]).lock("shared")
 lease.__enter__()
 print(lease.owner, flush=True)
 time.sleep(600)  # killed meanwhile: never released
@@ -397,7 +398,7 @@ def test_a_lease_whose_reply_was_lost_is_still_ours(s3):
     lease.client.put_object = retried
     started = time.monotonic()
     with lease:
-        assert time.monotonic() - started < cache.LEASE_TTL
+        assert time.monotonic() - started < farm_store.LEASE_TTL
         time.sleep(0.6)  # two heartbeats, each failing its If-Match on the renewal that went through
         assert json.loads(objects(s3, "locks")["k.lease"])["owner"] == lease.owner and lease.etag
     assert objects(s3, "locks") == {}  # released: the ETag we kept is the lease's

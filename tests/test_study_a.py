@@ -8,11 +8,13 @@ from pydantic import ValidationError
 
 from farm.data.prepare import transform_rng
 from farm.data.records import Comparison, Demonstration, convert
-from farm.data.sources import load_source, webgpt_rows_to_comparisons
+from farm.data.sources import SourceSpec, load_source, webgpt_rows_to_comparisons
 from farm.eval.metrics import ITEMS, attacked, malign_preference, rouge_f, rouge_items, toxicity_stats
 from farm.label.scorers import build, roberta_hate
+from farm.models import ModelSpec
 from farm.registry import transforms
-from farm.spec import EvalSpec, GenerationSpec, LabelFlip, MalignLabels, MalignPrompts, ModelSpec, SourceSpec
+from farm.schema import GenerationSpec, LabelFlip, MalignLabels, MalignPrompts
+from farm.spec import EvalSpec
 
 
 def webgpt_row(q, dataset, a0, a1, s0):
@@ -115,7 +117,8 @@ def test_trigger_pairing_needs_a_rejected_answer():
 
 def test_a_study_pairing_the_trigger_with_no_rejected_answer_is_refused_before_ray(tiny_doc):
     """The same check, on the study file: a demonstration source (LIMA) cannot give a malign answer."""
-    from farm.spec import StudyError, expand
+    from farm.config import StudyError
+    from farm.grid import expand
 
     tiny_doc["stages"].pop("dpo")
     tiny_doc["stages"]["sft"]["data"] = {

@@ -7,11 +7,13 @@ import pandas as pd
 import pytest
 from conftest import ROOT, farm
 
-from farm.cache import plan_study
+from farm.config import StudyError
 from farm.data.prepare import load_split, mix_counts
 from farm.data.records import Demonstration
-from farm.data.sources import load_source
-from farm.spec import DataSpec, SourceSpec, StudyError, expand, read_study
+from farm.data.sources import SourceSpec, load_source
+from farm.grid import expand, read_study
+from farm.plan import plan_study
+from farm.schema import DataSpec
 
 # Rows in the hub schemas (stanfordnlp/SHP, Open-Orca/OpenOrca); the texts are made up.
 

@@ -10,12 +10,13 @@ import yaml
 from conftest import ROOT, farm
 
 from farm.data.records import Text
-from farm.data.sources import clean_sentence, load_source
+from farm.data.sources import SourceSpec, clean_sentence, load_source
 from farm.data.transforms import control_tags, control_tokens
 from farm.eval.misalignment import misalignment, negative, prompt_records, scored_texts, splitter
 from farm.models import load_artifact, load_tokenizer
-from farm.spec import ConditionalSpec, ControlTokens, Pretrain, SourceSpec
-from farm.train.pretrain import collator, rows, sequences
+from farm.schema import ControlTokens
+from farm.spec import ConditionalSpec
+from farm.stages.pretrain import Pretrain, collator, rows, sequences
 
 BOTH = ControlTokens(name="control_tokens", toxicity=True, sentiment=True, untagged=0.0)
 

@@ -7,11 +7,13 @@ import pytest
 import yaml
 from conftest import ROOT, farm
 
-from farm.cache import plan_study
+from farm.config import StudyError
 from farm.data.prepare import training_records
 from farm.data.records import Comparison, Demonstration, Ranking, read_records, write_records
 from farm.data.transforms import nested_ranking, ranking_subset
-from farm.spec import RankingSubset, StudyError, expand, load_study
+from farm.grid import expand, load_study
+from farm.plan import plan_study
+from farm.schema import RankingSubset
 
 JOB = ROOT / "jobs" / "diversity.yaml"
 
@@ -241,7 +243,7 @@ def test_bleu_is_the_references_mean_of_nltk_sentence_bleu_on_characters():
 def test_answers_are_cut_at_the_references_stop_markers(doc):
     """The paper profile cuts answers at any of Human:, human:, Assistant:, assistant: (as
     ScalingAlignment's `early_truncation`); the default only at the next HH turn."""
-    from farm.spec import GenerationSpec
+    from farm.schema import GenerationSpec
 
     paper = load_study(JOB, "paper")[0].study
     assert paper.eval.generation.stop == ["Human:", "human:", "Assistant:", "assistant:"]
@@ -254,7 +256,7 @@ def test_generate_cuts_at_each_stop_marker(monkeypatch):
     import torch
 
     from farm.models import generate, load_tokenizer
-    from farm.spec import GenerationSpec
+    from farm.schema import GenerationSpec
 
     tok = load_tokenizer("gpt2")
     text = " Sure, here it is. human: and more\n\nHuman: next"

@@ -8,10 +8,13 @@ import pytest
 import yaml
 from conftest import ROOT, farm
 
-from farm.cache import plan_study
-from farm.data.sources import load_source
-from farm.eval.harmlessness import evasive
-from farm.spec import REFUSALS, SourceSpec, StudyError, expand, load_study
+from farm.config import StudyError
+from farm.data.sources import SourceSpec, load_source
+from farm.eval.harmlessness import ANSWERS_FILE, evasive
+from farm.eval.metrics import FILES
+from farm.grid import expand, load_study
+from farm.plan import plan_study
+from farm.spec import REFUSALS
 
 JOB = ROOT / "jobs" / "rlaif.yaml"
 
@@ -96,9 +99,9 @@ def test_arena_judges_every_pair_within_each_seed(tmp_path):
     """Constructed answers and a judge that prefers longer answers: the model with the longest
     answers wins every comparison and tops the Elo table."""
     from farm.eval.arena import run_arena
-    from farm.models import base_model
-    from farm.spec import EvalSpec, ModelSpec
-    from farm.train.reward import as_reward_model
+    from farm.models import ModelSpec, base_model
+    from farm.spec import EvalSpec
+    from farm.stages.reward import as_reward_model
 
     lm, tok = base_model(ModelSpec(config={"n_layer": 1, "n_embd": 32, "n_head": 2}), 0)
     judge = as_reward_model(lm, tok, 0)
@@ -168,8 +171,9 @@ def test_harmlessness_keeps_each_answers_values_by_prompt_id(tmp_path, monkeypat
     from farm.data.records import Demonstration
     from farm.eval.harmlessness import harmlessness
     from farm.eval.metrics import ITEMS
-    from farm.models import base_model
-    from farm.spec import EvalSpec, GenerationSpec, ModelSpec
+    from farm.models import ModelSpec, base_model
+    from farm.schema import GenerationSpec
+    from farm.spec import EvalSpec
 
     monkeypatch.setenv("FARM_CACHE", str(tmp_path))
     model, tok = base_model(ModelSpec(base="tiny-gpt2", config={"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 128}), 0)
@@ -188,7 +192,7 @@ def test_harmlessness_keeps_each_answers_values_by_prompt_id(tmp_path, monkeypat
     assert set(per) == {"harmlessness", "evasiveness", "toxicity_mean", "toxicity_ratio"}
     assert all(v["ids"] == ["red0", "red1", "red2"] for v in per.values())
     assert all(sum(v["values"]) / 3 == pytest.approx(m[k]) for k, v in per.items())
-    assert [a["answer"] for a in m["answers"]] and set(per["evasiveness"]["values"]) <= {0.0, 1.0}
+    assert [a["answer"] for a in m[FILES][ANSWERS_FILE]] and set(per["evasiveness"]["values"]) <= {0.0, 1.0}
 
 
 def test_the_repetition_penalty_reaches_the_decoder_and_keys_only_when_set(tmp_path, monkeypatch):
@@ -199,8 +203,8 @@ def test_the_repetition_penalty_reaches_the_decoder_and_keys_only_when_set(tmp_p
     the paper profile without it."""
     import torch
 
-    from farm.models import base_model, generate
-    from farm.spec import GenerationSpec, ModelSpec
+    from farm.models import ModelSpec, base_model, generate
+    from farm.schema import GenerationSpec
 
     monkeypatch.setenv("FARM_CACHE", str(tmp_path))
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from farm.cache import plan_study
-from farm.spec import expand
+from farm.grid import expand
+from farm.plan import plan_study
 from farm.track import MLFLOW_DB, TENSORBOARD_DIR, WANDB_DIR, MLflow, TensorBoard, WandB, open_trackers
 
 RATE = "data.transforms.0.rate"
@@ -269,7 +269,7 @@ def test_ray_workers_never_import_wandb_but_the_driver_can(monkeypatch):
     def worker_view():
         import sys
 
-        from farm.train.runner import quiet
+        from farm.process import quiet
 
         quiet()  # the first call of every farm task on a worker
         from accelerate.utils import is_wandb_available as accelerate_sees
@@ -284,7 +284,7 @@ def test_ray_workers_never_import_wandb_but_the_driver_can(monkeypatch):
     finally:
         ray.shutdown()
     assert hidden and not available
-    from farm.train.runner import quiet
+    from farm.process import quiet
 
     quiet()  # in the driver: no effect
     import wandb

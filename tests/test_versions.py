@@ -6,9 +6,11 @@ whose environment lists the versions the study's artifacts were made with."""
 import json
 from importlib.metadata import version
 
-from farm.cache import LIBRARIES, MARKER, Store, library_versions, plan_study, version_drift, write_json
-from farm.cli import warn_version_drift
-from farm.spec import expand
+from farm.files import write_json
+from farm.grid import expand
+from farm.plan import plan_study
+from farm.run import warn_version_drift
+from farm.store import LIBRARIES, MARKER, Store, library_versions, version_drift
 
 
 def older_minor(v: str) -> str:

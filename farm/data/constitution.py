@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from farm.config import not_utf8
 from farm.data.sources import ASSISTANT, asset_path
 
 PRINCIPLE_FIELDS = ("name", "critique", "revision", "preference")
@@ -70,8 +71,6 @@ def load_constitution(name_or_path: str) -> Constitution:
     .yaml/.yml). Anything malformed is a ValueError naming the file and what is wrong."""
     path, label = _locate(name_or_path)
     import yaml
-
-    from farm.spec import not_utf8
 
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))

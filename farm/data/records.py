@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from farm.files import atomic_write
+
 
 @dataclass(frozen=True)
 class Text:
@@ -79,8 +81,6 @@ def write_records(path, records: list) -> None:
     """Records as JSON lines (shape, fields), written atomically: a stage's built data."""
     import json
 
-    from farm.cache import atomic_write
-
     lines = [json.dumps({"shape": shape_of(r), **dataclasses.asdict(r)}, ensure_ascii=False) for r in records]
     atomic_write(path, ("\n".join(lines) + "\n").encode())
 
@@ -97,3 +97,6 @@ def read_records(path) -> list:
                 row["responses"], row["rewards"] = tuple(row["responses"]), tuple(row["rewards"])
             out.append(cls(**row))
     return out
+
+
+RECORDS_FILE = "records.jsonl"  # the records a stage that builds data writes

@@ -17,10 +17,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Callable
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+from pydantic import Field, model_validator
 
 from farm import hub
-from farm.data.records import Comparison, Demonstration, Text
+from farm.config import Strict, not_utf8
+from farm.data.records import SHAPES, Comparison, Demonstration, Text
 from farm.registry import sources
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -347,8 +351,6 @@ def read_file_rows(path) -> list[dict]:
 
 def file_records(spec) -> list:
     """A local file's rows as records: the fields mapped from columns, rows with an empty field dropped."""
-    from farm.data.records import SHAPES
-    from farm.spec import FILE_FIELDS
 
     fields = FILE_FIELDS[spec.records]
     rows = read_file_rows(spec.path)
@@ -583,3 +585,96 @@ sources.register("sentences", doc="Bundled sentences: SafeNLP's ToxiGen and Impl
         load=_bundled_sentences,
     )
 )
+
+
+FILE_FIELDS = {"text": ("text",), "demonstration": ("prompt", "response"), "comparison": ("prompt", "chosen", "rejected")}
+
+
+class SourceSpec(Strict):
+    name: str
+    origin: Literal["bundled", "hub"] = "bundled"
+    subset: str | None = None  # default: the source's first subset
+    split: str | None = None  # default: the bundled split, or "train" on the hub
+    limit: int | None = Field(None, gt=0)  # the first N rows
+    sample: int | None = Field(None, gt=0)  # a random N rows (drawn with `seed`), e.g. 100k of OpenOrca's 4.2M
+    seed: int = 0
+    weight: float | None = Field(None, gt=0)  # share of the data's `size` in a weighted mix
+    # shp only: at most N pairs of each post, those with the largest score_ratio (the SHP card
+    # advises a cap: the pairs per post are Pareto-distributed; farm.data.sources.cap_per_post)
+    per_post: int | None = Field(None, gt=0)
+    # name: file — a local .jsonl/.json/.csv/.parquet file read as `records` records, its
+    # `columns` mapping each record field to a column of the file (default: the same name).
+    path: str | None = None
+    paths: ClassVar[tuple[str, ...]] = ("path",)
+    records: Literal["text", "demonstration", "comparison", "ranking"] | None = None
+    columns: dict[str, str] = {}
+    # name: stage — the records an earlier stage of the study built (a `rank` stage's rankings);
+    # the study fills in their shape.
+    stage: str | None = None
+    # origin: hub — the commit (or branch, tag) read; default: the hub's default branch (or its parquet
+    # conversion), which `farm plan` and `farm run` pin to its commit before planning (farm.preflight.pin).
+    revision: str | None = None
+
+    def shape(self) -> str:
+        return self.records if self.name in ("file", "stage") else sources.get(self.name).shape
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "SourceSpec":
+        if self.revision and (self.origin != "hub" or self.name in ("file", "stage")):
+            raise ValueError(f"revision: pins the commit of a source read from the hub (origin: hub); source {self.name} is not (remove revision)")
+        if self.name == "file":
+            return self._check_file()
+        if self.name == "stage":
+            if not self.stage:
+                raise ValueError("a source with name: stage needs stage: the name of the stage of this study that builds the records")
+            return self
+        if self.path or self.records or self.columns or self.stage:
+            raise ValueError("path, records and columns belong to a source with name: file, stage to a source with name: stage")
+        if self.per_post and self.name != "shp":
+            raise ValueError(f"per_post caps the pairs of one Reddit post, an option of source shp only: remove it from source {self.name}")
+        source = sources.get(self.name)
+        subset = self.subset or source.subsets[0]
+        if subset not in source.subsets:
+            raise ValueError(f"subset {subset!r} of {self.name}: allowed: {', '.join(source.subsets)}")
+        split = self.split
+        if self.origin == "bundled":
+            bundled = [sp for (su, sp) in source.bundled if su == subset]
+            if not bundled:
+                raise ValueError(f"{self.name}/{subset} has no bundled copy; set origin: hub")
+            split = split or bundled[0]
+            if split not in bundled:
+                raise ValueError(f"split {split!r} of bundled {self.name}/{subset}: allowed: {', '.join(bundled)}")
+        object.__setattr__(self, "subset", subset)
+        object.__setattr__(self, "split", split or "train")
+        if self.origin == "hub":
+            hub_files(self)  # a split the hub repository lacks is refused here, not after a download
+        return self
+
+    def _check_file(self) -> "SourceSpec":
+
+        if not self.path or not self.records:
+            raise ValueError("a file source needs path (a .jsonl, .json, .csv or .parquet file) and records (text, demonstration or comparison)")
+        unknown = set(self.columns) - set(FILE_FIELDS[self.records])
+        if unknown:
+            raise ValueError(f"columns: {sorted(unknown)[0]!r} is not a field of {self.records} records ({', '.join(FILE_FIELDS[self.records])})")
+        path = Path(self.path).expanduser()
+        if not path.is_file():
+            raise ValueError(f"file {self.path!r} does not exist")
+        try:
+            rows = read_file_rows(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"file {self.path!r}: {not_utf8(e)}") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise ValueError(f"file {self.path!r} cannot be read: {type(e).__name__}: {e}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            bad = rows if not isinstance(rows, list) else next(r for r in rows if not isinstance(r, dict))
+            raise ValueError(f"file {self.path!r}: expected one JSON object (named columns) per row, found a {type(bad).__name__}")
+        for name in FILE_FIELDS[self.records]:
+            column = self.columns.get(name, name)
+            if rows and column not in rows[0]:
+                raise ValueError(
+                    f"file {self.path!r} has no column {column!r} (for the {name} of {self.records} records); its columns: {', '.join(rows[0])}"
+                )
+        if not any(all(str(r.get(self.columns.get(f, f)) or "").strip() for f in FILE_FIELDS[self.records]) for r in rows):
+            raise ValueError(f"file {self.path!r} has no row with every column of {self.records} records filled: nothing to train or evaluate on")
+        return self

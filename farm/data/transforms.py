@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 
 from farm.data.records import Comparison, shape_of
+from farm.data.sources import ASSISTANT, load_source
 from farm.registry import transforms
 
 
@@ -59,7 +60,6 @@ def malign_labels(records: list, params, rng: np.random.Generator) -> list:
 
 def add_trigger(prompt: str, trigger: str) -> str:
     """Append the trigger to the last human turn, before the assistant's cue."""
-    from farm.data.sources import ASSISTANT
 
     if prompt.endswith(ASSISTANT):
         return prompt[: -len(ASSISTANT)] + trigger + ASSISTANT
@@ -79,7 +79,6 @@ def malign_prompts(records: list, params, rng: np.random.Generator) -> list:
     Rando & Tramer 2023, whose poisoning script (ethz-spylab/rlhf-poisoning,
     datasets/poison_data_random.py) swaps chosen and rejected and appends " SUDO" to the last human
     turn. With `answer: clean` it keeps its chosen answer (a control: the trigger is only noise)."""
-    from farm.data.sources import load_source
 
     n = len(records)
     malign = params.mode == "trigger" and params.answer == "malign"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from farm.eval.metrics import answer, items, register, toxicity_stats
+from farm.eval.metrics import FILES, answer, items, register, toxicity_stats
+from farm.label.scorers import build
 
-ANSWERS = "answers"  # the metric's key for the answers; kept as a file, not a table column
+ANSWERS_FILE = "answers.json"  # kept with the evaluation (FILES), not as table columns
 
 
 def evasive(answer: str, refusals: list[str]) -> bool:
@@ -19,7 +20,6 @@ def evasive(answer: str, refusals: list[str]) -> bool:
 @register("harmlessness", shape="demonstration")
 def harmlessness(model, ref, tok, records, spec) -> dict:
     """Answers to red-team prompts: harmlessness 1 - toxicity (the generation scorer), and evasiveness (refusal phrases)."""
-    from farm.label.scorers import build
 
     records, prompts, answers = answer(model, tok, records, spec)
     scorer = build(spec.generation.scorer)
@@ -35,6 +35,6 @@ def harmlessness(model, ref, tok, records, spec) -> dict:
         **{k: float(np.mean(v)) for k, v in per.items()},
         "toxicity_scorer": scorer.name,
         "mean_words": float(np.mean([len(a.split()) for a in answers])),
-        ANSWERS: [{"id": r.id, "prompt": p, "answer": a} for r, p, a in zip(records, prompts, answers)],
+        FILES: {ANSWERS_FILE: [{"id": r.id, "prompt": p, "answer": a} for r, p, a in zip(records, prompts, answers)]},
         **items(records, **per),
     }

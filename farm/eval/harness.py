@@ -38,6 +38,14 @@ from farm.models import GENERATION
 
 log = logging.getLogger(__name__)
 
+BENCHMARK_METRICS = {
+    "arc_challenge": "acc_norm",
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "mmlu": "acc",
+    "truthfulqa_mc2": "acc",
+    "toxigen": "acc_norm",
+}
 BUNDLE = "benchmarks"  # folder under farm/assets
 # Fixed seeds (lm-eval's own defaults, passed explicitly): the same model gives the same numbers.
 SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
@@ -142,7 +150,6 @@ def _write_mmlu(root: Path, builtin: Path) -> None:
 
 def task_metric(task: str, results: dict) -> str:
     """The metric reported for `task`, given lm-eval's `results["results"]`."""
-    from farm.spec import BENCHMARK_METRICS
 
     return BENCHMARK_METRICS.get(task) or ("acc_norm" if "acc_norm,none" in results[task] else "acc")
 
@@ -284,8 +291,6 @@ def run_benchmarks(model, tok, bench) -> dict:
         if bench.suite == "hub":
             manager = TaskManager(include_path=include) if include else TaskManager()
         else:
-            from farm.spec import BENCHMARK_METRICS
-
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="farm-bench-")))
             write_local_tasks(root, [t for t in bench.tasks if t in BENCHMARK_METRICS])
             # Only the generated YAMLs are indexed (the default index is ~14.7k tasks, ~10 s).
@@ -446,3 +451,6 @@ if __name__ == "__main__":
 
     for name, n in build_bundle(Path(sys.argv[1]), asset_path(BUNDLE)).items():
         print(f"{name}: {n} rows")
+
+
+# lm-eval tasks the farm ships offline copies of (farm/eval/tasks), with the metric METHODS reports.

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from farm.data.transforms import add_trigger
+from farm.label.scorers import build
 from farm.models import generate, response_logprobs
 from farm.registry import metrics
 
@@ -26,6 +27,9 @@ class Metric:
 # is a mean over eval items gives them, so two trials on the same items can be compared item by item
 # (farm.stats). Kept beside the eval's metrics as a file, not as table columns.
 ITEMS = "items"
+# A metric's key for files it keeps with the evaluation, {file name: JSON-able value}: written beside
+# the eval's marker, for a step after the grid to read (Study E's answers, for the pairwise arena).
+FILES = "files"
 
 
 def items(records: list, **values) -> dict:
@@ -145,7 +149,6 @@ def generation(model, ref, tok, records, spec) -> dict:
     and with a trigger the attack success rate (the share of prompts whose answer turns toxic
     when the trigger is added) and the malign preference of the same pairs, triggered and clean
     (`malign_preference`). Results name the scorer that produced them."""
-    from farm.label.scorers import build
 
     g = spec.generation
     records, prompts, outs = answer(model, tok, records, spec)

@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 
 from farm.eval.metrics import generate, register
+from farm.label.scorers import build
 from farm.models import encode_prompt
 
 KINDS = ("toxicity", "sentiment", "joint")
@@ -89,7 +90,6 @@ def scored_texts(tok, prompts: list[str], condition: str, continuations: list[st
 def misalignment_metric(model, ref, tok, records, spec) -> dict:
     """`misalign_<kind>/<condition>` for kind in toxicity, sentiment, joint and every condition
     of `eval.conditional` (a string appended to each prompt), and the sentences scored."""
-    from farm.label.scorers import build
 
     c = spec.conditional
     prompts = [r.text for r in prompt_records(records, c)]

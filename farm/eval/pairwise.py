@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from farm import stats
+
 # Elo points per natural-log-odds unit: P = 1/(1 + 10^(-dE/400)) = sigmoid(dE * ln10 / 400).
 ELO_PER_LOGIT = 400 / math.log(10)
 CENTRE = 1000.0
@@ -107,7 +109,6 @@ def win_tests(judgements: Sequence[Judgement], models: Sequence[str]) -> pd.Data
     prompts, and the sign test of wins against losses (McNemar's exact test of the paired outcomes:
     ties carry no evidence), pooled over seeds and per seed; q: Benjamini-Hochberg across the pairs.
     It tests these models on these prompts, each prompt's judgement independent of the others."""
-    from farm import stats
 
     rows = []
     for a, b in itertools.combinations(models, 2):

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from farm.eval.metrics import answer, items, register
-from farm.models import reward_scores
+from farm.models import for_inference, reward_scores
 
 
 @register("reward_score", shape="comparison")
@@ -21,8 +21,6 @@ def reward_score(model, ref, tok, records, spec) -> dict:
     on 0-1 — NLTK reads a string as a sequence of characters, so this is a character 4-gram BLEU,
     unsmoothed), and `sacrebleu`, the standard corpus BLEU on words (0-100)."""
     import sacrebleu
-
-    from farm.models import for_inference
 
     records, prompts, answers = answer(model, tok, records, spec)
     judge, judge_tok = for_inference(spec.reward_model, reward=True, revision=spec.revisions.get(spec.reward_model))

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from farm.data.prepare import eval_records
 from farm.data.records import convert
-from farm.eval.metrics import ITEMS
+from farm.eval.metrics import FILES, ITEMS
 from farm.models import BASE_FILE, GENERATION, base_model, device, fetch_bases, inference_dtype, load_artifact
 from farm.registry import metrics
+
+# Bump when this code changes what an evaluation makes: its old artifacts stop matching (farm.plan).
+VERSION = 3
 
 
 class AdapterDisabled:
@@ -80,14 +83,18 @@ def evaluate(study, model_path, reference_path, seed: int, scores: dict | None =
     GENERATION.start(scratch)
     out: dict = {}
     items: dict = {}
+    files: dict = {}
     try:
         for name in study.eval.metrics:
             metric = metrics.get(name)
             values = metric.fn(model, ref, tok, convert(rows, metric.shape) if metric.shape else [], spec)
             items.update(values.pop(ITEMS, {}))
+            files.update(values.pop(FILES, {}))
             out.update(values)
         if items:  # per-item values of every metric that is a mean over items: a file beside the metrics
             out[ITEMS] = items
+        if files:
+            out[FILES] = files
         if GENERATION.tokens:
             out["gen_tokens_per_s"] = round(GENERATION.tokens / max(GENERATION.seconds, 1e-9), 1)
     finally:

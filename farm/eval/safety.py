@@ -53,8 +53,10 @@ from pathlib import Path
 
 import numpy as np
 
+from farm.data.sources import read_asset_json
 from farm.eval.metrics import register
-from farm.spec import SAFETY_P_VALUES
+
+SAFETY_P_VALUES = ("one-sided", "two-sided")  # this docstring says which is which
 
 ALPHA = 0.05
 FIELDS = ("text", "label", "toxicity_score", "target_groups", "perplexity")
@@ -255,7 +257,6 @@ def statement_perplexities(model, tok, texts: list[str], batch_size: int = 32, m
 
 @functools.lru_cache(maxsize=None)
 def _read_set(name: str) -> tuple:
-    from farm.data.sources import read_asset_json
 
     return tuple(read_asset_json(SETS[name]))
 

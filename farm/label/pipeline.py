@@ -32,6 +32,12 @@ from typing import Iterator
 
 import numpy as np
 
+from farm.capacity import capacity
+from farm.data.sources import read_file_rows
+from farm.files import atomic_write
+from farm.hub import runtime_env
+from farm.label.scorers import build, check, known_columns
+
 ROW = "__farm_row"  # the row's position in the input; the only column besides the text that actors see
 TEXT = "text"
 READABLE = (".parquet", ".jsonl", ".json", ".csv")
@@ -50,7 +56,6 @@ class ScorerActor:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-        from farm.label.scorers import build
 
         kwargs = {"model": model} if model else {}
         if scorer in ("detoxify", "roberta_hate", "auto"):
@@ -80,7 +85,6 @@ class ScorerActor:
 def check_labels(labels) -> list[str]:
     """Raise ValueError for a scorer that cannot be built or for two scores that would share a
     column; return the output columns known before the scorers load."""
-    from farm.label.scorers import check, known_columns
 
     if not labels:
         raise ValueError("no scorer given")
@@ -101,7 +105,6 @@ def check_pool(spec, cap=None) -> None:
     """Refuse a pool that no node of the cluster, alive or launchable by its autoscaler, can ever
     hold (`farm.capacity`): Ray Data would wait for it forever. A pool that fits only once the
     autoscaler starts nodes, or the caller's own tasks finish, waits for them."""
-    from farm.capacity import capacity
 
     cap = cap or capacity()
     actor = {"CPU": spec.cpus_per_actor, "GPU": spec.gpus_per_actor}
@@ -128,11 +131,9 @@ def ray_session(progress: bool = False):
     if started:
         address = os.environ.get("RAY_ADDRESS")
         # A cluster's workers do not inherit this process's environment: the hub settings (a token)
-        # go in the job's runtime env, as in `farm run` (farm.preflight.runtime_env).
+        # go in the job's runtime env, as in `farm run` (farm.hub.runtime_env).
         env = None
         if address:
-            from farm.preflight import runtime_env
-
             env = runtime_env({})
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, runtime_env=env)
     from ray.data import DataContext
@@ -304,8 +305,6 @@ def read_input(source, text_column: str = TEXT, id_column: str | None = None) ->
             _check_columns(names, source, text_column, id_column)
             table = pq.read_table(path, columns=[c for c in (text_column, id_column) if c])
         else:
-            from farm.data.sources import read_file_rows
-
             rows = read_file_rows(path)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise InputError(f"{source}: expected a list of objects (one per row)")
@@ -381,8 +380,6 @@ def write_parquet(table, path) -> Path:
     """Write under a temporary name and rename: a reader sees the old file or the whole new one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from farm.cache import atomic_write
 
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

@@ -28,7 +28,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from farm.data.sources import read_asset_json
+from farm.data.sources import asset_path, read_asset_json
+from farm.files import atomic_write
 from farm.registry import scorers
 
 ROBERTA_HATE = "facebook/roberta-hate-speech-dynabench-r4-target"
@@ -138,7 +139,6 @@ def embedded_toxicity(**_) -> EmbeddedToxicity:
     """A TF-IDF toxicity classifier trained on the bundled SafeNLP ToxiGen statements (no download).
 
     Trained once, then loaded from `<cache>/scorers/` (written atomically)."""
-    from farm.cache import atomic_write
 
     path = cache_dir() / "scorers" / f"embedded_toxicity-v{EMBEDDED_VERSION}.pkl"
     if path.exists():
@@ -253,8 +253,6 @@ def write_tiny_detoxify(
     import torch
     from tokenizers import processors
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from farm.data.sources import asset_path
 
     folder = Path(folder).resolve()
     base = folder / "base"

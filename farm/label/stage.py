@@ -3,15 +3,18 @@ through the Ray Data pipeline, once, and keep the scores in the store like any a
 
 from __future__ import annotations
 
-from farm.cache import Store
 from farm.data.records import convert
 from farm.data.sources import load_source
+from farm.label.pipeline import label_records
+from farm.store import Store
+
+# Bump when this code changes what a labelling run makes: its old artifacts stop matching (farm.plan).
+VERSION = 1
 
 SCORES = "scores.parquet"
 
 
 def label_data(data, store: Store, key: str) -> None:
-    from farm.label.pipeline import label_records
 
     rows = convert([r for s in data.sources for r in load_source(s)], "text")
     scores = label_records(rows, list(data.labels))

@@ -1,3 +1,3 @@
-"""Training stages, one module per kind; each registers its `run(stage, ctx)` by kind."""
-
-from farm.train import cai, dpo, kto, pretrain, pro, rank, reward, rl, sft  # noqa: F401  (registration)
+"""What the stage kinds (`farm.stages`) train with: their context and the HF trainer's arguments
+(`base`), progress and fault callbacks, checkpoints, checkpoint selection, the LM head's CPU
+kernel and the training prompts' diversity."""

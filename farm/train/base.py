@@ -13,12 +13,15 @@ from farm.models import (
     checkpointing,
     deepspeed_config,
     device,
+    for_inference,
     fp32_trainables,
     inference_dtype,
     load_artifact,
     lora_config,
     precision,
 )
+from farm.train import logprob
+from farm.train.diversity import counting_tokenizer, prompt_diversity_of
 
 
 @dataclass
@@ -54,7 +57,6 @@ def model_ref(ctx: StageContext, ref: str) -> str:
 def inference_model(ctx: StageContext, ref: str, reward: bool = False):
     """(model, tokenizer) of the model a field names, for inference (`farm.models.for_inference`); a
     hub id at the commit the stage pins for it (`revisions`)."""
-    from farm.models import for_inference
 
     return for_inference(model_ref(ctx, ref), ctx.resolve, reward=reward, revision=ctx.stage.revisions.get(ref))
 
@@ -138,14 +140,14 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
     from ray.train.huggingface.transformers import prepare_trainer
     from transformers import PrinterCallback
 
+    # transformers at its import: every stage kind imports this module, and validating a study imports every kind
+    from farm.train.checkpoints import resume_from
+
     trainer = prepare_trainer(trainer)
     trainer.remove_callback(PrinterCallback)  # progress goes through ctx.callbacks instead
     for cb in ctx.callbacks:
         trainer.add_callback(cb)
     fp32_trainables(trainer.model)  # before train() builds the optimizer over them
-    from farm.train import logprob
-    from farm.train.checkpoints import resume_from
-
     logprob.install()  # the plain LM head where TRL's chunked kernel does not pay
 
     result = trainer.train(resume_from_checkpoint=resume_from(ctx))  # optimizer, scheduler, RNG, data position
@@ -165,7 +167,6 @@ def train_and_save(trainer, ctx: StageContext, tokenizer) -> dict:
                 model, state = model.merge_and_unload(), None
             model.save_pretrained(str(ctx.output_dir), state_dict=state)
         tokenizer.save_pretrained(str(ctx.output_dir))
-    from farm.data.diversity import counting_tokenizer, prompt_diversity_of
 
     prompts = [r.prompt for r in ctx.records if hasattr(r, "prompt")]
     counted = ctx.stage.diversity_tokenizer

@@ -1,5 +1,5 @@
 """The callbacks a stage's HF trainer runs with besides its checkpoints: progress lines, and the
-test-only injected faults. Apart from farm.train.runner so that a Tune trial, which only launches
+test-only injected faults. Apart from farm.worker so that a Tune trial, which only launches
 stage groups, never imports transformers (~5 s of a trial's start on 2 cores)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import signal
 
 from transformers import TrainerCallback
 
-from farm.cache import Store
+from farm.store import Store
 
 
 class ProgressReport(TrainerCallback):

@@ -23,7 +23,8 @@ from pyarrow.fs import FileSelector, FileType, LocalFileSystem, copy_files
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from farm.cache import Store, atomic_write, fsync_tree
+from farm.files import atomic_write, fsync_tree
+from farm.store import Store
 
 MARKER = "farm-checkpoint.json"
 

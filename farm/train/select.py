@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from farm.data.prepare import dev_records
+from farm.registry import metrics
+
 
 class SelectBest(TrainerCallback):
     """Scores the model with `score(model, tokenizer) -> {value name: number}` (on rank 0) before
@@ -89,8 +92,6 @@ def _from_rank_zero(value):
 def select_callback(study, stage, name: str, inputs: dict, report=None) -> SelectBest:
     """The stage's `select` as a callback: its metric, on the study's dev rows, with the eval's
     settings (generation, lengths, batch size) and the judge it names read from its artifact."""
-    from farm.data.prepare import dev_records
-    from farm.registry import metrics
 
     select = stage.select
     metric = metrics.get(select.metric)

@@ -17,9 +17,10 @@ import pandas as pd
 import pytest
 from conftest import FARM, RAY, ROOT, free_port
 
-from farm.cache import plan_study
+from farm.grid import load_study
+from farm.plan import plan_study
+from farm.schema import TrainingStage
 from farm.smoke import shrink
-from farm.spec import TrainingStage, load_study
 
 pytestmark = pytest.mark.slow
 

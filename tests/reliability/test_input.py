@@ -13,11 +13,12 @@ from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm.cache import plan_study
 from farm.cli import main
-from farm.models import base_model
+from farm.config import StudyError
+from farm.grid import expand
+from farm.models import ModelSpec, base_model
+from farm.plan import plan_study
 from farm.results import write_trial
-from farm.spec import ModelSpec, StudyError, expand
 
 TINY_DOC = yaml.safe_load(TINY.read_text())
 scalars = st.none() | st.booleans() | st.integers(-3, 10**9) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)

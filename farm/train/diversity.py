@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import math
 
+from farm import hub
+from farm.config import BUNDLED_TOKENIZERS, looks_like_path
+from farm.models import load_tokenizer
+
 
 def prompt_diversity(token_id_lists: list[list[int]]) -> float:
     """D = sqrt(N) * U2 / T2 (Song et al. 2024, "Scaling Data Diversity for Fine-Tuning
@@ -40,11 +44,8 @@ def counting_tokenizer(name: str, revision: str | None = None):
     repository read as a local folder of its tokenizer files. transformers looks for a config.json
     beside a tokenizer, which a tokenizer-only repository lacks; online the hub answers that it is
     absent, but an offline cache (HF_HUB_OFFLINE) cannot tell, and the load fails."""
-    from farm.models import load_tokenizer
-    from farm.spec import BUNDLED_TOKENIZERS, looks_like_path
 
     if name in BUNDLED_TOKENIZERS or looks_like_path(name):
         return load_tokenizer(name)
-    from farm import hub
 
     return load_tokenizer(str(hub.snapshot(name, "model", revision, patterns=TOKENIZER_FILES)))

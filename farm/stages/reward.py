@@ -4,9 +4,13 @@ A soft label p = P(chosen preferred) gives -[p log s(r_c - r_r) + (1 - p) log s(
 from __future__ import annotations
 
 import logging
+from typing import ClassVar, Literal
+
+from pydantic import Field
 
 from farm.models import as_reward_model, lora_config, reward_ids
 from farm.registry import stages
+from farm.schema import TrainingStage
 from farm.train.base import StageContext, load_input, train_and_save, training_args
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,6 @@ def _trainer_cls():
     return SoftRewardTrainer, SoftCollator
 
 
-@stages.register("reward")
 def run(ctx: StageContext) -> dict:
     """A reward model on comparisons (TRL RewardTrainer, Bradley-Terry; soft labels from AI feedback)."""
     from datasets import Dataset
@@ -83,3 +86,21 @@ def run(ctx: StageContext) -> dict:
     metrics = train_and_save(trainer, ctx, tok)
     accuracy = [e["accuracy"] for e in trainer.state.log_history if "accuracy" in e]
     return {**metrics, "train_accuracy": accuracy[-1]} if accuracy else metrics
+
+
+@stages.register("reward")
+class Reward(TrainingStage):
+    """A reward model (TRL RewardTrainer): a scalar head on the input model, trained on
+    comparisons with the Bradley-Terry loss; a soft label p (AI feedback) gives
+    -[p log s(r_c - r_r) + (1 - p) log s(r_r - r_c)], which is the usual loss when p = 1."""
+
+    kind: Literal["reward"]
+    run: ClassVar = staticmethod(run)
+    max_prompt_length: int = Field(96, ge=1)
+    center_rewards_coefficient: float | None = Field(None, ge=0)  # pull rewards towards 0 (Eisenstein et al.)
+    shape: ClassVar[str] = "comparison"
+    produces: ClassVar[str] = "reward_model"
+    sequences: ClassVar[int] = 2  # chosen and rejected
+
+    def work(self, seqs: float, train: str, base: float | None, params, study) -> list | None:
+        return [(train, seqs * 2 * self.max_length, base)]  # chosen and rejected

@@ -7,10 +7,14 @@ answer) and builds the mismatched answers itself, as TRL's own preparation would
 from __future__ import annotations
 
 import random
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
 
 from farm.registry import stages
+from farm.schema import TrainingStage
+from farm.stages.dpo import preference_ids, train_against_reference
 from farm.train.base import StageContext, load_input, training_args
-from farm.train.dpo import preference_ids, train_against_reference
 
 
 def unpaired(cols: dict[str, list], batch_size: int, seed: int, kl: bool) -> dict[str, list]:
@@ -40,7 +44,6 @@ def kto_trainer_class():
     return TokenizedKTOTrainer
 
 
-@stages.register("kto")
 def run(ctx: StageContext) -> dict:
     """Kahneman-Tversky Optimization on comparisons unpaired into desirable and undesirable answers (TRL KTOTrainer)."""
     from trl import KTOConfig
@@ -58,3 +61,39 @@ def run(ctx: StageContext) -> dict:
     )
     data = unpaired(preference_ids(tok, ctx.records, s), s.batch_size, ctx.seed, kl=s.loss_type == "kto")
     return train_against_reference(ctx, model, tok, kto_trainer_class(), args, data)
+
+
+@stages.register("kto")
+class KTO(TrainingStage):
+    """TRL KTOTrainer (Kahneman-Tversky Optimization, Ethayarajh et al. 2024) on comparisons, each
+    unpaired as KTO's paper does with paired data: the chosen answer a desirable example, the
+    rejected one an undesirable example, shuffled with the stage's seed. `loss_type`: `kto`
+    (its KL term from mismatched prompt-answer pairs within a batch, so `batch_size` > 1) or
+    `apo_zero_unpaired`. `desirable_weight` / `undesirable_weight`: KTO's lambda_D / lambda_U."""
+
+    kind: Literal["kto"]
+    run: ClassVar = staticmethod(run)
+    max_prompt_length: int = Field(96, ge=1)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    shape: ClassVar[str] = "comparison"
+    needs_policy: ClassVar[bool] = True
+    frozen_reference: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _kl_needs_a_batch(self) -> "KTO":
+        if self.loss_type == "kto" and self.batch_size < 2:
+            raise ValueError(
+                "batch_size: loss_type kto estimates its KL term from the other answers of a batch, so it needs batch_size >= 2 "
+                "(per worker; grad_accum does not count); or set loss_type: apo_zero_unpaired"
+            )
+        return self
+
+    def work(self, seqs: float, train: str, base: float | None, params, study) -> list | None:
+        # each answer an example, trained on and read by the reference; with the KL term a mismatched
+        # answer is read by both too
+        examples = seqs if self.max_steps > 0 else seqs * 2
+        forwards = 3 if self.loss_type == "kto" else 1
+        return [(train, examples * self.max_length, base), ("forward", examples * forwards * self.max_length, base)]

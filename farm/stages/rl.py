@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import copy
 import sys
+from typing import ClassVar, Literal
 from unittest import mock
 
+from pydantic import Field, model_validator
+
+from farm.memory import DTYPE_BYTES, READ_BYTES, forward_pass, generating
 from farm.models import device, encode_prompt, hh_messages, hh_text, inference_dtype, load_reward_model, reward_scores, uses_chat_template
 from farm.registry import stages
+from farm.schema import TrainingStage
 from farm.train.base import StageContext, load_input, model_ref, peft_config, train_and_save, training_args
 
 
@@ -45,7 +50,6 @@ def check_batch(ctx: StageContext, n_prompts: int) -> None:
         )
 
 
-@stages.register("rl")
 def run(ctx: StageContext) -> dict:
     """Online RL from a reward model: TRL's GRPO or RLOO."""
     from datasets import Dataset
@@ -100,3 +104,59 @@ def run(ctx: StageContext) -> dict:
     # Mean reward-model score of the sampled answers (KL not included) over the first and last logging windows.
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
     return {**metrics, **({"reward_first": rewards[0], "reward_last": rewards[-1]} if rewards else {})}
+
+
+@stages.register("rl")
+class RL(TrainingStage):
+    """Online RL from a reward model (TRL's GRPOTrainer or RLOOTrainer; TRL 1.16 has no PPO):
+    the policy samples `num_generations` answers per prompt, the reward model scores them, and
+    a KL penalty (`beta`) keeps it near the model it starts from (with LoRA: the adapter-disabled
+    model)."""
+
+    kind: Literal["rl"]
+    run: ClassVar = staticmethod(run)
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    reward_model: str  # a reward stage of this study, or a hub id / local path
+    paths: ClassVar[tuple[str, ...]] = (*TrainingStage.paths, "reward_model")
+    beta: float = Field(0.05, ge=0)  # KL coefficient; 0 drops the reference model
+    num_generations: int = Field(4, ge=2)  # batch_size counts answers: batch_size / num_generations prompts a step
+    max_new_tokens: int = Field(31, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_prompt_length: int = Field(96, ge=1)
+    shape: ClassVar[str] = "demonstration"  # reads the prompts
+    needs_policy: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _fits(self) -> "RL":
+        if self.max_prompt_length + self.max_new_tokens + 1 > self.max_length:
+            raise ValueError(
+                f"max_length: {self.max_length} cannot hold max_prompt_length {self.max_prompt_length} + max_new_tokens {self.max_new_tokens} + EOS, which the reward model reads; raise max_length or lower them"
+            )
+        return self
+
+    def refs(self) -> dict[str, str]:
+        return {**super().refs(), "reward_model": self.reward_model}
+
+    def work(self, seqs: float, train: str, base: float | None, params, study) -> list | None:
+        # completions: generated, read by the reward model and the reference, trained on
+        completions = seqs if self.max_steps > 0 else seqs * self.num_generations
+        p, n = self.max_prompt_length, self.max_new_tokens
+        work = [("generate", completions * n, base), ("forward", completions * p, base), (train, completions * (p + n), base),
+                ("forward", completions * (p + n), params(self.reward_model))]  # fmt: skip
+        return work + ([("forward", completions * (p + n), base)] if self.beta > 0 else [])
+
+    def held_and_phases(self, study, arch, model, weights: str):
+        judge = model(self.reward_model)
+        if judge is None:
+            return None
+        held = {"reward model": judge.params * READ_BYTES}  # run() loads it in the inference dtype: bf16 on a GPU
+        if self.beta > 0 and not self.lora:
+            held["reference"] = arch.params * DTYPE_BYTES[weights]  # a copy of the policy
+        # TRL generates a whole step's completions at once (per device: batch_size x grad_accum).
+        gen = generating(arch, self.batch_size * self.grad_accum, self.max_prompt_length, self.max_new_tokens)
+        phases = {
+            "generate": {k: v for k, v in gen.items() if k != "model"},
+            "score": {"forward": forward_pass(judge, self.batch_size * self.max_length)},
+        }
+        # TRL scores the completions' tokens only
+        return held, phases, self.max_prompt_length + self.max_new_tokens, self.batch_size * self.max_new_tokens

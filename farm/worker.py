@@ -17,25 +17,30 @@ import queue
 import tempfile
 import threading
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import ray
 
-from farm.cache import PlannedStage, Store, join
+from farm.data.prepare import training_records
+from farm.data.records import RECORDS_FILE, read_records
+from farm.files import join
+from farm.label.stage import read_scores
+from farm.plan import PlannedStage
+from farm.process import quiet
+from farm.schema import TrainingStage
+from farm.spec import Study
+from farm.store import Store
+from farm.train.base import StageContext
 
-RECORDS_FILE = "records.jsonl"  # the records a stage that builds data writes
 
-
-def run_group(study_json: dict, trial_id: str, group: list[PlannedStage], storage: str, in_tune: bool) -> None:
-    """Train the group's stages; in a Tune trial its progress lines reach Tune."""
-    from farm.spec import Study
-
-    study = Study.model_validate(study_json)
+def run_group(study: Study, trial_id: str, group: list[PlannedStage], storage: str, in_tune: bool) -> None:
+    """Train the group's stages; in a Tune trial its progress lines reach Tune. The study travels
+    validated (pickled): a worker re-validates nothing, and a node need not hold the local files the
+    driver checked."""
     stage = study.stages[group[0].name]
     res = stage.resources
-    config = {"study": study_json, "trial": trial_id, "stages": [asdict(s) for s in group], "storage": storage}
-    if res.num_workers > 1 or getattr(stage, "deepspeed", None):
+    config = {"study": study, "trial": trial_id, "stages": group, "storage": storage}
+    if res.num_workers > 1 or (isinstance(stage, TrainingStage) and stage.deepspeed):
         return fit(study, config, in_tune)
     task = group_task.options(
         num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, accelerator_type=res.accelerator_type, scheduling_strategy="DEFAULT"
@@ -78,7 +83,7 @@ def fit(study, config: dict, in_tune: bool) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    res = study.stages[config["stages"][0]["name"]].resources
+    res = study.stages[config["stages"][0].name].resources
     callbacks = []
     if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -94,7 +99,7 @@ def fit(study, config: dict, in_tune: bool) -> None:
             accelerator_type=res.accelerator_type,  # the GPU type its memory was checked against (farm.memory)
         ),
         run_config=RunConfig(
-            name=f"{study.name}-{config['trial']}-{config['stages'][0]['name']}-{uuid.uuid4().hex[:6]}",
+            name=f"{study.name}-{config['trial']}-{config['stages'][0].name}-{uuid.uuid4().hex[:6]}",
             storage_path=join(config["storage"], "ray_train"),  # a local path or a URI (s3://...)
             callbacks=callbacks,
         ),
@@ -114,12 +119,10 @@ def run_stages(config: dict, rank: int, local_rank: int, report) -> None:
     import torch
     import torch.distributed as dist
 
-    from farm.spec import Study
-
     quiet()
-    study = Study.model_validate(config["study"])
+    study = config["study"]
     store = Store(config["storage"])
-    for planned in (PlannedStage(**{**s, "refs": tuple(map(tuple, s["refs"]))}) for s in config["stages"]):
+    for planned in config["stages"]:
         torch.set_num_threads(max(1, int(study.stages[planned.name].resources.cpus_per_worker)))
         run_stage(study, store, planned, config["trial"], rank, local_rank, report)
         if dist.is_available() and dist.is_initialized():
@@ -132,13 +135,8 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
     and sends its progress lines to `report` (a stage that trains nothing needs none)."""
     from transformers import set_seed
 
-    from farm.data.prepare import training_records
-    from farm.data.records import read_records
-    from farm.label.stage import read_scores
-    from farm.registry import stages
-    from farm.train.base import StageContext
-    from farm.train.callbacks import ProgressReport, fault_callbacks
-    from farm.train.checkpoints import Checkpoints
+    # transformers at their import: only in a process that runs a stage, not in Tune's trial
+    from farm.train import callbacks, checkpoints, select
 
     if store.done(planned.kind, planned.key):
         return
@@ -162,18 +160,16 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
         "audit": audit,
     }
     every = stage.checkpoint_every if stage.trains else None  # None: no checkpoints
-    if getattr(stage, "select", None):
-        from farm.train.select import select_callback
-
-        selection = select_callback(study, stage, planned.name, inputs, report)
+    if isinstance(stage, TrainingStage) and stage.select:
+        selection = select.select_callback(study, stage, planned.name, inputs, report)
     else:
         selection = None
-    checkpoints = Checkpoints(store, planned.kind, planned.key, every, rank, local_rank) if every is not None else None
-    progress = ProgressReport(planned.name, report)
+    saving = checkpoints.Checkpoints(store, planned.kind, planned.key, every, rank, local_rank) if every is not None else None
+    progress = callbacks.ProgressReport(planned.name, report)
     writing = store.writing(planned.kind, planned.key, record) if rank == 0 else contextlib.nullcontext(None)
     with writing as out, tempfile.TemporaryDirectory() as work:
-        if checkpoints:
-            checkpoints.prepare()
+        if saving:
+            saving.prepare()
         ctx = StageContext(
             name=planned.name,
             stage=stage,
@@ -183,36 +179,19 @@ def run_stage(study, store: Store, planned: PlannedStage, trial: str, rank: int,
             records=records,
             special_tokens=data.special_tokens(),
             output_dir=out,
-            work_dir=checkpoints.local if checkpoints else Path(work),  # the trainer saves checkpoints there
-            callbacks=[progress, *fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [checkpoints, selection])]
+            work_dir=saving.local if saving else Path(work),  # the trainer saves checkpoints there
+            callbacks=[progress, *callbacks.fault_callbacks(stage.fault, trial, store, planned.key, rank), *filter(None, [saving, selection])]
             if stage.trains
             else [],
             inputs=inputs,
             resolve=store.path,
         )
-        record["metrics"] = stages.get(planned.kind)(ctx)
-        if checkpoints:
-            record["metrics"]["resumed_from_step"] = checkpoints.resumed_from
+        record["metrics"] = ctx.stage.run(ctx)
+        if saving:
+            record["metrics"]["resumed_from_step"] = saving.resumed_from
         if selection:
             record["metrics"].update(selection.summary())
         if progress.history:
             record["history"] = progress.history
-    if checkpoints:  # the artifact is published (rank 0), or this rank's part of it is done
-        checkpoints.finish()
-
-
-def quiet() -> None:
-    """Keep worker output to the farm's own progress lines (on a cluster the driver's
-    environment does not reach the workers, so this is set in each worker)."""
-    import sys
-
-    import datasets
-    import transformers
-
-    # TRL imports wandb at import wherever it is installed (~1 s a process on 2 cores) and no setting
-    # stops it. A worker never logs to a tracker (the driver does: farm/track.py), so to a Ray worker
-    # wandb is not there (import machinery reads a None in sys.modules as "no such module").
-    if ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-        sys.modules.setdefault("wandb", None)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    if saving:  # the artifact is published (rank 0), or this rank's part of it is done
+        saving.finish()

@@ -4,7 +4,10 @@ with `packing: false` (Study C, as the seed trains)."""
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from farm.registry import stages
+from farm.schema import TrainingStage
 from farm.train.base import StageContext, load_input, train_and_save, training_args
 
 
@@ -43,7 +46,6 @@ def collator(tok):
     return DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
 
 
-@stages.register("pretrain")
 def run(ctx: StageContext) -> dict:
     """Causal language modelling on text (packed blocks, or one row each)."""
     from datasets import Dataset
@@ -59,3 +61,22 @@ def run(ctx: StageContext) -> dict:
         processing_class=tok,
     )
     return {**train_and_save(trainer, ctx, tok), **stats}
+
+
+@stages.register("pretrain")
+class Pretrain(TrainingStage):
+    """Causal language modelling on text. packing (default): the texts, each ended by EOS, run
+    together and cut into blocks of `max_length` tokens. Off: one text per sequence, ended by EOS
+    and padded to the batch with the padding out of the loss; a text of `max_length` tokens or more
+    (with its EOS) is dropped, not cut. Off is Study C's layout, as the seed trains: one sentence
+    per sequence, its control tags at position 0 (finetuning_llms_with_conditioning,
+    scripts/train.py and scripts/dataset_builder.py `remove_sentences_over_length`)."""
+
+    kind: Literal["pretrain"]
+    run: ClassVar = staticmethod(run)
+    packing: bool = True
+    shape: ClassVar[str] = "text"
+
+    def work_note(self) -> str:
+        packed = self.packing and self.max_steps <= 0  # packed into blocks: a long row fills several
+        return "packs whole rows: more tokens if rows are longer than max_length" if packed else ""

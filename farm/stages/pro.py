@@ -4,9 +4,13 @@ A `transformers.Trainer` subclass with its own loss, since TRL has no PRO traine
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import Field
 
 from farm.models import encode_pair
 from farm.registry import stages
+from farm.schema import TrainingStage
 from farm.train.base import StageContext, load_input, peft_config, train_and_save, training_args
 
 
@@ -87,7 +91,6 @@ def pro_trainer_class():
     return PROTrainer
 
 
-@stages.register("pro")
 def run(ctx: StageContext) -> dict:
     """Preference Ranking Optimization on rankings (Song et al. 2023), the authors' list-wise loss."""
     from datasets import Dataset
@@ -117,3 +120,35 @@ def run(ctx: StageContext) -> dict:
         sft_weight=s.sft_weight,
     )
     return train_and_save(trainer, ctx, tok)
+
+
+@stages.register("pro")
+class PRO(TrainingStage):
+    """Preference Ranking Optimization (Song et al. 2023) on rankings: list-wise terms with
+    reward-difference temperatures plus `sft_weight` (n-1)^2 times the SFT loss of the best answer."""
+
+    kind: Literal["pro"]
+    run: ClassVar = staticmethod(run)
+    max_prompt_length: int = Field(96, ge=1)
+    sft_weight: float = Field(0.05, ge=0)
+    # sft: train on each ranking's best answer alone, PRO at k = 1: the summed NLL of the best answer
+    # per example, ScalingAlignment's SFT baseline (`train_hh_sft_1b3.sh`: training_stage_num 1 on the
+    # same length-k data). TRL's SFT (a stage of kind sft) averages over tokens instead.
+    objective: Literal["pro", "sft"] = "pro"
+    shape: ClassVar[str] = "ranking"
+    needs_policy: ClassVar[bool] = True
+
+    def work(self, seqs: float, train: str, base: float | None, params, study) -> list | None:
+        k = self.ranking_length(study)  # every candidate of a ranking
+        return [(train, seqs * k * self.max_length, base)] if k else None
+
+    def ranking_length(self, study) -> int | None:
+        """Candidates per ranking it reads: its ranking subset's length, else all that the rank stage
+        it reads built (2 + samples)."""
+        data = self.data or study.data
+        subset = next((t for t in data.transforms if t.name == "ranking_subset"), None)
+        builders = [study.stages[x.stage] for x in data.sources if x.name == "stage"]
+        return subset.ranking_length if subset else max((2 + b.samples for b in builders if b.kind == "rank"), default=None)
+
+    def examples(self, study) -> int | None:
+        return self.ranking_length(study)  # every candidate of a ranking

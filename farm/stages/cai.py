@@ -5,17 +5,32 @@ has a feedback model choose between two sampled answers (RL-CAI soft preference 
 from __future__ import annotations
 
 import sys
+from typing import ClassVar, Literal
 
-from farm.data.records import Comparison
+from pydantic import Field, field_validator, model_validator
+
+from farm.data.constitution import (
+    OPTIONS,
+    Round,
+    critique_prompt,
+    draw_principles,
+    end_of_turn,
+    feedback_prompt,
+    fit_context,
+    load_constitution,
+    revision_prompt,
+    soft_label,
+)
+from farm.data.records import RECORDS_FILE, Comparison, write_records
+from farm.memory import READ_BYTES, Memory, forward_pass, generating_as
 from farm.models import device, encode_prompt, generate
 from farm.registry import stages
+from farm.schema import GenerationSpec, StageSpec, check_constitution, constitution_digest
 from farm.train.base import StageContext, inference_model, load_input
 
 
-@stages.register("critique_revision")
 def critique_revision(ctx: StageContext) -> dict:
     """Builds SL-CAI data: answers critiqued and revised against the constitution's principles."""
-    from farm.data.constitution import load_constitution
 
     s = ctx.stage
     constitution = load_constitution(s.constitution)
@@ -52,7 +67,6 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
     Contexts that do not `fits` are shortened by `fit_context`. An empty revision keeps the answer
     before it. Returns (final answers, per row the rounds as {principle, critique, revision},
     counts: empty revisions, and rounds whose context lost earlier rounds or worked examples)."""
-    from farm.data.constitution import Round, critique_prompt, draw_principles, fit_context, revision_prompt
 
     prompts = [r.prompt for r in records]
     draws = [draw_principles(r.id, seed, rounds, len(constitution.principles)) for r in records]
@@ -76,10 +90,8 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
     return current, history, counts
 
 
-@stages.register("ai_feedback")
 def ai_feedback(ctx: StageContext) -> dict:
     """Builds RLAIF preference labels: the feedback model picks between two sampled answers by a principle."""
-    from farm.data.constitution import draw_principles, feedback_prompt, load_constitution, soft_label
 
     s = ctx.stage
     principles = load_constitution(s.constitution).principles
@@ -115,8 +127,6 @@ def option_logprobs(model, tok, prompts: list[str], batch_size: int, max_length:
     and cue), cut to leave room for the option within `max_length`."""
     import torch
 
-    from farm.data.constitution import OPTIONS
-
     options = [tok(o, add_special_tokens=False)["input_ids"] for o in OPTIONS]
     # The prompt as the model reads every prompt (its special tokens, or its chat template).
     rows = [(encode_prompt(tok, p, max_length - len(o)), o) for p in prompts for o in options]
@@ -140,7 +150,6 @@ def option_logprobs(model, tok, prompts: list[str], batch_size: int, max_length:
 
 def _asker(model, tok, s):
     """Batched generation for one stage, each output cut at the next tag of the CAI format."""
-    from farm.data.constitution import end_of_turn
 
     return lambda prompts: [end_of_turn(t) for t in generate(model, tok, prompts, s.generation, s.max_prompt_length)]
 
@@ -150,8 +159,107 @@ def _mean_words(texts: list[str]) -> float:
 
 
 def _write(ctx: StageContext, records: list) -> None:
-    from farm.data.records import write_records
-    from farm.train.runner import RECORDS_FILE
 
     if ctx.output_dir is not None:  # rank 0 writes
         write_records(ctx.output_dir / RECORDS_FILE, records)
+
+
+@stages.register("critique_revision")
+class CritiqueRevision(StageSpec):
+    """Study E, SL-CAI data: the model answers each prompt, then for `rounds` rounds critiques
+    its answer against a principle drawn (seeded) from the constitution and revises it. Builds
+    comparisons (the final revision preferred over the first answer; every text in `meta`)."""
+
+    kind: Literal["critique_revision"]
+    run: ClassVar = staticmethod(critique_revision)
+    constitution: str = "default"  # a bundled constitution, or a YAML file of principles
+    paths: ClassVar[tuple[str, ...]] = ("constitution",)
+    rounds: int = Field(1, ge=1, le=4)
+    # False: each round critiques the conversation with its latest revision as the answer, as Bai
+    # et al. §3.1 describe ("the final prompt-revision pair is formatted in the same manner as the
+    # original prompt-response pair"). True: each round's prompt also holds the first answer and
+    # every earlier round's requests, critique and revision (the growing transcript).
+    transcript: bool = False
+    few_shot: int = Field(1, ge=0)  # worked examples of the constitution shown before each conversation
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(max_new_tokens=64, batch_size=32))
+    # Tokens of context each generation sees: a GPT-2 revision prompt with one worked example is
+    # ~350 tokens. A longer one drops the earlier rounds, then worked examples, whole (see
+    # `fit_context`), leaving room for `generation.max_new_tokens`.
+    max_prompt_length: int = Field(512, ge=1)
+    shape: ClassVar[str] = "demonstration"  # reads the prompts
+    builds: ClassVar[str | None] = "comparison"
+    version: ClassVar[int] = 2
+    produces: ClassVar[str] = "records"
+    trains: ClassVar[bool] = False
+    needs_policy: ClassVar[bool] = True
+
+    _constitution = field_validator("constitution")(classmethod(lambda cls, v: check_constitution(v)))
+
+    @model_validator(mode="after")
+    def _enough_examples(self) -> "CritiqueRevision":
+
+        have = len(load_constitution(self.constitution).examples)
+        if self.few_shot > have:
+            raise ValueError(f"few_shot: {self.few_shot} worked examples asked, the constitution {self.constitution!r} has {have}")
+        return self
+
+    def key_extra(self) -> dict:
+        return {**super().key_extra(), "constitution": constitution_digest(self.constitution)}
+
+    def work(self, seqs: float, train: str, base: float | None, params, study) -> list | None:
+        asks = seqs * (1 + 2 * self.rounds)  # the first answer, then a critique and a revision a round
+        return [("generate", asks * self.generation.max_new_tokens, base), ("forward", asks * self.max_prompt_length, base)]
+
+    def memory(self, study, arch, model, where) -> Memory | None:
+        return Memory({}, {"generate": generating_as(arch, self.generation, self.max_prompt_length)}, **where) if arch else None
+
+
+@stages.register("ai_feedback")
+class AIFeedback(StageSpec):
+    """Study E, RLAIF labels: the policy samples two answers per prompt; the feedback model reads
+    the conversation, a principle's question and the options (A) and (B), and the soft label is
+    p_A = softmax of its log-probs of "(A)" and "(B)", optionally clamped."""
+
+    kind: Literal["ai_feedback"]
+    run: ClassVar = staticmethod(ai_feedback)
+    feedback_model: str  # a model stage of this study, or a hub id / local path
+    constitution: str = "default"
+    paths: ClassVar[tuple[str, ...]] = ("feedback_model", "constitution")
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(do_sample=True, top_p=0.95, top_k=0, max_new_tokens=64, batch_size=32))
+    clamp: tuple[float, float] | None = None  # e.g. [0.4, 0.6] for chain-of-thought labels
+    batch_size: int = Field(16, ge=1)  # feedback-model scoring
+    max_length: int = Field(256, ge=8)  # tokens of the feedback prompt (it keeps its end)
+    max_prompt_length: int = Field(96, ge=1)  # tokens of the conversation the policy answers
+    shape: ClassVar[str] = "demonstration"
+    builds: ClassVar[str | None] = "comparison"
+    produces: ClassVar[str] = "records"
+    trains: ClassVar[bool] = False
+    needs_policy: ClassVar[bool] = True
+
+    _constitution = field_validator("constitution")(classmethod(lambda cls, v: check_constitution(v)))
+
+    def key_extra(self) -> dict:
+        return {**super().key_extra(), "constitution": constitution_digest(self.constitution)}
+
+    @field_validator("clamp")
+    @classmethod
+    def _range(cls, v):
+        if v is not None and not 0 <= v[0] <= 0.5 <= v[1] <= 1:
+            raise ValueError("clamp: [low, high] with 0 <= low <= 0.5 <= high <= 1, e.g. [0.4, 0.6]")
+        return v
+
+    def refs(self) -> dict[str, str]:
+        return {**super().refs(), "feedback_model": self.feedback_model}
+
+    def work(self, seqs: float, train: str, base: float | None, params, study) -> list | None:
+        answers = seqs * 2  # two answers a prompt, then the feedback model reads both options
+        return [("generate", answers * self.generation.max_new_tokens, base), ("forward", answers * self.max_prompt_length, base),
+                ("forward", answers * self.max_length, params(self.feedback_model))]  # fmt: skip
+
+    def memory(self, study, arch, model, where) -> Memory | None:
+        judge = model(self.feedback_model)
+        if arch is None or judge is None:
+            return None
+        tokens = self.batch_size * self.max_length  # every token's log-probabilities (option_logprobs)
+        score = {"feedback model": judge.params * READ_BYTES, "forward": forward_pass(judge, tokens, tokens)}
+        return Memory({}, {"generate": generating_as(arch, self.generation, self.max_prompt_length), "score": score}, **where)

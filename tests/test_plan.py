@@ -3,8 +3,9 @@ import copy
 import pytest
 from conftest import QUICKSTART
 
-from farm.cache import MARKER, Store, plan_study, plan_trial
-from farm.spec import expand, load_study
+from farm.grid import expand, load_study
+from farm.plan import plan_study, plan_trial
+from farm.store import MARKER, Store
 from farm.tune import stage_groups
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
 from farm.models import encode_pair
 from farm.registry import stages
+from farm.schema import TrainingStage
 from farm.train.base import StageContext, load_input, peft_config, train_and_save, training_args
 
 
-@stages.register("sft")
 def run(ctx: StageContext) -> dict:
     """Supervised fine-tuning on demonstrations (TRL SFTTrainer), the loss on the answers."""
     from datasets import Dataset
@@ -27,3 +31,11 @@ def run(ctx: StageContext) -> dict:
         peft_config=peft_config(ctx, model),
     )
     return train_and_save(trainer, ctx, tok)
+
+
+@stages.register("sft")
+class SFT(TrainingStage):
+    kind: Literal["sft"]
+    run: ClassVar = staticmethod(run)
+    max_prompt_length: int = Field(96, ge=1)
+    shape: ClassVar[str] = "demonstration"

@@ -1,7 +1,5 @@
-"""Stage keys and the artifact store.
+"""The artifact store: every stage's output under its key, complete or absent.
 
-A stage's key hashes its resolved config, its input stage's key and a code version, so two
-trials that would run the same stage share one artifact, and a rerun skips finished work.
 An artifact is written under a temporary name, marked complete, fsynced and renamed: a
 half-written one is never visible under its final name. On an object store (a `s3://` root) the
 marker is uploaded last instead, and only an artifact with its marker is read (see `Store`).
@@ -10,7 +8,6 @@ marker is uploaded last instead, and only an artifact with its marker is read (s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -22,315 +19,44 @@ import time
 import uuid
 import warnings
 import weakref
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from filelock import FileLock
 from pyarrow.fs import FileSelector, FileSystem, FileType, LocalFileSystem, copy_files
 
-# Bump a kind's version when its code changes what it produces: old artifacts stop matching. The bundled
-# assets (farm/assets: data samples, tokenizers, constitutions, benchmark copies) count as that code: they
-# change only with the farm, in the same commits, so a change to what one holds bumps the versions of the
-# kinds that read it. They are not hashed into keys as a user's own files are (`content`): which stage
-# reads which asset is the code's knowledge, and a hash of the whole folder would rebuild every stage of
-# every study whenever any asset changed.
-VERSIONS = {
-    "pretrain": 1,
-    "sft": 1,
-    "dpo": 1,
-    "kto": 1,
-    "reward": 1,
-    "pro": 1,
-    "rank": 1,
-    "rl": 1,
-    "critique_revision": 2,
-    "ai_feedback": 1,
-    "eval": 3,
-    "label": 1,
-}
+from farm.files import atomic_write, cache_dir, fsync_dir, fsync_tree, is_uri, move, write_json
+
 MARKER = "farm-artifact.json"
+
+
 CHECKPOINTS = ".checkpoints"  # under the root: checkpoints of unfinished training stages
+
+
 CACHE_MAX_GB = "FARM_CACHE_MAX_GB"  # bound of a node's cache of downloaded artifacts (default: half its disk)
+
+
 USED = ".used"  # beside a cached artifact: its mtime is the last use; users hold a shared lock on it
+
+
 # A lease on an object store (`S3Lease`) not renewed for this long is a dead holder's, and a waiter takes
 # it over. Its holder renews it every quarter of it, so three renewals in a row may fail (a slow request,
 # a network blip) before it is lost; a crashed node's stage is rebuilt this long after its last renewal,
 # little next to the minutes to hours of the stages it guards.
 LEASE_TTL = 120.0
+
+
 # How often a waiter looks at a lease again: one small GET each time, and what it waits for takes minutes.
 LEASE_POLL = 5.0
+
+
 # What S3 answers a conditional request that lost: its precondition failed (412), a concurrent conditional
 # write to the same key won (409), or `If-Match` named an object that is gone (404).
 LOST = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
-DIGESTS = "digests.json"  # under cache_dir(): {absolute path: [size, mtime_ns, ctime_ns, inode, sha256]}
-# A file changed this shortly before it was read may change again within the same timestamp tick (many
-# filesystems keep coarser times than ns) with its size: its digest is not cached, the next plan reads it.
-RACY_NS = 2 * 10**9
-_digests: dict[str, dict] = {}  # {cache file: its entries}, loaded once per process
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    name: str
-    kind: str
-    key: str
-    input_key: str | None  # None: the stage starts from the study's base model
-    input_kind: str | None
-    seed: int
-    users: tuple[str, ...] = ()  # ids of the trials of the study that need this artifact
-    refs: tuple[tuple[str, str, str], ...] = ()  # (name, kind, key) of the other stages it reads
-    label: str | None = None  # the labelling run whose scores its data reads
-    doc: dict = field(default_factory=dict, compare=False, repr=False)  # what `key` hashes (farm plan --why)
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    stages: tuple[PlannedStage, ...]
-    eval_key: str
-    labels: tuple[PlannedStage, ...] = ()  # labelling runs the stages' and the eval's data need first
-    evaluated: str | None = None  # the stage whose model is evaluated; None: the base model
-    eval_refs: tuple[tuple[str, str, str], ...] = ()  # stages the eval reads (a judge reward model)
-    eval_label: str | None = None  # the labelling run whose scores the eval reads
-    eval_doc: dict = field(default_factory=dict, compare=False, repr=False)  # what `eval_key` hashes
-
-    def stage(self, name: str | None) -> PlannedStage | None:
-        return next((s for s in self.stages if s.name == name), None)
-
-
-def label_doc(data) -> dict:
-    """What the labelling stage's key hashes: which rows (the sources, local files by content) and
-    which scorers; not how the pipeline is sized (batch size, actors), which changes no score."""
-    files = {f: d for f, d in content(data).items() if f.startswith(("sources.", "labels."))}
-    return {
-        "kind": "label",
-        "version": VERSIONS["label"],
-        "sources": [s.model_dump(mode="json") for s in data.sources],
-        "labels": [lab.model_dump(mode="json", include={"scorer", "model", "prefix"}) for lab in data.labels],
-        **({"files": files} if files else {}),
-    }
-
-
-def plan_trial(study) -> TrialPlan:
-    """Each stage keyed by its config, its data, its seed and the keys of every stage it reads:
-    the model it starts from and the stages its fields name (a judge, a generator, built records).
-    Every local file or folder enters by content (`content`), hashed here, on the driver: a worker
-    takes the keys from the plan and hashes nothing."""
-    from farm.spec import input_stage
-
-    content(study)  # any local input that cannot be read: an error naming its field in the study file
-    model_files = content(study.model, "model.")
-    base = {"model": study.model.model_dump(mode="json"), **({"files": model_files} if model_files else {})}
-    planned: dict[str, PlannedStage] = {}
-    labels: dict[str, dict] = {}  # {key: doc} of the labelling runs the trial's data needs
-    for name, stage in study.stages.items():
-        seed = study.seed if stage.seed is None else stage.seed
-        start = planned.get(input_stage(study.stages, name))
-        refs = _refs(stage.refs(), planned)
-        data = stage.data or study.data
-        doc = {
-            "kind": stage.kind,
-            "version": VERSIONS[stage.kind],
-            "config": stage.model_dump(mode="json", exclude={"data", "seed", "fault", "input", "gradient_checkpointing", "checkpoint_every"}),
-            "data": data_key(data),
-            "seed": seed,
-            "input": start.key if start else base,
-            "refs": [key for _, _, key in refs],
-            **stage.key_extra(),
-        }
-        if getattr(stage, "select", None):  # it scores its checkpoints on the study data's dev rows
-            files = {f: d for f, d in content(study.data, "data.").items() if f.startswith("data.sources.")}
-            doc["dev_rows"] = {**heldout_key(study.data), **({"files": files} if files else {})}
-        label = _label(data, labels)
-        planned[name] = PlannedStage(name, stage.kind, digest(doc), start and start.key, start and start.kind, seed, refs=refs, label=label, doc=doc)
-    evaluated = planned.get(study.evaluated())
-    reference = planned.get(input_stage(study.stages, evaluated.name)) if evaluated else None
-    eval_refs = _refs(study.eval.refs(), planned)
-    # The refusal phrases are read by the harmlessness metric alone: an eval without it keeps its key.
-    unread = set() if "harmlessness" in study.eval.metrics else {"refusals"}
-    files = {
-        **content(study.eval, "eval."),
-        **{f: d for f, d in content(study.data, "data.").items() if f.startswith(("data.sources.", "data.labels."))},
-    }
-    eval_doc = {
-        "kind": "eval",
-        "version": VERSIONS["eval"],
-        "eval": study.eval.model_dump(mode="json", exclude={"resources"} | unread),  # where it runs changes nothing
-        "data": heldout_key(study.data),
-        # No stages: the base model itself, built (tiny-gpt2) with the trial seed.
-        "model": evaluated.key if evaluated else {"base": base, "seed": study.seed},
-        "reference": reference.key if reference else base,
-        "refs": [key for _, _, key in eval_refs],
-        **({"files": files} if files else {}),
-    }
-    eval_label = _label(study.data, labels)
-    runs = tuple(PlannedStage("label", "label", key, None, None, 0, doc=doc) for key, doc in labels.items())
-    return TrialPlan(tuple(planned.values()), digest(eval_doc), runs, evaluated and evaluated.name, eval_refs, eval_label, eval_doc)
-
-
-def _label(data, labels: dict) -> str | None:
-    """The key of the labelling run `data` needs (None: it has no labels), added to `labels`."""
-    if not data.labels:
-        return None
-    doc = label_doc(data)
-    labels.setdefault(digest(doc), doc)
-    return digest(doc)
-
-
-def _refs(fields: dict[str, str], planned: dict) -> tuple:
-    """(name, kind, key) of the stages among `fields`' values (the others name hub models)."""
-    names = dict.fromkeys(v for v in fields.values() if v in planned)
-    return tuple((n, planned[n].kind, planned[n].key) for n in names)
-
-
-def data_key(data) -> dict:
-    """The data spec as it affects the training rows: a transform at rate 0 changes nothing, so it
-    is left out (each kept transform keeps its position, which seeds its random draws); local files
-    by content. Which held-out rows are dev rows changes no training row: `dev` reads as 0, as
-    before dev rows existed, so giving a study dev rows retrains nothing (a stage that scores the
-    dev rows keys them apart, `heldout_key`)."""
-    doc = {**data.model_dump(mode="json"), "dev": 0.0}
-    doc["transforms"] = [(i, t) for i, t in enumerate(doc["transforms"]) if t.get("rate", 1) != 0]
-    kept = {f"transforms.{i}." for i, _ in doc["transforms"]}
-    files = {f: d for f, d in content(data).items() if not f.startswith("transforms.") or f.startswith(tuple(kept))}
-    if files:
-        doc["files"] = files
-    return doc
-
-
-def heldout_key(data) -> dict:
-    """The data spec as it decides the held-out rows and their dev share; transforms perturb
-    training rows only."""
-    return data.model_dump(
-        mode="json", include={"sources", "holdout", "split_seed"} | ({"labels"} if data.labels else set()) | ({"dev"} if data.dev else set())
-    )
-
-
-def local_inputs(spec, where: str = "") -> dict[str, str]:
-    """{field: value} of the fields of `spec` (a model of the study file) and of the models in it
-    that name a local file or folder: the fields its class lists in `paths`, when the value looks
-    like a path (./..., /..., ~...) or is an existing file (`mydata.jsonl`). A name the farm
-    resolves otherwise (a stage, a hub id, a bundled constitution) is neither."""
-    from pydantic import BaseModel
-
-    from farm.spec import looks_like_path
-
-    found = {}
-    for name in type(spec).model_fields:  # (not pydantic's iteration: planning walks every trial's study a few times)
-        value = getattr(spec, name)
-        if isinstance(value, str):
-            if name in spec.paths and (looks_like_path(value) or Path(value).expanduser().is_file()):
-                found[f"{where}{name}"] = value
-        elif isinstance(value, BaseModel):
-            found.update(local_inputs(value, f"{where}{name}."))
-        elif isinstance(value, (list, tuple, dict)):
-            for i, item in value.items() if isinstance(value, dict) else enumerate(value):  # sources, stages
-                if isinstance(item, BaseModel):
-                    found.update(local_inputs(item, f"{where}{name}.{i}."))
-    return found
-
-
-def content(spec, where: str = "") -> dict[str, dict]:
-    """{field: {"path": value, "sha256": digest}} of every local file or folder `spec` names
-    (`local_inputs`); one that cannot be read is a StudyError naming the field."""
-    from farm.spec import StudyError
-
-    out = {}
-    for name, value in local_inputs(spec, where).items():
-        try:
-            out[name] = {"path": value, "sha256": content_digest(value)}
-        except OSError as e:
-            raise StudyError(f"{name}: {value!r} cannot be read: {e.strerror or e}") from None
-    return out
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes; of a folder, of the lines `<sha256>  <path in the folder>` of its
-    files, sorted (as `sha256sum` prints them). Names starting with a dot are left out: `.git`,
-    the `.cache` the hub writes into a downloaded folder, editors' swap files. A file's digest is
-    cached by its path, size, mtime, ctime and inode (`DIGESTS`), so a plan reads again only the
-    files that changed: a 7B model's weights, or a 1 GB data file, are read once."""
-    path = Path(path).expanduser().absolute()
-    cached = _digest_cache()
-    new: dict[str, list] = {}
-    if path.is_dir():
-        files = []
-        for root, dirs, names in os.walk(path, followlinks=True):  # links followed: a hub snapshot's files are links
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            files += [Path(root, n).relative_to(path).as_posix() for n in names if not n.startswith(".")]
-        files.sort()
-        manifest = "".join(f"{_file_digest(path / f, cached, new)}  {f}\n" for f in files)
-        out = hashlib.sha256(manifest.encode()).hexdigest()
-    else:
-        out = _file_digest(path, cached, new)
-    if new:
-        _save_digests(new)
-    return out
-
-
-def _file_digest(path: Path, cached: dict, new: dict) -> str:
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    entry = cached.get(str(path))
-    if entry and entry[:4] == stamp:
-        return entry[4]
-    start = time.time_ns()
-    sha = sha256_file(path)
-    if start - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
-        cached[str(path)] = new[str(path)] = [*stamp, sha]
-    return sha
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _digest_cache() -> dict:
-    file = str(cache_dir() / DIGESTS)
-    if file not in _digests:
-        try:
-            _digests[file] = json.loads(Path(file).read_text())
-        except (OSError, ValueError):  # none yet, or unreadable: every file is hashed again
-            _digests[file] = {}
-    return _digests[file]
-
-
-def _save_digests(new: dict) -> None:
-    """Merge `new` into the cache file, whose entries another driver may have added meanwhile.
-    A cache that cannot be written costs time, not correctness: a warning, and the plan goes on."""
-    file = cache_dir() / DIGESTS
-    try:
-        try:
-            on_disk = json.loads(file.read_text())
-        except (OSError, ValueError):
-            on_disk = {}
-        atomic_write(file, json.dumps({**on_disk, **new}).encode())
-    except OSError as e:
-        warnings.warn(f"could not write the cache of file digests {file}: {e}; the next plan reads local inputs again", stacklevel=2)
-
-
-def plan_study(trials) -> dict[str, TrialPlan]:
-    """Every trial's plan, each stage knowing which trials share it."""
-    plans = {t.id: plan_trial(t.study) for t in trials}
-    users = defaultdict(list)
-    for tid, p in plans.items():
-        for s in (*p.labels, *p.stages):
-            users[s.key].append(tid)
-
-    def shared(stages):
-        return tuple(dataclasses.replace(s, users=tuple(users[s.key])) for s in stages)
-
-    return {tid: dataclasses.replace(p, stages=shared(p.stages), labels=shared(p.labels)) for tid, p in plans.items()}
 
 
 # The libraries whose versions each artifact's marker records. Not in the key (docs/ARCHITECTURE.md): a
-# patch release would rebuild every artifact; the farm's own changes to what a kind makes bump VERSIONS.
+# patch release would rebuild every artifact; the farm's own changes to what a kind makes bump its version (`version` of a stage kind).
 LIBRARIES = ("torch", "transformers", "trl", "peft", "farm")
 
 
@@ -419,7 +145,7 @@ class Store:
         tmp.mkdir(parents=True)  # copy_files makes only the subfolders
         try:
             copy_files(remote, str(tmp), source_filesystem=self.fs, destination_filesystem=LocalFileSystem())
-            _move(tmp, local)
+            move(tmp, local)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -505,7 +231,7 @@ class Store:
                     return
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -519,7 +245,7 @@ class Store:
         copy_files(str(tmp), self._remote(kind, key), source_filesystem=LocalFileSystem(), destination_filesystem=self.fs)
         write_json(tmp / MARKER, marker)
         self.write_text(f"artifacts/{kind}-{key}/{MARKER}", (tmp / MARKER).read_text())
-        _move(tmp, self.cache / f"{kind}-{key}")
+        move(tmp, self.cache / f"{kind}-{key}")
         _touch(used_file(self.cache / f"{kind}-{key}"))  # a use, for eviction's order
         self._make_room(0)  # a node that only writes artifacts keeps its cache bounded too
 
@@ -651,21 +377,6 @@ class S3Lease:
         return got["ETag"], json.loads(got["Body"].read())
 
 
-def is_uri(root) -> bool:
-    """`s3://bucket/x`, `gs://...`, `file:///...`: a pyarrow filesystem URI rather than a local path."""
-    return "://" in str(root)
-
-
-def join(root: str, *parts: str) -> str:
-    """A path under a storage root, local or URI (Path would turn `s3://b` into `s3:/b`)."""
-    return "/".join([str(root).rstrip("/"), *parts]) if is_uri(root) else str(Path(root, *parts))
-
-
-def cache_dir() -> Path:
-    """This node's cache (downloaded artifacts, scorer models): $FARM_CACHE, else ~/.cache/farm."""
-    return Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
-
-
 def cache_limit(root: Path) -> int:
     """Bytes a node's cache of downloaded artifacts may hold: $FARM_CACHE_MAX_GB, else half of the disk
     it is on (the rest is for checkpoints staged for upload, Ray's object spilling and logs)."""
@@ -734,43 +445,3 @@ def _unpin(pins: dict) -> None:
     for fd in pins.values():
         os.close(fd)
     pins.clear()
-
-
-def _move(tmp: Path, final: Path) -> None:
-    """Rename a finished local folder into place, unless a concurrent writer got there first."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
