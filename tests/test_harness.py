@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from farm.eval import harness
+from farm.eval import bundle, harness
 from farm.eval.harness import BENCHMARK_METRICS
 from farm.eval.metrics import ITEMS
 from farm.models import ModelSpec, base_model
@@ -108,10 +108,23 @@ def test_truthfulqa_mc2_targets_follow_the_multiple_choice_config():
         "Correct Answers": "Maybe; Yes; Maybe.; Unknown",
         "Incorrect Answers": "No; Unknown",
     }
-    assert harness.truthfulqa_mc2(row) == {
+    assert bundle.truthfulqa_mc2(row) == {
         "question": "Q?",
         "mc2_targets": {"choices": ["Maybe.", "Yes.", "Unknown.", "No."], "labels": [1, 1, 1, 0]},
     }
+
+
+def test_runtime_evaluation_does_not_import_the_bundle_builder():
+    """farm.eval.bundle (run once, to remake farm/assets/benchmarks) imports from harness, never
+    the other way round."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(harness))
+    imported = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m.startswith("farm.eval.bundle") for m in imported)
+    assert not hasattr(harness, "build_bundle") and callable(bundle.build_bundle)
 
 
 def test_benchmarks_metric_is_in_range_and_reproducible(tiny):
