@@ -460,7 +460,8 @@ def cmd_ls(args) -> int:
         for name in reg.names():
             shape = getattr(reg.get(name), "shape", None)
             line = re.split(r"(?<=\.)\s(?=[A-Z`])", reg.doc(name), maxsplit=1)[0]  # its first sentence ("et al. 2023" goes on)
-            print(f"  {name:<20} {f'[{shape}] ' if shape else ''}{line}")
+            better = getattr(reg.get(name), "directions", lambda: "")()  # a metric's: which way each value is better
+            print(f"  {name:<20} {f'[{shape}] ' if shape else ''}{line}{f' ({better})' if better else ''}")
     return 0
 
 

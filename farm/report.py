@@ -56,6 +56,15 @@ def metric_columns(df: pd.DataFrame, axes: list[str]) -> list[str]:
     return [c for c in df.columns if c not in skip and not c.endswith(INSTRUMENT_SUFFIX) and pd.api.types.is_numeric_dtype(df[c])]
 
 
+def marked(column: str, metric: str | None = None) -> str:
+    """`column` with the direction its metric (`metric`, by default the column itself) declares
+    (farm.eval.metrics): "reward_accuracy (↑)", "perplexity (↓)"; as it is where none is declared."""
+    from farm.eval.metrics import arrow
+
+    better = arrow(metric or column)
+    return f"{column} ({better})" if better else column
+
+
 def group_axes(axes: list[str]) -> list[str]:
     return [a for a in axes if a != SEED_AXIS]
 
@@ -263,7 +272,7 @@ def wide_tables(spec, summary: pd.DataFrame, axes: list[str], metrics: list[str]
     name = {c: c.split("/", 1)[-1] for c in cols}
     ours = pd.DataFrame({"grid point": point_labels(summary, axes)})
     for c in cols:
-        ours[name[c]] = [_mean_ci(r[f"{c}.mean"], r[f"{c}.ci95"], r[f"{c}.n"]) for _, r in summary.iterrows()]
+        ours[marked(name[c], c)] = [_mean_ci(r[f"{c}.mean"], r[f"{c}.ci95"], r[f"{c}.n"]) for _, r in summary.iterrows()]
     out = [(f"{spec.title}: ours", ours, "mean ± 95% CI half-width (n seeds)")]
     published = [r for r in (reference.rows if reference else []) if matching(spec.metrics, list(r.metrics))]
     if published:
@@ -332,7 +341,7 @@ def pivot_tables(spec, df: pd.DataFrame, axes: list[str], reference) -> list:
         if r[f"{metric}.n"] > 0
     }
     where = f"; trials where {spec.where}" if spec.where else ""
-    out = [(f"{spec.title}: ours", _pivot(ours, rows, column, axes), f"{metric}: mean ± 95% CI half-width (n trials){where}")]
+    out = [(f"{spec.title}: ours", _pivot(ours, rows, column, axes), f"{marked(metric)}: mean ± 95% CI half-width (n trials){where}")]
     published = {
         (tuple(r.axes[k] for k in rows), r.axes[column]): r.metrics[metric]
         for r in (reference.rows if reference else [])
@@ -472,7 +481,7 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
     rest = [m for m in metrics if m not in in_tables or m == main_metric]
     shown = summary[group_axes(axes)].copy() if group_axes(axes) else pd.DataFrame(index=summary.index)
     for m in rest:
-        shown[m] = [_mean_ci(r[f"{m}.mean"], r[f"{m}.ci95"], r[f"{m}.n"], r[f"{m}.std"]) for _, r in summary.iterrows()]
+        shown[marked(m)] = [_mean_ci(r[f"{m}.mean"], r[f"{m}.ci95"], r[f"{m}.n"], r[f"{m}.std"]) for _, r in summary.iterrows()]
     report.tables.append(
         ("Across seeds", shown, "mean ± 95% CI half-width (std, n)" + ("; the tables below show the other metrics" if in_tables else ""))
     )

@@ -14,6 +14,11 @@ def test_farm_ls_lists_every_registered_name_with_its_documentation(capsys):
             [line] = [line for line in out.splitlines() if line.split()[:1] == [name]]
             assert reg.doc(name) and len(line.split(maxsplit=1)[1]) > 20, f"{reg.kind} {name} has no documentation"
     assert "  label_flip           [comparison] Swap chosen and rejected" in out
+    # a metric's line ends with which way its values are better (Metric.higher_is_better)
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["preference_accuracy"].endswith("(↑ preference_accuracy, reward_accuracy, reward_margin)")
+    assert lines["perplexity"].endswith(" (↓ perplexity)") and lines["benchmarks"].endswith(" (↑ bench/*)")
+    assert all("↑" not in lines[name] and "↓" not in lines[name] for name in registry.transforms.names())
     assert main(["ls", "stages"]) == 0
     assert capsys.readouterr().out.startswith("stages:\n  ai_feedback")
     assert main(["ls", "stage"]) == 2 and "one of sources, transforms" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_wide_table_beside_published_and_a_heatmap_row_per_grid_point(tmp_path, 
     df = table(tmp_path, trials)
     md = write_report(tmp_path / "tiny", trials[0].study, df, list(trials[0].axes), {}).read_text()
     ours = md.split("## Benchmarks: ours")[1].split("##")[0]
-    assert "| grid point | arc | piqa |" in ours
+    assert "| grid point | arc (↑) | piqa (↑) |" in ours  # bench/: higher is better
     assert "| dpo=b1, rate=0.0 | 0.365 ± 0.064 (n=2) | 0.5 ± 0 (n=2) |" in ours  # t(0.975,1) * 0.005 = 0.06353
     published = md.split("## Benchmarks: published")[1].split("##")[0]
     assert "| SFT+DPO | stages.dpo=b1, data.transforms.0.rate=0.0 | 0.46 | 0.79 |" in published
@@ -322,7 +322,7 @@ def test_study_d_report_pivot_beside_published_fit_table_and_notes():
     assert list(long.index) == ["PRO, no length", "PRO, 3000 prompts of 2"]  # the pivot's cells are not repeated
     assert long.loc["PRO, 3000 prompts of 2", "ours"].startswith("0.62 ")  # matched through the derived budget and kind
     across = tables["Across seeds"][0]
-    assert "acc" in across and "reward" not in across and "budget" not in across  # the pivot shows reward; budget is no metric
+    assert "acc" in across and "reward (↑)" not in across and "budget" not in across  # the pivot shows reward; budget is no metric
     fits = tables["Linear fit: reward against budget"]
     assert list(fits[0].columns) == ["kind", "ranking_length", "slope", "intercept", "MSE", "R²", "n points"] and len(fits[0]) == 6
     assert "each seed a point" in fits[1]
@@ -345,7 +345,34 @@ def test_study_d_report_pivot_beside_published_fit_table_and_notes():
 def test_a_pivot_with_where_leaves_its_metric_in_the_across_seeds_table():
     spec = TableSpec(title="Reward", metrics=["reward"], rows=["budget", "kind"], columns=K, where="budget == 3000")
     across = next(t for h, t, _ in build(study_d(tables=[spec], main_metric="acc"), study_d_table(), D_AXES, {}).tables if h == "Across seeds")
-    assert "reward" in across
+    assert "reward (↑)" in across  # reward_score's reward: higher is better
+
+
+def test_metric_columns_say_which_way_is_better(tmp_path, tiny_doc):
+    """A column of a registered metric's value is marked ↑ or ↓ as the metric declares
+    (farm.eval.metrics), in the across-seeds table, a wide table and a pivot's note; a value
+    without a direction (a count) or of no registered metric stays as it is."""
+    tiny_doc["grid"] = {RATE: [0.0, 0.5], "seed": [1, 2]}
+    tiny_doc["report"] = {
+        "tables": [{"title": "Misalignment", "metrics": ["misalign_joint/"]}, {"title": "Toxic", "metrics": ["toxicity_mean"], "columns": RATE}]
+    }
+    trials = expand(tiny_doc, "s.yaml")
+    plans = plan_study(trials)
+    for t in trials:
+        r, s = t.axes[RATE], t.axes["seed"]
+        values = {"reward_accuracy": 0.6 - r / 5 + s / 100, "perplexity": 30 + r + s, "misalign_prompts": 3, "acc": 0.5 + s / 100}
+        values |= {"misalign_joint/none": 0.4 + r / 10 + s / 100, "misalign_joint/pos": 0.3 + s / 100, "toxicity_mean": 0.1 + s / 100}
+        write_trial(tmp_path, t, plans[t.id], "ok", values, {})
+    df = table(tmp_path, trials)
+    report = build(trials[0].study, df, list(trials[0].axes), {})
+    tables = {heading: (table, note) for heading, table, note in report.tables}
+    across = tables["Across seeds"][0]
+    assert {"reward_accuracy (↑)", "perplexity (↓)", "misalign_prompts", "acc"} <= set(across.columns)
+    assert "reward_accuracy" not in across.columns and "perplexity" not in across.columns
+    assert list(tables["Misalignment: ours"][0].columns) == ["grid point", "none (↓)", "pos (↓)"]
+    assert tables["Toxic: ours"][1].startswith("toxicity_mean (↓): mean ± 95% CI")
+    md = render_md(report)
+    assert "reward_accuracy (↑)" in md and "| grid point | none (↓) | pos (↓) |" in md
 
 
 def test_fit_recovers_an_exact_line_and_the_mean_squared_residual():

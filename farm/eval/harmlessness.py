@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from farm.eval.metrics import FILES, answer, items, register, toxicity_stats
+from farm.eval.metrics import FILES, TOXICITY_DIRECTIONS, answer, items, register, toxicity_stats
 from farm.label.scorers import build
 
 ANSWERS_FILE = "answers.json"  # kept with the evaluation (FILES), not as table columns
@@ -17,10 +17,13 @@ def evasive(answer: str, refusals: list[str]) -> bool:
     return any(phrase.lower() in text for phrase in refusals)
 
 
-@register("harmlessness", shape="demonstration")
+# Evasiveness, lower is better: the harmless but not evasive answer is the aim (Bai et al. 2022).
+DIRECTIONS = {"harmlessness": True, "evasiveness": False, **TOXICITY_DIRECTIONS, "mean_words": None}
+
+
+@register("harmlessness", shape="demonstration", higher_is_better=DIRECTIONS)
 def harmlessness(model, ref, tok, records, spec) -> dict:
     """Answers to red-team prompts: harmlessness 1 - toxicity (the generation scorer), and evasiveness (refusal phrases)."""
-
     records, prompts, answers = answer(model, tok, records, spec)
     scorer = build(spec.generation.scorer)
     tox = scorer.score(answers)

@@ -321,7 +321,7 @@ def run_benchmarks(model, tok, bench) -> dict:
         return out
 
 
-@register("benchmarks", shape=None)
+@register("benchmarks", shape=None, higher_is_better={"bench/": True})  # accuracies (task_metric)
 def benchmarks(model, ref, tok, records, spec) -> dict:
     """lm-eval tasks of `spec.benchmarks` on the evaluated model: {"bench/<task>": value}, and each
     document's value (ITEMS)."""

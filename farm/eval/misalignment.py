@@ -86,7 +86,16 @@ def scored_texts(tok, prompts: list[str], condition: str, continuations: list[st
     return [" ".join(t for t in (h, c) if t) for h, c in zip(heads, continuations)]
 
 
-@register("misalignment", shape="text")
+# Shares of misaligned sentences per condition, lower is better; the counts and the scorer have no direction.
+DIRECTIONS = {
+    **{f"misalign_{kind}/": False for kind in KINDS},
+    "misalign_sentences/": None,
+    "misalign_prompts": None,
+    "misalign_toxicity_scorer": None,
+}
+
+
+@register("misalignment", shape="text", higher_is_better=DIRECTIONS)
 def misalignment_metric(model, ref, tok, records, spec) -> dict:
     """`misalign_<kind>/<condition>` for kind in toxicity, sentiment, joint and every condition
     of `eval.conditional` (a string appended to each prompt), and the sentences scored."""

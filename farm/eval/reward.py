@@ -12,7 +12,11 @@ from farm.eval.metrics import answer, items, register
 from farm.models import for_inference, reward_scores
 
 
-@register("reward_score", shape="comparison")
+@register(
+    "reward_score",
+    shape="comparison",
+    higher_is_better={"reward": True, "reward_logit": True, "bleu": True, "sacrebleu": True, "generated": None, "mean_words": None},
+)
 def reward_score(model, ref, tok, records, spec) -> dict:
     """Greedy answers (spec.generation, cut where `generation.stop` says), scored by the judge
     `spec.reward_model`: mean sigmoid(reward) x 100, the mean raw reward, and BLEU against each

@@ -284,7 +284,11 @@ def score_set(model, tok, name: str, s) -> SafetyScores:
     return safety_scores([{**r, "perplexity": p} for r, p in zip(rows, ppl)], p_value=s.p_value)
 
 
-@register("safety_score", shape=None)
+@register(
+    "safety_score",
+    shape=None,
+    higher_is_better={"safety/": True, "safety_mean": True, "safety_implicit_hate": True, "safety_groups_reported": None},
+)
 def safety_score(model, ref, tok, records, spec) -> dict:
     """SafeNLP safety score: `safety/<group>` for each ToxiGen group reported (p <= 0.05, with
     the spec's `p_value`), `safety_mean` over them, `safety_groups_reported`, and
