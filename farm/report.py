@@ -24,6 +24,7 @@ from scipy import stats
 from farm import registry
 from farm import stats as farm_stats
 from farm.config import axis_labels
+from farm.eval.metrics import arrow
 from farm.files import atomic_write
 from farm.results import read_histories, read_items, saved_trials
 from farm.spec import PlotSpec
@@ -59,7 +60,6 @@ def metric_columns(df: pd.DataFrame, axes: list[str]) -> list[str]:
 def marked(column: str, metric: str | None = None) -> str:
     """`column` with the direction its metric (`metric`, by default the column itself) declares
     (farm.eval.metrics): "reward_accuracy (↑)", "perplexity (↓)"; as it is where none is declared."""
-    from farm.eval.metrics import arrow
 
     better = arrow(metric or column)
     return f"{column} ({better})" if better else column
