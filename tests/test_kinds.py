@@ -73,8 +73,9 @@ def test_a_kind_of_ones_own_is_its_module_alone(tmp_path, tiny_doc):
     study = tmp_path / "probe.yaml"
     study.write_text(yaml.safe_dump(doc, sort_keys=False))
 
-    def farm(*args, pythonpath=str(site)):
-        return subprocess.run([*FARM, *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath}, cwd=tmp_path)
+    def farm(*args, plugin=True):
+        path = os.pathsep.join([str(site)] * plugin + [os.environ.get("PYTHONPATH", "")])
+        return subprocess.run([*FARM, *args], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, cwd=tmp_path)
 
     listed = farm("ls", "stages").stdout
     assert "sft_probe" in listed and "registered from outside the farm" in listed
@@ -86,5 +87,5 @@ def test_a_kind_of_ones_own_is_its_module_alone(tmp_path, tiny_doc):
     # Its cost is its own `work`: 3 x 2 steps x 8 rows (batch_size) x 128 tokens (max_length, defaults).
     [line] = [line for line in plan.stdout.splitlines() if line.split()[:2] == ["probe", "sft_probe"] and "K" in line]
     assert line.split()[3] == "6.14K"
-    without = farm("plan", str(study), pythonpath="")
+    without = farm("plan", str(study), plugin=False)
     assert without.returncode == 2 and "unknown stage kind 'sft_probe'" in without.stderr  # the module is the kind
