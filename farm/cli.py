@@ -27,7 +27,7 @@ from farm.smoke import shrink
 from farm.store import Store
 from farm.track import MLFLOW_DB, TRACKERS
 
-LISTED = ("sources", "transforms", "stages", "metrics", "scorers")  # `farm ls`: farm.registry's registries
+LISTED = ("sources", "transforms", "stages", "metrics", "scorers", "steps")  # `farm ls`: farm.registry's registries
 
 
 def main(argv: list[str] | None = None) -> int:

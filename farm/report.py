@@ -798,7 +798,7 @@ def _line(ax, ok, axes, axis, ys, by, names):
     ax.set_ylim(lo - pad, hi + pad)
     if not pd.api.types.is_numeric_dtype(ok[axis]):
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-    ax.set(xlabel=names.get(axis, axis), ylabel=metric)
+    ax.set(xlabel=names.get(axis, axis), ylabel=marked(metric))  # which way is better, as the tables say
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -817,7 +817,7 @@ def _fit(ax, ok, axes, x, ys, by, names):
         if not np.isnan(fit["slope"]):
             grid = np.linspace(xv.min(), xv.max(), 50)
             ax.plot(grid, fit["slope"] * grid + fit["intercept"], "--", color=color)
-    ax.set(xlabel=names.get(x, x), ylabel=ys[0])
+    ax.set(xlabel=names.get(x, x), ylabel=marked(ys[0]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 

@@ -82,9 +82,8 @@ def run_misalignment(model, tok, monkeypatch):
 def run_reward_score(model, tok, monkeypatch):
     """The judge's rewards replaced (no reward model is trained here)."""
     import farm.eval.reward
-    import farm.models
 
-    monkeypatch.setattr(farm.models, "for_inference", lambda *a, **k: (None, None))
+    monkeypatch.setattr(farm.eval.reward, "for_inference", lambda *a, **k: (None, None))
     monkeypatch.setattr(farm.eval.reward, "reward_scores", lambda judge, jt, prompts, *a: np.linspace(-1, 1, len(prompts)))
     s = spec("reward_score", generation=GenerationSpec(**GEN), reward_model="judge")
     return [registry.metrics.get("reward_score").fn(model, None, tok, comparisons(), s)]

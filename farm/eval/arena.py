@@ -171,4 +171,4 @@ class Arena:
         return arena_tables(out / ARENA_DIR)
 
 
-steps.register("pairwise")(Arena())
+steps.register("pairwise", doc=Arena.__doc__)(Arena())
