@@ -759,6 +759,9 @@ def _deepspeed_file(path) -> dict:
     return doc
 
 
+# ---------------------------------------------------------------- the study file's `model:`
+
+
 class ModelSpec(Strict):
     base: str = "tiny-gpt2"  # a built model name, a hub id, or a local path
     paths: ClassVar[tuple[str, ...]] = ("base", "tokenizer")

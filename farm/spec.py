@@ -478,6 +478,3 @@ def _with_kind(name: str, stage: Any) -> Any:
     if isinstance(stage, dict) and "kind" not in stage:
         return {"kind": name, **stage}
     return stage
-
-
-# ---------------------------------------------------------------- trials

@@ -587,6 +587,9 @@ sources.register("sentences", doc="Bundled sentences: SafeNLP's ToxiGen and Impl
 )
 
 
+# ---------------------------------------------------------------- a source in a study file (`data.sources`)
+
+
 FILE_FIELDS = {"text": ("text",), "demonstration": ("prompt", "response"), "comparison": ("prompt", "chosen", "rejected")}
 
 
