@@ -22,7 +22,6 @@ from farm.grid import Trial
 from farm.preflight import revisions
 
 ITEMS_FILE = "items.json"
-TRAINING_DATA_COLUMNS = ("prompt_diversity", "selected_step")  # selected_step: the checkpoint `select` kept
 
 
 def study_dir(results: str | Path, study: str) -> Path:
@@ -97,9 +96,10 @@ def table(results: Path, trials) -> pd.DataFrame:
         saved = json.loads(path.read_text()) if path.exists() else {"status": "missing", "metrics": {}}
         row = {"trial": t.id, "status": saved["status"], **{a: _cell(v) for a, v in t.axes.items()}}
         row.update({k: v for k, v in saved["metrics"].items() if isinstance(v, (int, float, str))})
-        # What the evaluated model was trained on, measured by its stage (Study D's x axis).
-        trained = ((saved.get("stages") or {}).get(t.study.evaluated() or "") or {}).get("metrics", {})
-        row.update({k: trained[k] for k in TRAINING_DATA_COLUMNS if k in trained})
+        # What the evaluated model was trained on, as its stage's kind says it measures it (Study D's x axis).
+        last = t.study.evaluated()
+        trained = ((saved.get("stages") or {}).get(last or "") or {}).get("metrics", {})
+        row.update({k: trained[k] for k in (t.study.stages[last].columns if last else ()) if k in trained})
         if saved.get("error"):
             row["error"] = saved["error"]
         rows.append(row)

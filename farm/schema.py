@@ -303,6 +303,9 @@ class StageSpec(Strict):
     # model built with random weights it cannot be what a study means (Study._check_chain).
     needs_policy: ClassVar[bool] = False
     builds: ClassVar[str | None] = None  # a records stage: the shape of the records it builds
+    # Values of its record that the study table shows beside the eval's metrics when it built the
+    # evaluated model: what it trained on and how (farm.results.table).
+    columns: ClassVar[tuple[str, ...]] = ()
     # Bump when the kind's code changes what it makes: its old artifacts stop matching (farm.plan). The
     # bundled assets (farm/assets) count as that code: a change to one bumps the kinds that read it.
     version: ClassVar[int] = 1
@@ -385,6 +388,8 @@ class TrainingStage(StageSpec):
     diversity_tokenizer: str | None = None
     paths: ClassVar[tuple[str, ...]] = ("diversity_tokenizer",)
     sequences: ClassVar[int] = 1  # sequences a training example is, for its activations (farm plan)
+    # The diversity of its training prompts (farm.train.diversity), and the step `select` kept.
+    columns: ClassVar[tuple[str, ...]] = ("prompt_diversity", "selected_step")
     frozen_reference: ClassVar[bool] = False  # reads a frozen copy of its input model (none with LoRA: the adapter disabled)
 
     def refs(self) -> dict[str, str]:
