@@ -225,14 +225,12 @@ def _load(args, path=None) -> list:
 
 
 def _storage(args) -> str:
-
     if args.storage and is_uri(args.storage):  # s3://bucket/prefix: shared by every node as is
         return args.storage.rstrip("/")
     return str(Path(args.storage or Path(args.results) / ".store").resolve())
 
 
 def cmd_plan(args) -> int:
-
     if args.power is not None:  # reads results only: nothing planned, nothing pinned
         return _power(_load(args), Path(args.results), args.power or [0.02, 0.05], args.metric)
     trials, unpinned = pin(_load(args))  # every hub input at a commit: the keys hold it
@@ -397,7 +395,6 @@ def _why(name: str, trials, plans, store) -> int:
 def _print_memory(trials, plans) -> None:
     """The peak GPU memory of each distinct stage and eval beside the GPU it lands on, and the
     artifacts' sizes; rows that read alike (a stage repeated across seeds) are printed once."""
-
     rows = memory_study(trials, plans)
     print(
         "\nEstimated peak GPU memory per GPU, each distinct stage once (farm/memory.py: weights, gradients, AdamW state, "
@@ -468,7 +465,6 @@ def cmd_ls(args) -> int:
 def cmd_ui(args) -> int:
     """MLflow's own UI (`mlflow ui`) on the SQLite store `farm run` keeps beside the results; bound to
     127.0.0.1, since the UI has no authentication."""
-
     db = Path(args.study_dir) / MLFLOW_DB
     if not db.is_file():
         print(f"farm ui: {db} does not exist: run the study with MLflow tracking first (its default; or farm run --track mlflow)", file=sys.stderr)
@@ -517,7 +513,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-
     lines, facts = environment(args.storage)
     for name, finding in lines:
         print(f"{name:<24} {finding}")
@@ -578,7 +573,6 @@ def parse_scorer(text: str, **pool) -> LabelSpec:
 
 
 def cmd_label(args) -> int:
-
     pool = dict(batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor)
     labels = [parse_scorer(s, **pool) for s in args.scorer]
     try:  # every check before Ray starts

@@ -61,7 +61,6 @@ def environment(storage: str) -> tuple[list[tuple[str, str]], dict]:
 def study_needs(trials, facts: dict) -> list[str]:
     """What the trials of one study need that this environment lacks: `farm run`'s preflight
     (every hub repository it reads, an empty eval set) and what it needs of this machine."""
-
     missing = set(preflight.eval_problems(trials) + preflight.hub_problems(trials))
     for t in trials:
         s = t.study

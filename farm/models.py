@@ -75,7 +75,6 @@ def train_bpe(texts, vocab_size: int = FARM_BPE_VOCAB):
 
 def bundled_corpus() -> list[str]:
     """The text the farm-bpe tokenizer is trained on: every bundled HH transcript and LIMA answer."""
-
     texts = []
     for spec in (SourceSpec(name="hh_rlhf"), SourceSpec(name="lima")):
         records = load_source(spec)
@@ -401,7 +400,6 @@ def hh_messages(prompt: str) -> list[dict]:
 def hh_text(messages: list[dict]) -> str:
     """Chat messages back to an HH transcript ending with the open assistant turn (the form reward
     models and judges read)."""
-
     turns = "".join(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in messages if m["role"] != "system")
     return turns + ASSISTANT
 

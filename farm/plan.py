@@ -65,7 +65,6 @@ def plan_trial(study) -> TrialPlan:
     the model it starts from and the stages its fields name (a judge, a generator, built records).
     Every local file or folder enters by content (`content`), hashed here, on the driver: a worker
     takes the keys from the plan and hashes nothing."""
-
     content(study)  # any local input that cannot be read: an error naming its field in the study file
     model_files = content(study.model, "model.")
     base = {"model": study.model.model_dump(mode="json"), **({"files": model_files} if model_files else {})}

@@ -92,7 +92,6 @@ def models(study):
 def scorer_models(study):
     """(field, hub id or path) of the classifiers the study's scorers load (`auto` needs none: it
     falls back to the embedded classifier)."""
-
     labels = [(f"{where}.labels.{i}", lab.scorer, lab.model) for where, data in datas(study) for i, lab in enumerate(data.labels)]
     if "generation" in study.eval.metrics:
         labels.append(("eval.generation.scorer", study.eval.generation.scorer, None))
@@ -127,7 +126,6 @@ def pins(study):
     stages and eval name (judges, reward models, generators, feedback models, a diversity tokenizer)
     and hub dataset sources (a transform's too). Not here: the scorers' classifiers (loaded by name
     inside the labelling pipeline and Detoxify) and lm-eval's task datasets (lm-eval reads them)."""
-
     m = study.model
     if hub_models({"base": m.base}):
         yield ("model", "revision"), m.base, "model", m.revision
@@ -217,7 +215,6 @@ def replace(obj, path: tuple, value):
 def needs(trials) -> tuple[dict[Repo, list[str]], list[str]]:
     """The hub repositories the trials read, each with the fields that name it, and the problems
     found without the hub (a local path that does not exist, an lm-eval task that does not exist)."""
-
     repos: dict[Repo, list[str]] = {}
     problems: list[str] = []
 
@@ -429,7 +426,6 @@ def eval_problems(trials) -> list[str]:
     """Eval sets and training sets that are certainly empty, by the study file alone: the eval
     reads the study data's held-out rows (no eval.data), and a stage with `rows: heldout` trains on
     them; a holdout of 0 holds out no row."""
-
     out = []
     for t in trials:
         s = t.study

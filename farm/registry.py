@@ -65,7 +65,7 @@ class Registry(Generic[T]):
         return next((inspect.cleandoc(d).split("\n\n")[0].replace("\n", " ") for d in docs if d), "")
 
     def get(self, name: str) -> T:
-        if name not in self._entries:
+        if name not in self._entries and name.isidentifier():  # ("x.y" would name a package x)
             for package in self.packages:
                 if importlib.util.find_spec(f"{package}.{name}") is not None:
                     importlib.import_module(f"{package}.{name}")

@@ -567,7 +567,6 @@ def build(study, df: pd.DataFrame, axes: list[str], config_doc: dict, items: dic
 
 
 def write_report(out_dir: Path, study, df: pd.DataFrame, axes: list[str], config_doc: dict) -> Path:
-
     report = build(study, df, axes, config_doc, read_items(out_dir, df["trial"]), read_histories(out_dir, df["trial"]))
     made_with, notes = provenance(out_dir)
     report.environment.update(made_with)
@@ -918,7 +917,6 @@ def environment() -> dict[str, str]:
 
 def compare(a: Path, b: Path) -> str:
     """Two runs of one study, trial by trial: each metric in both and b - a, as a markdown table."""
-
     trials_a, trials_b = saved_trials(a), saved_trials(b)
     if trials_a[0].study.name != trials_b[0].study.name:
         raise ValueError(f"{a} holds study {trials_a[0].study.name!r} but {b} holds {trials_b[0].study.name!r}")

@@ -42,7 +42,6 @@ def write_trial(
     """The trial's config and record: its metrics, each stage's marker (with the library versions
     that made it), the versions that made its eval, and the commit of each hub input it read; and
     its metrics' per-item values ({metric: {"ids", "values"}}, as its eval wrote them)."""
-
     d = study_dir(results, trial.study.name) / trial.id
     config = {"id": trial.id, "profile": trial.profile, "axes": trial.axes, "study": trial.study.model_dump(mode="json")}
     atomic_write(d / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
@@ -74,7 +73,6 @@ def finished(results: Path, trial, plan) -> dict | None:
 
 def saved_trials(d: Path) -> list:
     """The trials of a finished (or partly finished) run, read back from their config.yaml."""
-
     configs = sorted(Path(d).glob("*/config.yaml"))
     if not configs:
         raise FileNotFoundError(f"{d}: no trial folders with a config.yaml; is this a results/<study> folder?")
@@ -137,7 +135,6 @@ def read_histories(d: Path, trial_ids) -> dict[str, dict[str, pd.DataFrame]]:
 
 
 def _cell(value):
-
     return value_label(value) if isinstance(value, (dict, list)) else value
 
 

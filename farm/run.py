@@ -76,16 +76,17 @@ def run_study(
     if memory_check:
         check_memory(todo, plans, store, where)  # a stage that cannot fit its GPU, before Ray starts
     warn_version_drift(todo, plans, store)
+    out = study_dir(results, study.name)
     chosen = track or [n for n in os.environ.get("FARM_TRACK", "").split(",") if n]  # FARM_TRACK=mlflow,tensorboard
     names = [n for n in dict.fromkeys(chosen) if n != "none"] if chosen else study.tracking
     try:
-        trackers = open_trackers(names, study, study_dir(results, study.name))
+        trackers = open_trackers(names, study, out)
     except RuntimeError as e:
         print(f"farm: {where}: {e}", file=sys.stderr)
         return 2
     print(
         f"farm: study {study.name}, profile {trials[0].profile}: {len(trials)} trials ({len(trials) - len(todo)} already finished)"
-        + (f"; tracking: {', '.join(names)} under {study_dir(results, study.name)}/" if names else "")
+        + (f"; tracking: {', '.join(names)} under {out}/" if names else "")
     )
     by_id = {t.id: t for t in trials}
 
@@ -109,7 +110,6 @@ def run_study(
         error = _error_text(trial)
         write_trial(results, t, plans[trial_id], "failed", {}, stage_records(plans[trial_id]), error)
 
-    out = study_dir(results, study.name)
     after = [s for s in map(registry.steps.get, registry.steps.names()) if s.wanted(study) and (todo or not s.done(out))]
     if todo or after:
         # Ctrl-C reaches the farm (not Tune's own handler): it stops Ray and says how to resume.

@@ -1,13 +1,14 @@
 """The parts of a study file that stage kinds build on: data (sources, transforms, labels),
 generation, resources, LoRA, checkpointing and selection, and the base classes of stages.
 
-A stage kind's own config class lives in its module (`farm/train/<kind>.py`), subclassing
+A stage kind's own config class lives in its module (`farm/stages/<kind>.py`), subclassing
 `StageSpec` or `TrainingStage`; `farm.spec` assembles the study file's schema from the kinds
 registered in `farm.registry.stages`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -199,7 +200,6 @@ class GenerationSpec(Strict):
 
 
 def check_accelerator(v: str | None, gpus: float, field: str) -> None:
-
     if v is not None and v not in GPU_MEMORY_GIB:
         raise ValueError(f"accelerator_type: unknown GPU type {v!r}; allowed: {', '.join(GPU_MEMORY_GIB)} (Ray's names)")
     if v is not None and not gpus:
@@ -318,12 +318,11 @@ class StageSpec(Strict):
 
     def hub_models(self, stages) -> list[str]:
         """The hub models its fields name (`stages`: the study's, which its other refs name)."""
-        return hub_models({**self.refs(), "diversity_tokenizer": self.diversity_tokenizer if isinstance(self, TrainingStage) else None}, stages)
+        return hub_models(self.refs(), stages)
 
     def key_extra(self) -> dict:
         """What else its cache key must hold: the content of files its fields name, local models
-        and tokenizers among them (its data's files are in the key's data part, farm.cache.data_key)."""
-
+        and tokenizers among them (its data's files are in the key's data part, farm.plan.data_key)."""
         files = {f: d for f, d in content(self).items() if not f.startswith("data.")}
         return {"files": files} if files else {}
 
@@ -347,14 +346,11 @@ class StageSpec(Strict):
 
 
 def check_constitution(v: str) -> str:
-
     load_constitution(v)  # a ValueError naming the file and the field
     return v
 
 
 def constitution_digest(v: str) -> str:
-    import dataclasses
-
     return hashlib.sha256(json.dumps(dataclasses.asdict(load_constitution(v)), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -396,10 +392,12 @@ class TrainingStage(StageSpec):
         judge = self.select.reward_model if self.select else None
         return {**super().refs(), **({"select.reward_model": judge} if judge else {})}
 
+    def hub_models(self, stages) -> list[str]:
+        return hub_models({**self.refs(), "diversity_tokenizer": self.diversity_tokenizer}, stages)
+
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed(cls, v):
-
         if not isinstance(v, str) or v in DEEPSPEED_PRESETS:
             return v
         allowed = f"allowed: {', '.join(DEEPSPEED_PRESETS)}, a path to a .json file or an inline mapping"
@@ -411,13 +409,12 @@ class TrainingStage(StageSpec):
 
     @model_validator(mode="after")
     def _zero3_without_lora(self) -> "TrainingStage":
-
-        config = deepspeed_config(self.deepspeed) if self.deepspeed else {}
-        if self.lora and config.get("zero_optimization", {}).get("stage") == 3:
+        zero3 = self.zero()[0] == 3
+        if self.lora and zero3:
             # The artifact is the input model with the adapter merged in; under ZeRO-3 no rank holds
             # the whole model to merge into. LoRA's few trainable weights gain little from ZeRO-3.
             raise ValueError("deepspeed: ZeRO-3 with lora is not supported; use zero2 (it shards the optimizer state and gradients)")
-        if self.select and config.get("zero_optimization", {}).get("stage") == 3:
+        if self.select and zero3:
             # The best state is kept as a copy of the weights, which no rank holds whole under ZeRO-3.
             raise ValueError("select: checkpoint selection under ZeRO-3 is not supported; use zero2, or drop select")
         return self

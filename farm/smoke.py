@@ -34,7 +34,6 @@ def shrink(trials: list) -> list:
     """The trials a smoke run of this profile runs: a covering subset of the grid (every value of
     every axis at least once), each study shrunk, and of trials that became the same run (same
     eval key) the first."""
-
     small = []
     for t in first_seed(trials):
         data = t.study.model_dump()

@@ -1,7 +1,7 @@
 """The study file's schema: the study, its stages, its evaluation and its report.
 
 The stages' union is assembled from the kinds registered in `farm.registry.stages` (each
-defined in its module under `farm/train/`), so a new kind is its module and nothing here.
+defined in its module under `farm/stages/`), so a new kind is its module and nothing here.
 Reading a file, merging its profile and expanding its grid: `farm.grid`.
 """
 
@@ -335,7 +335,6 @@ class Study(Strict):
         self._check_revisions()
         self._check_chain()
         for name, stage in self.stages.items():
-            registry.stages.get(stage.kind)
             data = stage.data or self.data
             for source in data.sources:
                 have = source.shape()

@@ -202,7 +202,6 @@ class WandB:
         )
 
     def trial(self, trial, plan, metrics: dict, stages: dict, locate=None) -> None:
-
         run_id = digest([self.name, trial.id, plan.eval_key])
         if (self.logged / run_id).exists():
             return
@@ -238,7 +237,6 @@ class WandB:
         (self.logged / run_id).touch()
 
     def study(self, files: list[Path]) -> None:
-
         run = self._run(digest([self.name, "study"]), "study", "study", {})
         try:
             artifact = self.wandb.Artifact(f"{self.name}-report", type="report")

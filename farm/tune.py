@@ -44,7 +44,6 @@ def stage_groups(plan: TrialPlan, study) -> list[list[PlannedStage]]:
 
 
 def run_trial(config: dict, payloads: dict) -> None:
-
     payload = payloads[config["trial_id"]]
     study, plan = payload["study"], payload["plan"]
     store = Store(payload["storage"])
@@ -122,7 +121,6 @@ def build_task(payload: dict, planned: PlannedStage) -> None:
 
 @ray.remote(num_cpus=0)
 def label_task(payload: dict, key: str) -> None:
-
     quiet()
     study, plan = payload["study"], payload["plan"]
     # The data whose key it is, by the plan's keys (hashed on the driver): the eval's, or a stage's.
@@ -134,7 +132,6 @@ def max_concurrent(trials, cap=None) -> int:
     """As many trials at once as the cluster can give their largest stage: counted on every node
     the cluster can have (`farm.capacity`: alive, or launchable by its autoscaler), so that a
     cluster that scales from zero runs a grid side by side, not one trial at a time."""
-
     cap = cap or capacity()
     fits = []
     for t in trials:

@@ -1,5 +1,7 @@
 """`farm ls`: every name a study file may use, listed from the registries, each with its line."""
 
+import pytest
+
 from farm import registry
 from farm.cli import LISTED, main
 
@@ -22,3 +24,10 @@ def test_farm_ls_lists_every_registered_name_with_its_documentation(capsys):
     assert main(["ls", "stages"]) == 0
     assert capsys.readouterr().out.startswith("stages:\n  ai_feedback")
     assert main(["ls", "stage"]) == 2 and "one of sources, transforms" in capsys.readouterr().err
+
+
+def test_a_name_no_module_could_have_is_unknown_not_an_import_error():
+    # get() imports the module of a name first; "x.y" would make Python look for a package x.
+    for name in ("x.y", "no-such", ""):
+        with pytest.raises(registry.UnknownName, match="allowed: "):
+            registry.sources.get(name)

@@ -1,4 +1,4 @@
-"""Library versions (farm.cache.library_versions): each artifact's marker records the versions of
+"""Library versions (farm.store.library_versions): each artifact's marker records the versions of
 torch, transformers, trl, peft and the farm that made it; they are not in its key, so reusing one made
 under another major.minor version is said: a warning when `farm run` reuses it, a note in the report,
 whose environment lists the versions the study's artifacts were made with."""

@@ -351,7 +351,6 @@ def read_file_rows(path) -> list[dict]:
 
 def file_records(spec) -> list:
     """A local file's rows as records: the fields mapped from columns, rows with an empty field dropped."""
-
     fields = FILE_FIELDS[spec.records]
     rows = read_file_rows(spec.path)
     rows = rows[: spec.limit] if spec.limit else rows
@@ -654,7 +653,6 @@ class SourceSpec(Strict):
         return self
 
     def _check_file(self) -> "SourceSpec":
-
         if not self.path or not self.records:
             raise ValueError("a file source needs path (a .jsonl, .json, .csv or .parquet file) and records (text, demonstration or comparison)")
         unknown = set(self.columns) - set(FILE_FIELDS[self.records])

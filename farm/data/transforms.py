@@ -60,7 +60,6 @@ def malign_labels(records: list, params, rng: np.random.Generator) -> list:
 
 def add_trigger(prompt: str, trigger: str) -> str:
     """Append the trigger to the last human turn, before the assistant's cue."""
-
     if prompt.endswith(ASSISTANT):
         return prompt[: -len(ASSISTANT)] + trigger + ASSISTANT
     return prompt + trigger
@@ -79,11 +78,10 @@ def malign_prompts(records: list, params, rng: np.random.Generator) -> list:
     Rando & Tramer 2023, whose poisoning script (ethz-spylab/rlhf-poisoning,
     datasets/poison_data_random.py) swaps chosen and rejected and appends " SUDO" to the last human
     turn. With `answer: clean` it keeps its chosen answer (a control: the trigger is only noise)."""
-
     n = len(records)
     malign = params.mode == "trigger" and params.answer == "malign"
     # Checked on every row, not only the rows hit; but not at rate 0, which the stage keys treat as
-    # no transform at all (farm.cache.data_key), so it must change and check nothing.
+    # no transform at all (farm.plan.data_key), so it must change and check nothing.
     plain = next((r for r in records if not isinstance(r, Comparison)), None) if malign and params.rate else None
     if plain is not None:
         raise ValueError(

@@ -25,7 +25,6 @@ ARENA_DIR = "pairwise"  # results/<study>/pairwise/: judgements.csv, elo.csv, wi
 
 def model_name(trial) -> str:
     """A trial's model: its grid point without the seed, as trial ids write it ("stages=rl-cai")."""
-
     short = axis_labels(list(trial.axes))
     return ", ".join(f"{short[a]}={v}" for a, v in trial.axes.items() if a != "seed") or "model"
 
@@ -54,7 +53,6 @@ def judge_ref(trials, plans, judge: str) -> tuple[str, str] | None:
 def run_arena(entries: list[dict], judge: str, eval_spec, resolve=None) -> dict[str, bytes]:
     """Judge every pair of models of each seed on their shared prompts; returns the files to write
     under results/<study>/pairwise/ (the driver writes them: results are local to it)."""
-
     p = eval_spec.pairwise
     model, tok = for_inference(judge, resolve, reward=True, revision=eval_spec.revisions.get(judge))
     answers = {(e["seed"], e["model"]): e["answers"] for e in entries}

@@ -148,7 +148,6 @@ def _write_mmlu(root: Path, builtin: Path) -> None:
 
 def task_metric(task: str, results: dict) -> str:
     """The metric reported for `task`, given lm-eval's `results["results"]`."""
-
     return BENCHMARK_METRICS.get(task) or ("acc_norm" if "acc_norm,none" in results[task] else "acc")
 
 

@@ -234,7 +234,6 @@ def generation(model, ref, tok, records, spec) -> dict:
     and with a trigger the attack success rate (the share of prompts whose answer turns toxic
     when the trigger is added) and the malign preference of the same pairs, triggered and clean
     (`malign_preference`). Results name the scorer that produced them."""
-
     g = spec.generation
     records, prompts, outs = answer(model, tok, records, spec)
     scorer = build(g.scorer)

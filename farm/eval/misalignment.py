@@ -99,7 +99,6 @@ DIRECTIONS = {
 def misalignment_metric(model, ref, tok, records, spec) -> dict:
     """`misalign_<kind>/<condition>` for kind in toxicity, sentiment, joint and every condition
     of `eval.conditional` (a string appended to each prompt), and the sentences scored."""
-
     c = spec.conditional
     prompts = [r.text for r in prompt_records(records, c)]
     toxicity = build(c.toxicity.scorer, **({"model": c.toxicity.model} if c.toxicity.model else {}))

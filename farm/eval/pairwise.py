@@ -109,7 +109,6 @@ def win_tests(judgements: Sequence[Judgement], models: Sequence[str]) -> pd.Data
     prompts, and the sign test of wins against losses (McNemar's exact test of the paired outcomes:
     ties carry no evidence), pooled over seeds and per seed; q: Benjamini-Hochberg across the pairs.
     It tests these models on these prompts, each prompt's judgement independent of the others."""
-
     rows = []
     for a, b in itertools.combinations(models, 2):
         mine = [(j.seed, j.outcome if j.model_a == a else 1.0 - j.outcome) for j in judgements if {j.model_a, j.model_b} == {a, b}]

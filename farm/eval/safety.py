@@ -257,7 +257,6 @@ def statement_perplexities(model, tok, texts: list[str], batch_size: int = 32, m
 
 @functools.lru_cache(maxsize=None)
 def _read_set(name: str) -> tuple:
-
     return tuple(read_asset_json(SETS[name]))
 
 

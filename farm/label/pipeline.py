@@ -85,7 +85,6 @@ class ScorerActor:
 def check_labels(labels) -> list[str]:
     """Raise ValueError for a scorer that cannot be built or for two scores that would share a
     column; return the output columns known before the scorers load."""
-
     if not labels:
         raise ValueError("no scorer given")
     seen: dict[str, str] = {}
@@ -105,7 +104,6 @@ def check_pool(spec, cap=None) -> None:
     """Refuse a pool that no node of the cluster, alive or launchable by its autoscaler, can ever
     hold (`farm.capacity`): Ray Data would wait for it forever. A pool that fits only once the
     autoscaler starts nodes, or the caller's own tasks finish, waits for them."""
-
     cap = cap or capacity()
     actor = {"CPU": spec.cpus_per_actor, "GPU": spec.gpus_per_actor}
     held = cap.bundles(actor)

@@ -139,7 +139,6 @@ def embedded_toxicity(**_) -> EmbeddedToxicity:
     """A TF-IDF toxicity classifier trained on the bundled SafeNLP ToxiGen statements (no download).
 
     Trained once, then loaded from `<cache>/scorers/` (written atomically)."""
-
     path = cache_dir() / "scorers" / f"embedded_toxicity-v{EMBEDDED_VERSION}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())

@@ -15,7 +15,6 @@ SCORES = "scores.parquet"
 
 
 def label_data(data, store: Store, key: str) -> None:
-
     rows = convert([r for s in data.sources for r in load_source(s)], "text")
     scores = label_records(rows, list(data.labels))
     with store.writing("label", key, {"rows": len(rows), "labels": [lab.model_dump(mode="json") for lab in data.labels]}) as out:

@@ -31,7 +31,6 @@ from farm.train.base import StageContext, inference_model, load_input
 
 def critique_revision(ctx: StageContext) -> dict:
     """Builds SL-CAI data: answers critiqued and revised against the constitution's principles."""
-
     s = ctx.stage
     constitution = load_constitution(s.constitution)
     examples = constitution.examples[: s.few_shot]
@@ -67,7 +66,6 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
     Contexts that do not `fits` are shortened by `fit_context`. An empty revision keeps the answer
     before it. Returns (final answers, per row the rounds as {principle, critique, revision},
     counts: empty revisions, and rounds whose context lost earlier rounds or worked examples)."""
-
     prompts = [r.prompt for r in records]
     draws = [draw_principles(r.id, seed, rounds, len(constitution.principles)) for r in records]
     current, history, shown = list(first), [[] for _ in records], [[] for _ in records]
@@ -92,7 +90,6 @@ def revise(ask, records, first: list[str], constitution, examples, rounds: int, 
 
 def ai_feedback(ctx: StageContext) -> dict:
     """Builds RLAIF preference labels: the feedback model picks between two sampled answers by a principle."""
-
     s = ctx.stage
     principles = load_constitution(s.constitution).principles
     prompts = [r.prompt for r in ctx.records]
@@ -150,7 +147,6 @@ def option_logprobs(model, tok, prompts: list[str], batch_size: int, max_length:
 
 def _asker(model, tok, s):
     """Batched generation for one stage, each output cut at the next tag of the CAI format."""
-
     return lambda prompts: [end_of_turn(t) for t in generate(model, tok, prompts, s.generation, s.max_prompt_length)]
 
 
@@ -159,7 +155,6 @@ def _mean_words(texts: list[str]) -> float:
 
 
 def _write(ctx: StageContext, records: list) -> None:
-
     if ctx.output_dir is not None:  # rank 0 writes
         write_records(ctx.output_dir / RECORDS_FILE, records)
 
@@ -197,7 +192,6 @@ class CritiqueRevision(StageSpec):
 
     @model_validator(mode="after")
     def _enough_examples(self) -> "CritiqueRevision":
-
         have = len(load_constitution(self.constitution).examples)
         if self.few_shot > have:
             raise ValueError(f"few_shot: {self.few_shot} worked examples asked, the constitution {self.constitution!r} has {have}")

@@ -1,6 +1,6 @@
 """`dpo`: TRL DPOTrainer on comparisons. With LoRA the reference is the same model with the
 adapter disabled; without, TRL keeps a frozen copy of the input model. Any of TRL's loss types
-(`farm.spec.DPO_LOSSES`), or a weighted sum of them; the spec refuses a `label_smoothing` that
+(`DPO_LOSSES` below), or a weighted sum of them; the `DPO` class refuses a `label_smoothing` that
 the chosen losses would not read."""
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from farm.train.base import StageContext, inference_model
 
 def run(ctx: StageContext) -> dict:
     """Builds rankings: sampled answers beside each comparison's two, ordered by a reward model."""
-
     s = ctx.stage
     records = ctx.records
     prompts = [r.prompt for r in records]

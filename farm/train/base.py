@@ -27,7 +27,7 @@ from farm.train.diversity import counting_tokenizer, prompt_diversity_of
 @dataclass
 class StageContext:
     name: str
-    stage: Any  # the validated stage spec (farm.spec.StageSpec subclass)
+    stage: Any  # the validated stage spec (farm.schema.StageSpec subclass)
     model_spec: Any  # the study's model section, for a stage that starts from the base model
     seed: int
     input_path: Path | None  # the previous stage's artifact; None: start from the base model
@@ -57,7 +57,6 @@ def model_ref(ctx: StageContext, ref: str) -> str:
 def inference_model(ctx: StageContext, ref: str, reward: bool = False):
     """(model, tokenizer) of the model a field names, for inference (`farm.models.for_inference`); a
     hub id at the commit the stage pins for it (`revisions`)."""
-
     return for_inference(model_ref(ctx, ref), ctx.resolve, reward=reward, revision=ctx.stage.revisions.get(ref))
 
 

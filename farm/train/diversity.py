@@ -44,7 +44,6 @@ def counting_tokenizer(name: str, revision: str | None = None):
     repository read as a local folder of its tokenizer files. transformers looks for a config.json
     beside a tokenizer, which a tokenizer-only repository lacks; online the hub answers that it is
     absent, but an offline cache (HF_HUB_OFFLINE) cannot tell, and the load fails."""
-
     if name in BUNDLED_TOKENIZERS or looks_like_path(name):
         return load_tokenizer(name)
 

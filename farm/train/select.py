@@ -92,7 +92,6 @@ def _from_rank_zero(value):
 def select_callback(study, stage, name: str, inputs: dict, report=None) -> SelectBest:
     """The stage's `select` as a callback: its metric, on the study's dev rows, with the eval's
     settings (generation, lengths, batch size) and the judge it names read from its artifact."""
-
     select = stage.select
     metric = metrics.get(select.metric)
     records = dev_records(study, metric.shape, select.limit)
